@@ -1,0 +1,159 @@
+"""`kiln`: run one stage or the whole pipeline without a server.
+
+    kiln <stage> [--input ROLE=URI ...] [--output ROOT] [--preset P] [--set k=v ...] [--force]
+    kiln run [--preset P] [--set k=v ...]          the whole pipeline, in this process
+    kiln eval --checkpoint URI                     CORE + bpb + samples for one checkpoint
+    kiln chat --checkpoint URI                     talk to a model
+    kiln stack up|down|status                      local Prefect + MLflow servers and workers
+    kiln config [--preset P] [--set k=v ...]       print the resolved config
+
+Without ``--input`` a stage finds its inputs by content key (running any upstream stage
+that has not run yet for this config), so ``kiln sft --preset tiny`` just works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from typing import Any
+
+from .config import ConfigError, KilnConfig, list_presets, load_config
+from .stages import STAGES
+
+# Extra commands live in their own modules; imported only when used so `kiln --help` is fast.
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "chat": ("llm.chat_cli:add_arguments", "llm.chat_cli:main"),
+    "stack": ("llm.stack:add_arguments", "llm.stack:main"),
+}
+
+
+def _load(path: str) -> Any:
+    mod, fn = path.split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help=f"preset name or YAML path (built in: {', '.join(list_presets())})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.lr=1e-3 (repeatable)")
+    p.add_argument("--output", default=None, metavar="ROOT", help="artifact root (a directory or s3://bucket/prefix)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Kiln: raw web text to a scored chat model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, sd in STAGES.items():
+        p = sub.add_parser(name, help=sd.description, description=f"{sd.description}. Inputs: "
+                           + (", ".join(f"{r} (from {u})" for r, u in sd.inputs.items()) or "none"))
+        _common(p)
+        p.add_argument("--input", action="append", default=[], metavar="[ROLE=]URI",
+                       help="an upstream output URI; ROLE may be omitted when the stage has one input")
+        p.add_argument("--force", action="store_true", help="recompute even if a verified output exists")
+        if name == "eval":
+            p.add_argument("--checkpoint", default=None, help="the model stage output (or checkpoint dir) to evaluate")
+    p = sub.add_parser("run", help="the whole pipeline in this process")
+    _common(p)
+    p.add_argument("--until", choices=list(STAGES), default=None)
+    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage (repeatable, or 'all')")
+    p = sub.add_parser("config", help="print the resolved config as JSON")
+    _common(p)
+    for name, (add, _) in EXTRA_COMMANDS.items():
+        p = sub.add_parser(name, help=f"see `kiln {name} --help`")
+        _load(add)(p)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> KilnConfig:
+    overrides = list(args.overrides)
+    if getattr(args, "output", None):
+        overrides.append(f"run.artifact_root={args.output}")
+    return load_config(args.preset, overrides)
+
+
+def _parse_inputs(stage: str, raw: list[str], checkpoint: str | None) -> dict[str, str]:
+    roles = list(STAGES[stage].inputs)
+    out: dict[str, str] = {}
+    for item in raw:
+        role, sep, uri = item.partition("=")
+        if not sep or "://" in role:
+            if len(roles) != 1:
+                raise ConfigError(f"{stage} has inputs {roles}: give --input ROLE=URI")
+            role, uri = roles[0], item
+        if role not in roles and stage != "report":
+            raise ConfigError(f"{stage} has no input {role!r} (inputs: {roles})")
+        out[role] = uri
+    if checkpoint:
+        out["model"] = checkpoint
+    return out
+
+
+def summary(results: dict[str, Any], seconds: float) -> str:
+    lines = [f"{'stage':<16} {'status':<9} {'secs':>8}  counts / uri"]
+    for name, r in results.items():
+        status = "cached" if r.cached else "computed"
+        secs = r.manifest.get("timings", {}).get("seconds", 0.0)
+        counts = ", ".join(f"{k}={v}" for k, v in list(r.manifest.get("counts", {}).items())[:5])
+        lines.append(f"{name:<16} {status:<9} {secs:>8.1f}  {counts}")
+        lines.append(f"{'':<16} {'':<9} {'':>8}  {r.uri}")
+    lines.append(f"total wall time {seconds:.1f}s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in EXTRA_COMMANDS:
+            return int(_load(EXTRA_COMMANDS[args.command][1])(args) or 0)
+        cfg = config_from_args(args)
+        if args.command == "config":
+            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+            return 0
+        from .pipeline import run_pipeline
+        from .stages import execute
+
+        t0 = time.time()
+        progress = not args.quiet
+        if args.command == "run":
+            results = run_pipeline(cfg, until=args.until, force=args.force, progress=progress,
+                                   on_stage=lambda n, r: print(f"[kiln] {n}: {'cached' if r.cached else 'done'} -> {r.uri}", flush=True))
+        else:
+            inputs = _parse_inputs(args.command, args.input, getattr(args, "checkpoint", None))
+            missing = [r for r in STAGES[args.command].inputs if r not in inputs]
+            if missing and args.command != "report":
+                upstream = run_pipeline(cfg, until=_upstream_until(args.command), progress=progress)
+                from .pipeline import eval_inputs, report_inputs  # noqa: F401
+                for role in missing:
+                    inputs[role] = upstream[STAGES[args.command].inputs[role]].uri
+            elif args.command == "report" and not inputs:
+                upstream = run_pipeline(cfg, until="eval", progress=progress)
+                inputs = report_inputs(upstream)
+            results = {args.command: execute(args.command, cfg, inputs, force=args.force, progress=progress)}
+        print(summary(results, time.time() - t0))
+        return 0
+    except ConfigError as e:
+        print(f"kiln: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - top-level: one clear line, the traceback on demand
+        from .stage import StageError
+
+        if isinstance(e, (StageError, FileNotFoundError, ValueError)):
+            print(f"kiln: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _upstream_until(stage: str) -> str:
+    """The last chain stage this stage's default inputs need."""
+    from .pipeline import CHAIN
+
+    ups = [u for u in STAGES[stage].inputs.values()]
+    return max(ups, key=CHAIN.index)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

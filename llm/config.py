@@ -1,0 +1,392 @@
+"""One typed configuration for the whole pipeline.
+
+Every stage reads its own section of :class:`KilnConfig`. Presets are YAML files in
+``llm/presets/``; ``key=value`` overrides are applied on top with dotted paths. Every
+model is ``extra="forbid"`` so a misspelt key is an error that names it, before any
+compute starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key or file in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- run / infra
+
+
+class RunConfig(Section):
+    name: str = "kiln"
+    seed: int = 1337
+    # Where every stage writes its content-addressed output: a directory or s3://bucket/prefix.
+    artifact_root: str = "./artifacts"
+    # S3-compatible endpoint; falls back to AWS_ENDPOINT_URL when empty.
+    s3_endpoint: str = ""
+    # MLflow tracking URI; empty means "./mlruns" (file store) unless MLFLOW_TRACKING_URI is set.
+    mlflow_tracking_uri: str = ""
+    mlflow_experiment: str = "kiln"
+    # Offline mirror with the layout of ../shared/data (pretrain/, chat/, core_eval/). When set
+    # (or KILN_DATA_MIRROR is), hub sources are read from it instead; see llm/sources.py.
+    data_mirror: str = ""
+
+
+# --------------------------------------------------------------------------- data stages
+
+
+class DownloadConfig(Section):
+    # hf://datasets/<repo>@<revision>/<glob>, a local directory/glob, or s3://bucket/prefix/<glob>
+    source: str = "hf://datasets/HuggingFaceFW/fineweb-edu@main/sample/10BT/*.parquet"
+    max_files: int | None = None
+    max_rows: int | None = None
+    workers: int = 4
+    retries: int = 5
+    timeout_s: float = 60.0
+    text_column: str = "text"
+
+
+class GopherQualityConfig(Section):
+    enabled: bool = True
+    min_doc_words: int = 50
+    max_doc_words: int = 100_000
+    min_avg_word_length: float = 3.0
+    max_avg_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    max_non_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+
+
+class GopherRepetitionConfig(Section):
+    enabled: bool = True
+    dup_line_frac: float = 0.3
+    dup_para_frac: float = 0.3
+    dup_line_char_frac: float = 0.2
+    dup_para_char_frac: float = 0.2
+    top_n_grams: list[tuple[int, float]] = [(2, 0.2), (3, 0.18), (4, 0.16)]
+    dup_n_grams: list[tuple[int, float]] = [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)]
+
+
+class C4Config(Section):
+    enabled: bool = True
+    split_paragraph: bool = False
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = False  # FineWeb turns this line rule off
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebQualityConfig(Section):
+    enabled: bool = True
+    line_punct_thr: float = 0.12
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+class LanguageFilterConfig(Section):
+    enabled: bool = False
+    languages: list[str] = ["en"]
+    min_score: float = 0.65
+
+
+class FilterConfig(Section):
+    workers: int = 2
+    gopher_quality: GopherQualityConfig = GopherQualityConfig()
+    gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
+    c4: C4Config = C4Config()
+    fineweb_quality: FineWebQualityConfig = FineWebQualityConfig()
+    language: LanguageFilterConfig = LanguageFilterConfig()
+    # Path to a newline-separated list of blocked domains/URL substrings; empty = none.
+    url_blocklist: str = ""
+    examples_per_rule: int = 3
+
+
+class DedupConfig(Section):
+    workers: int = 2
+    ngram: int = 5
+    num_bands: int = 14
+    rows_per_band: int = 8
+    seed: int = 1
+    exact: bool = True
+    # Which document survives in a cluster: the one with the smallest (shard, row) id.
+    keep: Literal["first"] = "first"
+    sample_clusters: int = 5
+
+    @property
+    def num_perm(self) -> int:
+        return self.num_bands * self.rows_per_band
+
+
+class TokenizerConfig(Section):
+    # "bpe" trains a byte-level BPE; otherwise a stock tiktoken encoding name (gpt2, cl100k_base).
+    kind: str = "bpe"
+    vocab_size: int = 32768
+    max_train_chars: int = 2_000_000_000
+    doc_cap_chars: int = 10_000
+
+
+class TokenizeConfig(Section):
+    workers: int = 2
+    val_fraction: float = 0.01
+    shard_tokens: int = 100_000_000
+    batch_docs: int = 1024
+
+
+# --------------------------------------------------------------------------- model / training
+
+
+class ModelConfig(Section):
+    depth: int = 12
+    # model_dim = aspect_ratio * depth (64 in nanochat's depth series)
+    aspect_ratio: int = 64
+    head_dim: int = 128
+    n_kv_heads: int | None = None  # None = same as query heads; fewer = GQA
+    seq_len: int = 2048
+    softcap: float = 15.0
+    rope_base: float = 10000.0
+
+
+class TrainConfig(Section):
+    nproc: int | Literal["auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device_batch_size: int = 32
+    total_batch_tokens: int = 524_288
+    # Token budget: exactly one of steps / target_param_data_ratio / target_flops is used
+    # (steps wins, then flops, then the ratio).
+    steps: int | None = None
+    target_param_data_ratio: float = 20.0
+    target_flops: float | None = None
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-3
+    embedding_lr: float | None = None
+    min_lr_frac: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    schedule: Literal["cosine", "wsd", "linear"] = "linear"
+    warmup_steps: int = 0
+    warmdown_frac: float = 0.2
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    compile: bool = False
+    eval_every: int = 250
+    eval_tokens: int = 10 * 524_288
+    log_every: int = 10
+    ckpt_every: int = 1000
+    keep_last: int = 2
+    sample_every: int = 0
+    sample_prompts: list[str] = [
+        "The capital of France is",
+        "The tallest mountain in the world is",
+        "If yesterday was Friday, then tomorrow will be",
+    ]
+    nccl_env: dict[str, str] = {}
+
+
+class MidtrainConfig(TrainConfig):
+    # Fraction of tokens from chat data; the rest comes from the pretraining shards.
+    chat_ratio: float = 0.3
+    init_lr_frac: float = 1.0
+
+
+class SFTConfig(TrainConfig):
+    epochs: int = 1
+    max_conversation_tokens: int = 2048
+
+
+class ChatDataConfig(Section):
+    train: str = "hf://datasets/HuggingFaceTB/smoltalk@main/data/all/train-*.parquet"
+    val: str = "hf://datasets/HuggingFaceTB/smoltalk@main/data/all/test-*.parquet"
+    max_rows: int | None = None
+    max_chars_per_message: int = 20_000
+
+
+# --------------------------------------------------------------------------- eval / report
+
+
+class EvalConfig(Section):
+    bundle: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+    bundle_sha256: str = ""
+    max_per_task: int | None = None
+    batch_tokens: int = 16384
+    bpb_tokens: int = 1_048_576
+    sample_prompts: list[str] = [
+        "The tallest mountain in the world is",
+        "The chemical symbol of gold is",
+        "The opposite of hot is",
+    ]
+    stages: list[str] = ["pretrain", "midtrain", "sft"]
+
+
+class ReportConfig(Section):
+    gpu_type: str = "H100"
+    # $/GPU-hour, a rough on-demand cloud price table used for the cost estimate.
+    gpu_hour_price: dict[str, float] = {"H100": 2.99, "H200": 3.79, "A100": 1.79, "L4": 0.80, "cpu": 0.0}
+
+
+class OrchestrationConfig(Section):
+    # Where Prefect persists task results: a directory or s3://bucket/prefix, shared by all workers.
+    result_storage: str = "./.kiln/prefect-results"
+    gpu_pool: str = "gpu"
+    cpu_pool: str = "cpu"
+    # Run training/eval stages on the gpu pool via run_deployment; False runs them in-process.
+    use_deployments: bool = False
+    force: list[str] = []
+
+
+STAGES = [
+    "download", "filter", "dedup", "tokenizer", "tokenize",
+    "pretrain", "midtrain", "sft", "eval", "report",
+]
+
+
+class KilnConfig(Section):
+    preset: str = "custom"
+    run: RunConfig = RunConfig()
+    download: DownloadConfig = DownloadConfig()
+    filter: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: TrainConfig = TrainConfig()
+    chat_data: ChatDataConfig = ChatDataConfig()
+    midtrain: MidtrainConfig = MidtrainConfig(lr=1e-3, schedule="linear", warmdown_frac=1.0)
+    sft: SFTConfig = SFTConfig(lr=5e-4, schedule="linear", warmdown_frac=1.0, steps=None)
+    eval: EvalConfig = EvalConfig()
+    report: ReportConfig = ReportConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "KilnConfig":
+        bad = [s for s in self.orchestration.force if s not in STAGES and s != "all"]
+        if bad:
+            raise ValueError(f"orchestration.force names unknown stages {bad}; known: {STAGES}")
+        return self
+
+    def section(self, name: str) -> dict[str, Any]:
+        """The JSON-able dict of one section, used in stage cache keys."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_value(raw: str) -> Any:
+    """Parse an override value as YAML so `3`, `1e-3`, `true`, `[a, b]` and `null` get types."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _known_path(dotted: str) -> None:
+    """Reject an override whose path does not exist in the schema, naming the bad part."""
+    model: Any = KilnConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return  # inside a dict/list field: values are validated by pydantic
+        if part not in fields:
+            where = ".".join(parts[:i]) or "<top level>"
+            raise ConfigError(
+                f"unknown config key {dotted!r}: {part!r} is not a field of {where} "
+                f"(known: {', '.join(sorted(fields))})"
+            )
+        ann = fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None and i < len(parts) - 1:
+            return
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset_dict(preset: str) -> dict[str, Any]:
+    path = Path(preset)
+    if not path.suffix:
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {preset!r}: no file {path} (presets: {', '.join(list_presets())})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data.setdefault("preset", path.stem)
+    return data
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | dict[str, Any] | None = None) -> KilnConfig:
+    """Load a preset and apply ``a.b=c`` overrides; raises :class:`ConfigError` naming the bad key."""
+    data = load_preset_dict(preset)
+    items: list[tuple[str, Any]]
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for ov in overrides or []:
+            if "=" not in ov:
+                raise ConfigError(f"override {ov!r} must look like key=value")
+            k, v = ov.split("=", 1)
+            items.append((k.strip(), _parse_value(v)))
+    for k, v in items:
+        _known_path(k)
+        _set_dotted(data, k, v)
+    try:
+        return KilnConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, f"preset {preset!r} with overrides {[k for k, _ in items]}")) from None
+
+
+def config_from_json(text: str) -> KilnConfig:
+    return KilnConfig.model_validate(json.loads(text))

@@ -1,0 +1,192 @@
+"""Content-addressed stage outputs.
+
+Every stage writes to ``<root>/<stage>/<key>/``. The key hashes the stage's config
+sections, the hashes of its inputs' manifests and an explicit code version, so the same
+inputs and config always land in the same place and a finished stage is found, verified
+and reused instead of recomputed.
+
+``manifest.json`` is written last. A directory without a verifying manifest is never
+treated as done: locally the stage works in ``<key>.partial/`` and the directory is
+renamed into place with its manifest inside; on S3 the manifest object is uploaded after
+every file it lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .storage import Store, is_s3, join, local_path, sha256_file
+
+MANIFEST = "manifest.json"
+
+
+class StageError(RuntimeError):
+    """A deterministic stage failure (bad input, bad config): retrying will not help."""
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def content_key(stage: str, config: dict[str, Any], input_hashes: dict[str, str], code_version: str) -> str:
+    """Hash of everything that determines a stage's output."""
+    payload = canonical_json({"stage": stage, "config": config, "inputs": input_hashes, "code": code_version})
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """Identity of a published output: its key and the exact bytes of every file."""
+    files = {k: v["sha256"] for k, v in manifest["files"].items()}
+    return hashlib.sha256(canonical_json({"key": manifest["key"], "files": files}).encode()).hexdigest()[:20]
+
+
+def read_manifest(store: Store, uri: str) -> dict[str, Any] | None:
+    try:
+        raw = store.get_bytes(join(uri, MANIFEST))
+    except FileNotFoundError:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise StageError(f"{join(uri, MANIFEST)}: corrupt manifest ({e})") from e
+
+
+def verify_output(store: Store, uri: str, deep: bool = False) -> dict[str, Any] | None:
+    """The manifest if the output at ``uri`` is complete, else None.
+
+    Checks every listed file exists with its recorded size; ``deep`` re-hashes local files.
+    """
+    m = read_manifest(store, uri)
+    if m is None:
+        return None
+    if is_s3(uri):
+        present = {rel for rel, _ in store.iter_files(uri)}
+        if any(rel not in present for rel in m["files"]):
+            return None
+        return m
+    base = local_path(uri)
+    for rel, info in m["files"].items():
+        p = base / rel
+        if not p.is_file() or p.stat().st_size != info["size"]:
+            return None
+        if deep and sha256_file(p) != info["sha256"]:
+            return None
+    return m
+
+
+def require_manifest(store: Store, uri: str, what: str) -> dict[str, Any]:
+    m = verify_output(store, uri)
+    if m is None:
+        raise StageError(f"{what}: {uri} is not a finished stage output (no verifying {MANIFEST})")
+    return m
+
+
+@dataclass
+class StageOutput:
+    """The place a running stage writes to, published atomically by :func:`run_stage`."""
+
+    store: Store
+    stage: str
+    key: str
+    uri: str
+    workdir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, rel: str) -> Path:
+        p = self.workdir / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        files: dict[str, dict[str, Any]] = {}
+        for p in sorted(self.workdir.rglob("*")):
+            if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
+                rel = p.relative_to(self.workdir).as_posix()
+                files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        manifest = {**manifest, "files": files}
+        manifest["hash"] = manifest_hash(manifest)
+        body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        if is_s3(self.uri):
+            for rel in files:
+                self.store.put(self.workdir / rel, join(self.uri, rel))
+            self.store.put_bytes(body, join(self.uri, MANIFEST))  # last: marks the output done
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:
+            tmp = self.workdir / f"{MANIFEST}.tmp"
+            tmp.write_bytes(body)
+            os.replace(tmp, self.workdir / MANIFEST)
+            final = local_path(self.uri)
+            if final.exists():  # a stale, unverified leftover (verified outputs never get here)
+                shutil.rmtree(final)
+            os.replace(self.workdir, final)
+        return manifest
+
+
+def workdir_for(store: Store, stage: str, key: str) -> Path:
+    """Local scratch for a stage. Kept across crashes so training can resume from it."""
+    if is_s3(store.root):
+        base = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "work"
+        return base / store.root.replace("s3://", "").replace("/", "_") / stage / f"{key}.partial"
+    return local_path(store.uri(stage, f"{key}.partial"))
+
+
+@dataclass
+class StageResult:
+    uri: str
+    manifest: dict[str, Any]
+    cached: bool
+
+
+StageFn = Callable[[StageOutput, dict[str, dict[str, Any]]], dict[str, Any]]
+
+
+def run_stage(
+    store: Store,
+    stage: str,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    code_version: str,
+    fn: StageFn,
+    *,
+    force: bool = False,
+) -> StageResult:
+    """Run ``fn`` unless an identical, verified output exists; publish it with its manifest.
+
+    ``inputs`` maps names to upstream output URIs; their manifests are verified first and
+    their hashes enter the key. ``fn(out, input_manifests)`` returns a dict whose ``counts``
+    and other keys are merged into the manifest.
+    """
+    in_manifests = {name: require_manifest(store, uri, f"{stage} input {name!r}") for name, uri in inputs.items()}
+    key = content_key(stage, config, {n: m["hash"] for n, m in in_manifests.items()}, code_version)
+    uri = store.uri(stage, key)
+    if not force:
+        done = verify_output(store, uri)
+        if done is not None:
+            return StageResult(uri=uri, manifest=done, cached=True)
+    workdir = workdir_for(store, stage, key)
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = StageOutput(store=store, stage=stage, key=key, uri=uri, workdir=workdir)
+    started = time.time()
+    result = fn(out, in_manifests) or {}
+    manifest = {
+        "stage": stage,
+        "key": key,
+        "uri": uri,
+        "code_version": code_version,
+        "config": config,
+        "inputs": {n: {"uri": inputs[n], "hash": m["hash"]} for n, m in in_manifests.items()},
+        "counts": result.pop("counts", {}),
+        **result,
+        "timings": {"started": started, "seconds": round(time.time() - started, 3)},
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    return StageResult(uri=uri, manifest=out.publish(manifest), cached=False)

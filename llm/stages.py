@@ -1,0 +1,91 @@
+"""The stage registry: what each stage reads, which config it is keyed on, and its code version.
+
+A stage implementation is a plain function::
+
+    def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict
+
+``inputs`` maps role names (below) to upstream manifests (``manifest["uri"]`` is where the
+files are). It writes files under ``out.workdir`` (``out.path(rel)``) and returns
+``{"counts": {...}, ...}`` which lands in the manifest.
+
+The code version is explicit and bumped by hand when a stage's output would change for the
+same config and inputs; that is what keeps caching honest when a helper function changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .config import KilnConfig
+from .stage import StageOutput, StageResult, run_stage
+from .storage import Store
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    impl: str  # "module:function"
+    sections: tuple[str, ...]
+    # role name -> upstream stage name (documentation + the default chain in llm.pipeline)
+    inputs: dict[str, str] = field(default_factory=dict)
+    version: str = "1"
+    # Stages that launch torchrun or other heavy work are "training" and go to the gpu pool.
+    gpu: bool = False
+    description: str = ""
+
+    def function(self) -> Callable[..., dict[str, Any]]:
+        mod, fn = self.impl.split(":")
+        return getattr(importlib.import_module(mod), fn)
+
+    def key_config(self, cfg: KilnConfig) -> dict[str, Any]:
+        """The part of the config this stage's output depends on."""
+        mod = importlib.import_module(self.impl.split(":")[0])
+        custom = getattr(mod, "key_config", None)
+        if custom is not None:
+            return custom(cfg)
+        return {s: cfg.section(s) for s in self.sections} | {"seed": cfg.run.seed}
+
+
+STAGES: dict[str, StageDef] = {
+    s.name: s
+    for s in [
+        StageDef("download", "llm.data.download:run", ("download",), description="fetch and verify parquet shards"),
+        StageDef("filter", "llm.data.filter:run", ("filter",), {"docs": "download"}, description="FineWeb-recipe quality filters"),
+        StageDef("dedup", "llm.data.dedup:run", ("dedup",), {"docs": "filter"}, description="exact + MinHash LSH dedup"),
+        StageDef("tokenizer", "llm.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, description="train a byte-level BPE"),
+        StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
+                 description="encode documents into token shards"),
+        StageDef("pretrain", "llm.train_stage:run_pretrain", ("model", "pretrain"),
+                 {"tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True, description="pretrain the GPT"),
+        StageDef("midtrain", "llm.chat_stages:run_midtrain", ("model", "midtrain", "chat_data"),
+                 {"model": "pretrain", "tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True,
+                 description="midtrain on a web/chat mixture"),
+        StageDef("sft", "llm.chat_stages:run_sft", ("model", "sft", "chat_data"),
+                 {"model": "midtrain", "tokenizer": "tokenizer"}, gpu=True, description="supervised fine-tuning"),
+        StageDef("eval", "llm.eval.stage:run", ("eval",), {"model": "sft", "tokenizer": "tokenizer", "tokens": "tokenize"},
+                 gpu=True, description="CORE, bits-per-byte and samples for one checkpoint"),
+        StageDef("report", "llm.report:run", ("report",), {}, description="the run's report card"),
+    ]
+}
+
+
+def execute(
+    name: str,
+    cfg: KilnConfig,
+    inputs: dict[str, str],
+    *,
+    force: bool = False,
+    progress: bool = True,
+    store: Store | None = None,
+) -> StageResult:
+    """Run one stage (or reuse its verified output) and return its URI and manifest."""
+    sd = STAGES[name]
+    store = store or Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
+    fn = sd.function()
+
+    def body(out: StageOutput, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return fn(cfg, out, manifests, progress=progress)
+
+    return run_stage(store, name, sd.key_config(cfg), inputs, sd.version, body, force=force)

@@ -1,0 +1,258 @@
+"""The artifact store: one interface over a local directory and S3-compatible storage.
+
+URIs are either plain paths / ``file://`` paths or ``s3://bucket/prefix``. The S3 endpoint
+comes from the caller (config) or ``AWS_ENDPOINT_URL``; credentials come from boto3's
+standard chain (``AWS_ACCESS_KEY_ID`` etc.) and are never logged.
+
+Writes are atomic on both backends: local files go to a temp name and are renamed; S3
+objects only appear when the (multipart) upload completes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
+
+CHUNK = 8 * 1024 * 1024
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join URI parts with '/', for local paths and s3:// alike."""
+    out = str(uri).rstrip("/")
+    for p in parts:
+        p = str(p).strip("/")
+        if p:
+            out = f"{out}/{p}"
+    return out
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"bad S3 URI {uri!r}: no bucket")
+    return bucket, key
+
+
+def local_path(uri: str) -> Path:
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return Path(uri)
+
+
+class TransientError(RuntimeError):
+    """An error worth retrying (network, 5xx, throttling)."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, TransientError):
+        return True
+    try:
+        from botocore.exceptions import ClientError, ConnectionError as BotoConnError, EndpointConnectionError, ReadTimeoutError
+    except ImportError:  # pragma: no cover
+        return isinstance(exc, (ConnectionError, TimeoutError))
+    if isinstance(exc, (BotoConnError, EndpointConnectionError, ReadTimeoutError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        code = exc.response.get("Error", {}).get("Code", "")
+        return status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}
+    return False
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5, what: str = "") -> T:
+    """Run ``fn``, retrying with exponential backoff on transient errors only.
+
+    Deterministic errors (missing key, access denied, bad data) are raised at once so the
+    user sees the real cause instead of a slow retry loop.
+    """
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not _is_transient(exc) or i == attempts - 1:
+                raise
+            time.sleep(base_delay * (2**i))
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Store:
+    """Artifact store rooted at ``root`` (a directory or ``s3://bucket/prefix``)."""
+
+    root: str
+    endpoint_url: str = ""
+
+    # ------------------------------------------------------------------ plumbing
+    def _client(self):
+        import boto3
+        from botocore.config import Config
+
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        # botocore's own retries are off: with_retries owns the policy, so it is stated once.
+        return boto3.client(
+            "s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=60)
+        )
+
+    def uri(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    # ------------------------------------------------------------------ operations
+    def put(self, local: str | Path, uri: str) -> None:
+        """Upload/copy one file atomically. Large files stream as multipart uploads."""
+        local = Path(local)
+        if is_s3(uri):
+            from boto3.s3.transfer import TransferConfig
+
+            bucket, key = split_s3(uri)
+            cfg = TransferConfig(multipart_threshold=CHUNK * 8, multipart_chunksize=CHUNK * 8)
+            with_retries(lambda: self._client().upload_file(str(local), bucket, key, Config=cfg), what=f"put {uri}")
+            return
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, data: bytes, uri: str) -> None:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            with_retries(lambda: self._client().put_object(Bucket=bucket, Key=key, Body=data), what=f"put {uri}")
+            return
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def get(self, uri: str, local: str | Path) -> Path:
+        """Download/copy one file to ``local`` atomically; returns the local path."""
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
+        try:
+            if is_s3(uri):
+                bucket, key = split_s3(uri)
+                with_retries(lambda: self._client().download_file(bucket, key, str(tmp)), what=f"get {uri}")
+            else:
+                src = local_path(uri)
+                if not src.exists():
+                    raise FileNotFoundError(f"no such artifact: {uri}")
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, local)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return local
+
+    def get_bytes(self, uri: str) -> bytes:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+
+            def fetch() -> bytes:
+                return self._client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+            try:
+                return with_retries(fetch, what=f"get {uri}")
+            except Exception as exc:
+                if type(exc).__name__ in {"NoSuchKey", "ClientError"} and not _is_transient(exc):
+                    raise FileNotFoundError(f"no such artifact: {uri}") from exc
+                raise
+        p = local_path(uri)
+        if not p.exists():
+            raise FileNotFoundError(f"no such artifact: {uri}")
+        return p.read_bytes()
+
+    def exists(self, uri: str) -> bool:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            from botocore.exceptions import ClientError
+
+            def head() -> bool:
+                try:
+                    self._client().head_object(Bucket=bucket, Key=key)
+                    return True
+                except ClientError as exc:
+                    if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                        return False
+                    raise
+
+            return with_retries(head, what=f"exists {uri}")
+        return local_path(uri).exists()
+
+    def list(self, uri: str) -> list[str]:
+        """All file URIs under the prefix ``uri`` (recursive), sorted."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            prefix = key.rstrip("/") + "/" if key else ""
+
+            def page() -> list[str]:
+                out: list[str] = []
+                paginator = self._client().get_paginator("list_objects_v2")
+                for resp in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                    out += [f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", [])]
+                return out
+
+            return sorted(with_retries(page, what=f"list {uri}"))
+        base = local_path(uri)
+        if not base.exists():
+            return []
+        return sorted(str(p) for p in base.rglob("*") if p.is_file())
+
+    def delete_prefix(self, uri: str) -> None:
+        if is_s3(uri):
+            client = self._client()
+            bucket, _ = split_s3(uri)
+            for obj in self.list(uri):
+                with_retries(lambda o=obj: client.delete_object(Bucket=bucket, Key=split_s3(o)[1]))
+            return
+        shutil.rmtree(local_path(uri), ignore_errors=True)
+
+    def put_dir(self, local_dir: str | Path, uri: str) -> None:
+        local_dir = Path(local_dir)
+        for p in sorted(local_dir.rglob("*")):
+            if p.is_file():
+                self.put(p, join(uri, p.relative_to(local_dir).as_posix()))
+
+    def iter_files(self, uri: str) -> Iterator[tuple[str, str]]:
+        """(relative path, uri) for every file under ``uri``."""
+        base = uri.rstrip("/")
+        for u in self.list(uri):
+            yield u[len(base) + 1 :], u
+
+    def cache_path(self, uri: str) -> Path:
+        """A local path holding the content of ``uri``: the file itself when local, else a cached download."""
+        if not is_s3(uri):
+            return local_path(uri)
+        cache = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "s3" / uri[len("s3://"):]
+        if not cache.exists():
+            self.get(uri, cache)
+        return cache
+
+
+def store_for(root: str, endpoint_url: str = "") -> Store:
+    return Store(root=str(root), endpoint_url=endpoint_url)
