@@ -61,10 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage (repeatable, or 'all')")
     p = sub.add_parser("config", help="print the resolved config as JSON")
     _common(p)
-    for name, (add, _) in EXTRA_COMMANDS.items():
-        p = sub.add_parser(name, help=f"see `kiln {name} --help`")
-        _load(add)(p)
+    for name in EXTRA_COMMANDS:
+        # Parsed by the command's own module (see main) so its imports stay lazy.
+        p = sub.add_parser(name, help=f"see `kiln {name} --help`", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _run_extra(name: str, argv: list[str]) -> int:
+    add, run = EXTRA_COMMANDS[name]
+    p = argparse.ArgumentParser(prog=f"kiln {name}")
+    _load(add)(p)
+    return int(_load(run)(p.parse_args(argv)) or 0)
 
 
 def config_from_args(args: argparse.Namespace) -> KilnConfig:
@@ -104,11 +112,12 @@ def summary(results: dict[str, Any], seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if argv and argv[0] in EXTRA_COMMANDS:
+        return _run_extra(argv[0], argv[1:])
     args = parser.parse_args(argv)
     try:
-        if args.command in EXTRA_COMMANDS:
-            return int(_load(EXTRA_COMMANDS[args.command][1])(args) or 0)
         cfg = config_from_args(args)
         if args.command == "config":
             print(json.dumps(cfg.model_dump(mode="json"), indent=2))

@@ -1,0 +1,81 @@
+"""Content-addressed stage outputs: keys, verified reuse, atomic publish, crash safety."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llm.stage import StageError, content_key, run_stage, verify_output
+from llm.storage import Store
+
+
+def _writer(calls: list[int], text: str = "hello"):
+    def fn(out, inputs):
+        calls.append(1)
+        out.path("data/a.txt").write_text(text)
+        return {"counts": {"docs": 1}}
+
+    return fn
+
+
+def test_key_depends_on_config_inputs_and_code() -> None:
+    base = content_key("s", {"a": 1}, {"x": "h1"}, "1")
+    assert base == content_key("s", {"a": 1}, {"x": "h1"}, "1")
+    assert base != content_key("s", {"a": 2}, {"x": "h1"}, "1")
+    assert base != content_key("s", {"a": 1}, {"x": "h2"}, "1")
+    assert base != content_key("s", {"a": 1}, {"x": "h1"}, "2")
+
+
+def test_publish_then_reuse(artifact_root: Path) -> None:
+    store = Store(str(artifact_root))
+    calls: list[int] = []
+    r1 = run_stage(store, "s", {"a": 1}, {}, "1", _writer(calls))
+    r2 = run_stage(store, "s", {"a": 1}, {}, "1", _writer(calls))
+    assert (r1.cached, r2.cached) == (False, True)
+    assert len(calls) == 1
+    m = json.loads((Path(r1.uri) / "manifest.json").read_text())
+    assert m["counts"] == {"docs": 1}
+    assert m["files"]["data/a.txt"]["size"] == 5
+    assert len(m["files"]["data/a.txt"]["sha256"]) == 64
+    assert m["host"]["hostname"]
+
+
+def test_downstream_key_follows_upstream_content(artifact_root: Path) -> None:
+    store = Store(str(artifact_root))
+    up1 = run_stage(store, "up", {"v": 1}, {}, "1", _writer([], "one"))
+    up2 = run_stage(store, "up", {"v": 2}, {}, "1", _writer([], "two"))
+    d1 = run_stage(store, "down", {}, {"docs": up1.uri}, "1", _writer([]))
+    d2 = run_stage(store, "down", {}, {"docs": up2.uri}, "1", _writer([]))
+    assert d1.uri != d2.uri
+
+
+def test_crash_leaves_nothing_that_looks_done(artifact_root: Path) -> None:
+    store = Store(str(artifact_root))
+
+    def boom(out, inputs):
+        out.path("data/a.txt").write_text("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_stage(store, "s", {}, {}, "1", boom)
+    key = content_key("s", {}, {}, "1")
+    assert verify_output(store, store.uri("s", key)) is None
+    assert not (artifact_root / "s" / key).exists()
+    calls: list[int] = []
+    assert run_stage(store, "s", {}, {}, "1", _writer(calls)).cached is False
+
+
+def test_tampered_output_is_recomputed(artifact_root: Path) -> None:
+    store = Store(str(artifact_root))
+    r = run_stage(store, "s", {}, {}, "1", _writer([]))
+    (Path(r.uri) / "data/a.txt").write_text("truncated!!")
+    calls: list[int] = []
+    assert run_stage(store, "s", {}, {}, "1", _writer(calls)).cached is False and calls
+
+
+def test_missing_input_is_a_clear_error(artifact_root: Path) -> None:
+    store = Store(str(artifact_root))
+    with pytest.raises(StageError, match="input 'docs'.*not a finished stage output"):
+        run_stage(store, "s", {}, {"docs": str(artifact_root / "nope")}, "1", _writer([]))
