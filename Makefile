@@ -1,21 +1,30 @@
-# Kiln make targets. `make run` and `make test` are the README's quickstart.
+# Kiln make targets. `make run` and `make test` are the README's two quickstart commands;
+# both create the virtualenv first if it is missing.
 PY ?= .venv/bin/python
 PRESET ?= tiny
+# The offline data kit beside the repo; used only when KILN_DATA_MIRROR is not already set.
 MIRROR ?= $(abspath ../shared/data)
+export KILN_DATA_MIRROR ?= $(if $(wildcard $(MIRROR)/pretrain),$(MIRROR),)
 
-.PHONY: install run test bench demo stack-up stack-down stack-status clean
+.PHONY: install run test bench clean
 
-install:
+.venv/.installed: pyproject.toml constraints.txt
 	python3 -m venv .venv
-	.venv/bin/pip install torch==2.13.0
-	.venv/bin/pip install -c constraints.txt -e ".[dev]"
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
 
-# The whole pipeline on the tiny preset, on local defaults (offline mirror when present).
-run:
-	KILN_DATA_MIRROR=$${KILN_DATA_MIRROR:-$(MIRROR)} $(PY) -m llm.cli run --preset $(PRESET)
+install: .venv/.installed
 
-test:
-	KILN_DATA_MIRROR=$${KILN_DATA_MIRROR:-$(MIRROR)} $(PY) -m pytest -q
+# The whole pipeline (download -> ... -> report) on the tiny preset, in this process.
+run: .venv/.installed
+	$(PY) -m llm.cli run --preset $(PRESET)
+
+test: .venv/.installed
+	$(PY) -m pytest -q
+
+bench: .venv/.installed
+	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf artifacts .kiln mlruns
+	rm -rf artifacts .kiln mlruns .stack
