@@ -1,0 +1,304 @@
+"""Trainer data loaders: one protocol, pluggable by kind.
+
+The trainer (``llm.train``) never knows where tokens come from. A job names a loader *kind* and a JSON
+*spec*; :func:`make_loader` imports the class registered in :data:`LOADER_KINDS` and builds it with::
+
+    Loader(spec: dict, *, batch_size: int, seq_len: int, rank: int, world_size: int, seed: int, tokenizer)
+
+``tokenizer`` is an ``llm.tokenizer.Tokenizer`` or None (loaders that render chats need it; the pretrain
+loader does not).
+
+The protocol (:class:`TrainLoader`) — every kind must provide:
+
+``next_batch() -> (x, y)``
+    Two CPU ``torch.int64`` tensors of shape ``(batch_size, seq_len)``. ``y`` is ``x`` shifted by one
+    (the next-token targets); ``y == -1`` marks a position that must not be trained on (padding, user
+    turns in SFT). Each call returns THIS rank's micro-batch; the trainer calls it ``grad_accum`` times per
+    optimizer step. A loader never ends: it starts a new epoch (and bumps ``epoch``) when data runs out.
+
+``state_dict() -> dict`` / ``load_state_dict(state: dict) -> None``
+    JSON-able state (ints, floats, strings, lists, dicts — no numpy types, no tensors) such that a freshly
+    constructed loader with the same constructor arguments, after ``load_state_dict(s)``, yields exactly
+    the batches the original would have yielded after ``s`` was taken. The trainer saves it with every
+    checkpoint (``loader.json``, one entry per rank) — this is what makes resume bit-exact and guarantees
+    no token is read twice. Raise ``ValueError`` when the state does not fit the spec (different data).
+
+``epoch: int``
+    Passes completed over the data (0 during the first pass).
+
+``tokens_seen_by_source: dict[str, int]``
+    Input tokens (``x`` positions, ``B·T`` per batch) this rank has delivered so far, by data source
+    (``{"pretrain": n}`` here; midtrain reports e.g. ``{"pretrain": a, "smoltalk": b}``). Restored by
+    ``load_state_dict``. The trainer sums it over ranks into the manifest's ``tokens_by_source``.
+
+``val_batches(max_tokens: int) -> Iterator[(x, y)]``
+    A fresh, deterministic pass over held-out data (same shapes and ``-1`` convention), independent of
+    the training position: every call yields the same batches. All ranks together cover about
+    ``max_tokens`` input tokens, and every rank MUST yield the same number of batches (the trainer
+    all-reduces after the loop). May yield fewer tokens when the held-out data is smaller.
+
+Distributed contract: ranks get disjoint data. For equal results across world sizes the pretrain loader
+builds one global stream of rows and hands rank ``r`` rows ``[(k·W + r)·B, (k·W + r + 1)·B)`` of its
+``k``-th micro-batch group, so 1 process × 2 accumulation steps sees the same rows per optimizer step as
+2 processes × 1 step.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+LOADER_KINDS: dict[str, str] = {
+    "pretrain": "llm.loaders:PretrainLoader",
+    "midtrain": "llm.chat_data:MixtureLoader",
+    "sft": "llm.chat_data:SFTLoader",
+}
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class TrainLoader(Protocol):
+    """What the trainer needs from a loader (see the module docstring for the exact semantics)."""
+
+    epoch: int
+    tokens_seen_by_source: dict[str, int]
+
+    def next_batch(self) -> Batch: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def val_batches(self, max_tokens: int) -> Iterator[Batch]: ...
+
+
+def make_loader(kind: str, spec: dict[str, Any], *, batch_size: int, seq_len: int, rank: int, world_size: int,
+                seed: int, tokenizer: Any = None) -> TrainLoader:
+    """Build the loader registered under ``kind``."""
+    if kind not in LOADER_KINDS:
+        raise ValueError(f"unknown loader kind {kind!r} (known: {sorted(LOADER_KINDS)})")
+    mod, cls = LOADER_KINDS[kind].split(":")
+    loader_cls = getattr(importlib.import_module(mod), cls)
+    return loader_cls(spec, batch_size=batch_size, seq_len=seq_len, rank=rank, world_size=world_size,
+                      seed=seed, tokenizer=tokenizer)
+
+
+# --------------------------------------------------------------------------- token shards
+
+
+class _ContractShard:
+    """Minimal reader for one token shard as HELPERS.md specifies it (used only when ``llm.data.shards``
+    is not importable, e.g. while the tokenizer helper's module is being written)."""
+
+    def __init__(self, bin_path: Path, dtype: str):
+        self.path = bin_path
+        self.tokens = np.memmap(bin_path, dtype=np.dtype(dtype), mode="r")
+        idx = bin_path.with_name(bin_path.name[: -len(".bin")] + ".idx.npy")
+        self.doc_starts = np.load(idx)
+
+
+def _open_split_contract(uri: str, split: str) -> list[Any]:
+    from .storage import Store, is_s3, join
+
+    store = Store(uri if not is_s3(uri) else uri)
+    meta = json.loads(store.get_bytes(join(uri, "meta.json")))
+    names = meta.get("splits", {}).get(split, {}).get("shards")
+    if names is None:
+        names = sorted(os.path.basename(p) for p in glob.glob(str(Path(uri) / split / "shard_*.bin")))
+    out = []
+    for name in names:
+        rel = name if "/" in name else f"{split}/{name}"
+        if not rel.endswith(".bin"):
+            rel += ".bin"
+        bin_path = store.cache_path(join(uri, rel))
+        store.cache_path(join(uri, rel[: -len(".bin")] + ".idx.npy"))
+        out.append(_ContractShard(Path(bin_path), meta["dtype"]))
+    return out
+
+
+def open_token_split(uri: str, split: str) -> list[Any]:
+    """Shards of one split via ``llm.data.shards.open_split`` (the tokenizer helper's reader)."""
+    try:
+        from .data.shards import open_split  # type: ignore[import-not-found]
+    except ImportError:
+        return _open_split_contract(uri, split)
+    return open_split(uri, split)
+
+
+class _DocTable:
+    """Every document of a split as (shard, start, length), global index = position in these arrays."""
+
+    def __init__(self, shards: list[Any], what: str):
+        shard_ids, starts, lens = [], [], []
+        for i, sh in enumerate(shards):
+            ds = np.asarray(sh.doc_starts, dtype=np.int64)
+            n = len(sh.tokens)
+            if len(ds) == 0:
+                continue
+            ends = np.append(ds[1:], n)
+            if (ds[0] != 0) or np.any(ends < ds) or ends[-1] > n:
+                raise ValueError(f"{what}: shard {i} has inconsistent document offsets")
+            shard_ids.append(np.full(len(ds), i, dtype=np.int32))
+            starts.append(ds)
+            lens.append(ends - ds)
+        if not starts:
+            raise ValueError(f"{what}: no documents")
+        self.shards = shards
+        self.shard = np.concatenate(shard_ids)
+        self.start = np.concatenate(starts)
+        self.length = np.concatenate(lens)
+        self.n_docs = len(self.start)
+        self.n_tokens = int(self.length.sum())
+
+    def read(self, doc: int, take: int) -> np.ndarray:
+        s = int(self.start[doc])
+        return np.asarray(self.shards[int(self.shard[doc])].tokens[s:s + take], dtype=np.int64)
+
+
+class _Packer:
+    """Best-fit, BOS-aligned packing of documents into rows of ``row_len`` tokens, with no padding.
+
+    Documents arrive in ``order(epoch)`` and wait in a small buffer. A row is filled by repeatedly
+    taking the LARGEST buffered document that still fits; when none fits, the SHORTEST one is cropped to
+    fill the row exactly (its tail is dropped — counted in ``tokens_cropped``). Every row therefore starts
+    at a document start (a BOS token), rows are always full, and cropping only happens once per row.
+    The state (epoch, cursor, buffer) is a few ints: cheap to checkpoint and exact to restore.
+    """
+
+    def __init__(self, docs: _DocTable, row_len: int, order: Callable[[int], np.ndarray], buffer_docs: int):
+        self.docs, self.row_len, self.order, self.buffer_docs = docs, row_len, order, buffer_docs
+        self.epoch, self.cursor, self.buffer = 0, 0, []  # buffer: global doc ids
+        self.tokens_cropped = 0
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _perm_for(self, epoch: int) -> np.ndarray:
+        if self._perm_epoch != epoch:
+            self._perm, self._perm_epoch = self.order(epoch), epoch
+        return self._perm
+
+    def _fill(self) -> None:
+        while len(self.buffer) < self.buffer_docs:
+            perm = self._perm_for(self.epoch)
+            if self.cursor >= len(perm):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                continue
+            take = min(self.buffer_docs - len(self.buffer), len(perm) - self.cursor)
+            self.buffer.extend(int(d) for d in perm[self.cursor:self.cursor + take])
+            self.cursor += take
+
+    def next_row(self) -> list[tuple[int, int]]:
+        """(doc, tokens to take from its start) pieces summing to ``row_len``."""
+        need, row = self.row_len, []
+        lengths = self.docs.length
+        while need > 0:
+            self._fill()
+            lens = lengths[self.buffer]
+            fits = lens <= need
+            if fits.any():
+                i = int(np.argmax(np.where(fits, lens, -1)))
+                take = int(lens[i])
+            else:
+                i = int(np.argmin(lens))
+                take = need
+                self.tokens_cropped += int(lens[i]) - need
+            row.append((self.buffer.pop(i), take))
+            need -= take
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "buffer": list(self.buffer),
+                "tokens_cropped": self.tokens_cropped}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
+        self.buffer = [int(d) for d in s["buffer"]]
+        self.tokens_cropped = int(s.get("tokens_cropped", 0))
+        if any(d < 0 or d >= self.docs.n_docs for d in self.buffer) or self.cursor > self.docs.n_docs:
+            raise ValueError("loader state does not fit this data (document ids out of range)")
+
+
+class PretrainLoader:
+    """Pretraining batches from token shards (memmap), BOS-aligned best-fit packing, seeded per-epoch shuffle.
+
+    spec: ``{"uri": <tokenize stage output dir or s3://>, "split": "train", "val_split": "val",
+    "buffer_docs": 64}``. The document order of epoch e is ``permutation(n_docs)`` from
+    ``numpy.random.default_rng([seed, e])``, so it is reproducible and needs no saved RNG beyond (seed, e).
+    """
+
+    def __init__(self, spec: dict[str, Any], *, batch_size: int, seq_len: int, rank: int, world_size: int,
+                 seed: int, tokenizer: Any = None):
+        if "uri" not in spec:
+            raise ValueError(f"pretrain loader spec needs 'uri' (the tokenize stage output), got {spec}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.spec = dict(spec)
+        self.uri = str(spec["uri"])
+        self.split = spec.get("split", "train")
+        self.val_split = spec.get("val_split", "val")
+        self.buffer_docs = int(spec.get("buffer_docs", 64))
+        self.B, self.T, self.rank, self.W, self.seed = batch_size, seq_len, rank, world_size, seed
+        self.docs = _DocTable(open_token_split(self.uri, self.split), f"{self.uri} split {self.split!r}")
+        n = self.docs.n_docs
+        self.packer = _Packer(self.docs, seq_len + 1,
+                              lambda e: np.random.default_rng([seed, e]).permutation(n), self.buffer_docs)
+        self.tokens_seen_by_source: dict[str, int] = {"pretrain": 0}
+        self.rows_done = 0  # global rows packed so far (all ranks)
+
+    @property
+    def epoch(self) -> int:
+        return self.packer.epoch
+
+    def _rows(self, packer: _Packer, docs: _DocTable) -> np.ndarray:
+        """Pack one global group of W·B rows; read tokens only for this rank's B rows."""
+        out = np.empty((self.B, self.T + 1), dtype=np.int64)
+        for g in range(self.W * self.B):
+            row = packer.next_row()
+            if g // self.B == self.rank:
+                out[g % self.B] = np.concatenate([docs.read(d, take) for d, take in row])
+        return out
+
+    def next_batch(self) -> Batch:
+        rows = torch.from_numpy(self._rows(self.packer, self.docs))
+        self.rows_done += self.W * self.B
+        self.tokens_seen_by_source["pretrain"] += self.B * self.T
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "pretrain", "uri": self.uri, "split": self.split, "n_docs": self.docs.n_docs,
+                "seed": self.seed, "world_size": self.W, "batch_size": self.B, "seq_len": self.T,
+                "packer": self.packer.state_dict(), "rows_done": self.rows_done,
+                "tokens_seen_by_source": dict(self.tokens_seen_by_source)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "pretrain":
+            raise ValueError(f"loader state is for kind {state.get('kind')!r}, not 'pretrain'")
+        if int(state["n_docs"]) != self.docs.n_docs:
+            raise ValueError(f"loader state was taken on {state['n_docs']} documents, this split has "
+                             f"{self.docs.n_docs}: different data")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"loader state has seed {state['seed']}, this run uses {self.seed}")
+        self.packer.load_state_dict(state["packer"])
+        self.rows_done = int(state["rows_done"])
+        self.tokens_seen_by_source = {k: int(v) for k, v in state["tokens_seen_by_source"].items()}
+
+    @property
+    def tokens_cropped(self) -> int:
+        """Tokens dropped by cropping (global, all ranks) — the price of BOS-aligned rows."""
+        return self.packer.tokens_cropped
+
+    def val_batches(self, max_tokens: int) -> Iterator[Batch]:
+        docs = _DocTable(open_token_split(self.uri, self.val_split), f"{self.uri} split {self.val_split!r}")
+        packer = _Packer(docs, self.T + 1, lambda e: np.arange(docs.n_docs), self.buffer_docs)
+        group = self.W * self.B * self.T
+        n = max(1, min(max_tokens, docs.n_tokens) // group)
+        for _ in range(n):
+            rows = torch.from_numpy(self._rows(packer, docs))
+            yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
