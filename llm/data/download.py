@@ -1,0 +1,733 @@
+"""The download stage: fetch parquet shards from the Hugging Face hub, S3 or a local path, verify
+every file, and publish them as ``data/<name>.parquet``.
+
+Reusable API (the chat-data and CORE-eval helpers fetch their files with it too)::
+
+    fetch_files(source, dest_dir, *, max_files=None, max_rows=None, workers=4, retries=5,
+                timeout_s=60.0, backoff_s=0.5, s3_endpoint="", hf_endpoint=None, hf_token=None,
+                validate=None, progress=False) -> list[FetchedFile]
+        Download every file matching ``source`` into ``dest_dir`` (keeping paths relative to the
+        glob's fixed prefix), verified, in parallel, resuming: a file already in ``dest_dir`` that
+        verifies is not fetched again. Returns them in listing order (sorted by path).
+    list_files(source, *, ...same connection keywords...) -> list[RemoteFile]
+    verify_parquet(path, expected_size=None) -> int          row count, or DownloadError
+
+``source`` is one of
+  * ``hf://datasets/<owner>/<repo>@<revision>/<glob>`` (revision defaults to ``main``; a revision
+    with a slash is written URL-encoded, e.g. ``refs%2Fconvert%2Fparquet``). Files are listed with the
+    hub's tree API and fetched from its resolve URLs at ``HF_ENDPOINT`` (default huggingface.co),
+    with ``HF_TOKEN`` as a bearer token when set;
+  * ``s3://bucket/prefix/<glob>`` through :class:`llm.storage.Store` (endpoint from the caller or
+    ``AWS_ENDPOINT_URL``);
+  * a local path, directory or glob.
+Globs: ``*`` and ``?`` stay within one path component, ``**`` crosses directories. A path without
+glob characters names one file, or a directory (all files under it).
+
+What "verified" means, for every file: the byte count equals the size the source lists (hub tree
+size, S3 object size, file size) and the response's Content-Length; the sha256 equals the hub's LFS
+oid when the hub gives one; and a ``.parquet`` file has the ``PAR1`` magic at both ends, a footer
+whose metadata parses and whose row groups add up to its row count. A short, stalled or failed
+transfer (connection error, timeout, 5xx/429, size or hash mismatch) is retried with exponential
+backoff; a file is written to a ``.tmp`` name and renamed only once it verifies, so a truncated
+file is never visible under its real name. Deterministic failures (401/403/404, a file that is
+complete but is not parquet, a zero-byte file the source itself lists as empty) fail at once.
+Every failure is a :class:`DownloadError` (a :class:`llm.stage.StageError`) naming the file.
+
+Budgets: ``max_files`` takes the first N files in path order. ``max_rows`` fetches files in path
+order until those fetched hold at least ``max_rows`` rows. The stage then makes the budget exact
+by rewriting the last shard with only the rows it needs (row groups are streamed, so memory stays
+bounded); ``fetch_files`` itself never alters a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import quote, unquote
+
+from ..sources import resolve_source
+from ..stage import StageError, StageOutput
+from ..storage import Store, is_s3, local_path, split_s3
+
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+PARQUET_MAGIC = b"PAR1"
+_READ_CHUNK = 1 << 20
+_MAX_BACKOFF_S = 30.0
+
+
+class DownloadError(StageError):
+    """A file could not be fetched or failed verification (the message names it)."""
+
+
+class _Retryable(RuntimeError):
+    """A failed attempt worth repeating: short body, hash mismatch, 5xx, timeout."""
+
+
+class _Cancelled(RuntimeError):
+    """Another download failed or the row budget was met: stop this one."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    rel: str  # path relative to the source's fixed prefix (posix); the local name under dest_dir
+    uri: str  # where it comes from, for messages and manifests
+    kind: str  # "hf" | "s3" | "local"
+    size: int | None  # as listed by the source
+    sha256: str | None = None  # the hub's LFS oid, when it gives one
+    url: str = ""  # hf: the resolve URL
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    rel: str
+    uri: str
+    path: Path
+    size: int
+    rows: int | None  # parquet row count; None for other files
+    resumed: bool  # already present and verified: not fetched again
+
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regex for a path glob where ``*``/``?`` stay in one component and ``**`` crosses them."""
+    out: list[str] = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2 :]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1 : end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def split_glob(path: str) -> tuple[str, str | None]:
+    """``(fixed prefix, glob)`` for a path; glob is None when the path has no glob characters."""
+    parts = path.strip("/").split("/") if path.strip("/") else []
+    for i, part in enumerate(parts):
+        if _GLOB_CHARS.search(part):
+            return "/".join(parts[:i]), "/".join(parts[i:])
+    return "/".join(parts), None
+
+
+def _select(entries: dict[str, Any], target: str) -> dict[str, tuple[str, Any]]:
+    """Pick ``{rel: (full path, info)}`` from ``{full path: info}`` for a target path or glob."""
+    base, pattern = split_glob(target)
+    chosen: dict[str, tuple[str, Any]] = {}
+    if pattern is None:
+        name = base.rsplit("/", 1)[-1]
+        for full, info in entries.items():
+            if full == base:  # one file
+                chosen[name] = (full, info)
+            elif not base or full.startswith(base + "/"):  # a directory
+                chosen[full[len(base) + 1 :] if base else full] = (full, info)
+        return chosen
+    rx = glob_regex(pattern)
+    for full, info in entries.items():
+        if base and not full.startswith(base + "/"):
+            continue
+        rel = full[len(base) + 1 :] if base else full
+        if rx.match(rel):
+            chosen[rel] = (full, info)
+    return chosen
+
+
+def parse_hf(uri: str) -> tuple[str, str, str]:
+    """``hf://datasets/<owner>/<repo>[@<revision>]/<path>`` -> (repo, revision, path)."""
+    rest = uri[len("hf://") :]
+    if not rest.startswith("datasets/"):
+        raise DownloadError(f"{uri}: only hf://datasets/<owner>/<repo>@<revision>/<glob> sources are supported")
+    parts = rest[len("datasets/") :].split("/", 2)
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise DownloadError(f"{uri}: expected hf://datasets/<owner>/<repo>@<revision>/<glob>")
+    name, _, revision = parts[1].partition("@")
+    return f"{parts[0]}/{name}", unquote(revision) or "main", parts[2] if len(parts) > 2 else ""
+
+
+def resolve_hf_endpoint(explicit: str | None = None) -> str:
+    return (explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
+def resolve_hf_token(explicit: str | None = None) -> str | None:
+    if explicit:
+        return explicit
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    try:  # a token saved by `hf auth login`
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # noqa: BLE001 - no hub client or no token: anonymous access
+        return None
+
+
+_local = threading.local()
+
+
+def _session():
+    """One requests.Session per thread: sessions pool connections but are not thread-safe."""
+    import requests
+
+    if getattr(_local, "session", None) is None:
+        _local.session = requests.Session()
+    return _local.session
+
+
+def _auth_headers(token: str | None) -> dict[str, str]:
+    # identity encoding: Content-Length must be the byte count we write, not a gzip size.
+    headers = {"Accept-Encoding": "identity", "User-Agent": "kiln-download"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _http_status_error(status: int, what: str, body: str = "") -> Exception:
+    if status >= 500 or status == 429:
+        return _Retryable(f"HTTP {status}")
+    hint = " (set HF_TOKEN for gated or private repos)" if status in (401, 403) else ""
+    return DownloadError(f"{what}: HTTP {status}{hint} {body[:200]}".rstrip())
+
+
+def _hf_list(uri: str, endpoint: str, token: str | None, timeout_s: float, attempts: int, backoff_s: float) -> list[RemoteFile]:
+    repo, revision, path = parse_hf(uri)
+    base, pattern = split_glob(path)
+    # List the glob's fixed prefix; for a plain path, its parent (it may be a file or a directory).
+    list_dir = base if pattern is not None else base.rsplit("/", 1)[0] if "/" in base else ""
+    rev_q = quote(revision, safe="")
+    url: str | None = f"{endpoint}/api/datasets/{repo}/tree/{rev_q}" + (f"/{quote(list_dir)}" if list_dir else "")
+    params: dict[str, str] | None = {"recursive": "true"}
+    entries: dict[str, dict[str, Any]] = {}
+    while url:
+        def page(url: str = url, params: dict[str, str] | None = params) -> Any:
+            r = _session().get(url, params=params, headers=_auth_headers(token), timeout=timeout_s)
+            if r.status_code != 200:
+                raise _http_status_error(r.status_code, f"hub listing {uri} ({url})", r.text)
+            return r
+
+        resp = _attempt(page, attempts=attempts, backoff_s=backoff_s, what=f"hub listing {uri}")
+        for item in resp.json():
+            if item.get("type") == "file":
+                entries[item["path"]] = item
+        url = resp.links.get("next", {}).get("url")  # the hub paginates large trees with Link headers
+        params = None
+    out = []
+    for rel, (full, item) in sorted(_select(entries, path).items()):
+        lfs = item.get("lfs") or {}
+        out.append(RemoteFile(
+            rel=rel,
+            uri=f"hf://datasets/{repo}@{quote(revision, safe='')}/{full}",
+            kind="hf",
+            size=int(lfs.get("size", item.get("size"))),
+            sha256=lfs.get("oid") or lfs.get("sha256"),
+            url=f"{endpoint}/datasets/{repo}/resolve/{rev_q}/{quote(full)}",
+        ))
+    return out
+
+
+def list_files(
+    source: str,
+    *,
+    s3_endpoint: str = "",
+    hf_endpoint: str | None = None,
+    hf_token: str | None = None,
+    timeout_s: float = 60.0,
+    retries: int = 5,
+    backoff_s: float = 0.5,
+) -> list[RemoteFile]:
+    """Every file ``source`` names, sorted by relative path."""
+    if source.startswith("hf://"):
+        return _hf_list(source, resolve_hf_endpoint(hf_endpoint), resolve_hf_token(hf_token), timeout_s, retries + 1, backoff_s)
+    if is_s3(source):
+        bucket, key = split_s3(source)
+        base, pattern = split_glob(key)
+        list_dir = base if pattern is not None else base.rsplit("/", 1)[0] if "/" in base else ""
+        store = Store(f"s3://{bucket}", s3_endpoint)
+        sizes = store.list_sizes(f"s3://{bucket}/{list_dir}")
+        entries = {u[len(f"s3://{bucket}/") :]: size for u, size in sizes.items()}
+        return [RemoteFile(rel=rel, uri=f"s3://{bucket}/{full}", kind="s3", size=size)
+                for rel, (full, size) in sorted(_select(entries, key).items())]
+    path = str(local_path(source))
+    absolute = path.startswith("/")
+    base, pattern = split_glob(path)
+    root = Path(("/" if absolute else "") + base)
+    if pattern is None:
+        if root.is_file():
+            return [RemoteFile(rel=root.name, uri=str(root), kind="local", size=root.stat().st_size)]
+        pattern, files = "**", (p for p in root.rglob("*") if p.is_file()) if root.is_dir() else ()
+    else:
+        files = (p for p in root.rglob("*") if p.is_file()) if root.is_dir() else ()
+    rx = glob_regex(pattern)
+    out = []
+    for p in files:
+        rel = p.relative_to(root).as_posix()
+        if rx.match(rel):
+            out.append(RemoteFile(rel=rel, uri=str(p), kind="local", size=p.stat().st_size))
+    return sorted(out, key=lambda f: f.rel)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def verify_parquet(path: str | Path, expected_size: int | None = None, label: str | None = None) -> int:
+    """Check a parquet file is whole and readable; return its row count.
+
+    Checks the size (when given), the ``PAR1`` magic at both ends, a footer length that fits the
+    file, metadata that parses, and row groups that add up to the footer's row count.
+    """
+    import pyarrow.parquet as pq
+
+    label = label or str(path)
+    size = os.path.getsize(path)
+    if expected_size is not None and size != expected_size:
+        raise DownloadError(f"{label}: size {size} bytes, expected {expected_size} (truncated?)")
+    if size == 0:
+        raise DownloadError(f"{label}: zero-byte file")
+    if size < 12:
+        raise DownloadError(f"{label}: {size} bytes is too short to be parquet")
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(-8, os.SEEK_END)
+        tail = f.read(8)
+    if head != PARQUET_MAGIC or tail[4:] != PARQUET_MAGIC:
+        raise DownloadError(f"{label}: not a parquet file or truncated (PAR1 magic missing at the "
+                            f"{'start' if head != PARQUET_MAGIC else 'end'})")
+    footer_len = int.from_bytes(tail[:4], "little")
+    if footer_len + 12 > size:
+        raise DownloadError(f"{label}: parquet footer length {footer_len} exceeds the file size {size}")
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt footer
+        raise DownloadError(f"{label}: unreadable parquet metadata ({e})") from e
+    rows = sum(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
+    if rows != meta.num_rows:
+        raise DownloadError(f"{label}: row groups hold {rows} rows but the footer says {meta.num_rows}")
+    return int(meta.num_rows)
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, _Retryable):
+        return True
+    if isinstance(exc, (DownloadError, _Cancelled)):
+        return False
+    import requests
+    import urllib3
+
+    # Connection resets, timeouts and short bodies (urllib3 enforces Content-Length on raw reads).
+    if isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError)):
+        return True
+    from ..storage import _is_transient
+
+    return _is_transient(exc)
+
+
+def _attempt(fn: Callable[[], Any], *, attempts: int, backoff_s: float, what: str,
+             stop: threading.Event | None = None) -> Any:
+    """Run ``fn`` up to ``attempts`` times, backing off between retryable failures."""
+    last: BaseException | None = None
+    for i in range(max(1, attempts)):
+        if stop is not None and stop.is_set():
+            raise _Cancelled(what)
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not _is_retryable(exc):
+                raise
+            last = exc
+            if i < attempts - 1:
+                delay = min(_MAX_BACKOFF_S, backoff_s * (2**i))
+                if stop is not None:
+                    if stop.wait(delay):
+                        raise _Cancelled(what) from exc
+                else:
+                    time.sleep(delay)
+    raise DownloadError(f"{what}: failed after {attempts} attempts: {type(last).__name__}: {last}") from last
+
+
+class _Fetcher:
+    """Downloads one file per call, verified, into ``dest_dir``; shared by the worker threads."""
+
+    def __init__(self, dest_dir: Path, *, attempts: int, timeout_s: float, backoff_s: float, s3_endpoint: str,
+                 token: str | None, stop: threading.Event, on_bytes: Callable[[int], None]):
+        self.dest_dir = dest_dir
+        self.attempts = attempts
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.s3_endpoint = s3_endpoint
+        self.token = token
+        self.stop = stop
+        self.on_bytes = on_bytes
+
+    def __call__(self, rf: RemoteFile) -> FetchedFile:
+        dest = self.dest_dir / rf.rel
+        is_parquet = rf.rel.endswith(".parquet")
+        if dest.is_file():  # resume: keep what an earlier run fetched if it still verifies
+            try:
+                rows = self._verify(dest, rf, is_parquet)
+                self.on_bytes(dest.stat().st_size)
+                return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=True)
+            except DownloadError:
+                dest.unlink()
+        if rf.size == 0:
+            # The source itself lists it as empty: fetching again cannot help.
+            raise DownloadError(f"{rf.uri}: zero-byte file at the source")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.tmp")
+        try:
+            def one_attempt() -> int | None:
+                tmp.unlink(missing_ok=True)
+                self._transfer(rf, tmp)
+                try:
+                    return self._verify(tmp, rf, is_parquet)
+                except DownloadError as e:
+                    if rf.size is None:  # no independent length: a short body looks like corruption
+                        raise _Retryable(str(e)) from e
+                    raise
+
+            rows = _attempt(one_attempt, attempts=self.attempts, backoff_s=self.backoff_s, what=rf.uri, stop=self.stop)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=False)
+
+    @staticmethod
+    def _verify(path: Path, rf: RemoteFile, is_parquet: bool) -> int | None:
+        if is_parquet:
+            return verify_parquet(path, rf.size, label=rf.uri)
+        if rf.size is not None and path.stat().st_size != rf.size:
+            raise DownloadError(f"{rf.uri}: size {path.stat().st_size} bytes, expected {rf.size}")
+        return None
+
+    def _transfer(self, rf: RemoteFile, tmp: Path) -> None:
+        if rf.kind == "hf":
+            self._http(rf, tmp)
+        elif rf.kind == "s3":
+            Store(rf.uri.rsplit("/", 1)[0], self.s3_endpoint).get(rf.uri, tmp)
+            self.on_bytes(tmp.stat().st_size)
+            self._check_length(rf, tmp.stat().st_size, rf.size)
+        else:
+            try:
+                shutil.copyfile(rf.uri, tmp)
+            except FileNotFoundError as e:
+                raise DownloadError(f"{rf.uri}: vanished while downloading") from e
+            self.on_bytes(tmp.stat().st_size)
+            self._check_length(rf, tmp.stat().st_size, rf.size)
+
+    @staticmethod
+    def _check_length(rf: RemoteFile, got: int, expected: int | None) -> None:
+        if expected is not None and got != expected:
+            raise _Retryable(f"{rf.uri}: got {got} of {expected} bytes (truncated transfer)")
+
+    def _http(self, rf: RemoteFile, tmp: Path) -> None:
+        sha = hashlib.sha256()
+        got = 0
+        r = _session().get(rf.url, headers=_auth_headers(self.token), stream=True,
+                           timeout=(self.timeout_s, self.timeout_s))
+        with r:
+            if r.status_code != 200:
+                raise _http_status_error(r.status_code, rf.uri, r.text if r.status_code < 500 else "")
+            length = r.headers.get("Content-Length")
+            if length is not None and rf.size is not None and int(length) != rf.size:
+                raise _Retryable(f"{rf.uri}: server says {length} bytes, the hub listing says {rf.size}")
+            with open(tmp, "wb") as f:
+                # decode_content=False: bytes as sent, so counts compare with Content-Length.
+                for block in r.raw.stream(_READ_CHUNK, decode_content=False):
+                    if self.stop.is_set():
+                        raise _Cancelled(rf.uri)
+                    f.write(block)
+                    sha.update(block)
+                    got += len(block)
+                    self.on_bytes(len(block))
+        self._check_length(rf, got, int(length) if length is not None else rf.size)
+        self._check_length(rf, got, rf.size)
+        if rf.sha256 and sha.hexdigest() != rf.sha256:
+            raise _Retryable(f"{rf.uri}: sha256 {sha.hexdigest()} does not match the hub's {rf.sha256}")
+
+
+def fetch_files(
+    source: str | list[RemoteFile],
+    dest_dir: str | Path,
+    *,
+    max_files: int | None = None,
+    max_rows: int | None = None,
+    workers: int = 4,
+    retries: int = 5,
+    timeout_s: float = 60.0,
+    backoff_s: float = 0.5,
+    s3_endpoint: str = "",
+    hf_endpoint: str | None = None,
+    hf_token: str | None = None,
+    validate: Callable[[FetchedFile], None] | None = None,
+    progress: bool = False,
+) -> list[FetchedFile]:
+    """Fetch and verify the files of ``source`` into ``dest_dir``; see the module docstring.
+
+    ``retries`` counts attempts after the first. ``validate`` runs on each verified file in the
+    worker thread (e.g. a schema check) and may raise to fail the whole fetch early. With
+    ``max_rows``, files already fetched past the point where the budget was met are removed.
+    """
+    dest_dir = Path(dest_dir)
+    if isinstance(source, str):
+        files = list_files(source, s3_endpoint=s3_endpoint, hf_endpoint=hf_endpoint, hf_token=hf_token,
+                           timeout_s=timeout_s, retries=retries, backoff_s=backoff_s)
+    else:
+        files = list(source)
+    if max_files is not None:
+        files = files[:max_files]
+    if not files:
+        return []
+    from tqdm.auto import tqdm
+
+    total = sum(f.size or 0 for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="download", disable=not progress)
+    lock = threading.Lock()
+
+    def on_bytes(n: int) -> None:
+        with lock:
+            bar.update(n)
+
+    stop = threading.Event()
+    fetcher = _Fetcher(dest_dir, attempts=retries + 1, timeout_s=timeout_s, backoff_s=backoff_s,
+                       s3_endpoint=s3_endpoint, token=resolve_hf_token(hf_token) if any(f.kind == "hf" for f in files) else None,
+                       stop=stop, on_bytes=on_bytes)
+
+    def job(rf: RemoteFile) -> FetchedFile:
+        got = fetcher(rf)
+        if validate is not None:
+            validate(got)
+        return got
+
+    results: list[FetchedFile | None] = [None] * len(files)
+    done_prefix, prefix_rows = 0, 0
+    error: BaseException | None = None
+    # A sliding window over the files in path order: with max_rows the budget is judged on the
+    # contiguous prefix that is done, and nothing new starts once that prefix meets it.
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="kiln-download") as pool:
+        inflight: dict[Future[FetchedFile], int] = {}
+        next_i = 0
+        budget_met = False
+        try:
+            while True:
+                while not budget_met and error is None and next_i < len(files) and len(inflight) < max(1, workers):
+                    inflight[pool.submit(job, files[next_i])] = next_i
+                    next_i += 1
+                if not inflight:
+                    break
+                finished, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    i = inflight.pop(fut)
+                    try:
+                        results[i] = fut.result()
+                    except _Cancelled:
+                        pass
+                    except BaseException as exc:  # noqa: BLE001 - re-raised once the pool is drained
+                        if error is None:
+                            error = exc
+                        stop.set()
+                while not budget_met and done_prefix < len(files) and results[done_prefix] is not None:
+                    prefix_rows += results[done_prefix].rows or 0  # type: ignore[union-attr]
+                    done_prefix += 1
+                if max_rows is not None and prefix_rows >= max_rows and not budget_met:
+                    budget_met = True
+                    stop.set()  # in-flight files past the budget are not needed
+        finally:
+            stop.set()  # on any exit (error, budget, interrupt) workers still running stop at their next block
+            bar.close()
+    if error is not None:
+        raise error
+    kept = results[:done_prefix]
+    for extra in results[done_prefix:]:
+        if extra is not None:
+            extra.path.unlink(missing_ok=True)
+    return [f for f in kept if f is not None]
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _stage_source(cfg: Any) -> str:
+    """The URI the stage reads: the mirror's copy when one is set; a bare directory means its parquet files."""
+    uri = resolve_source(cfg.download.source, "pretrain", cfg.run.data_mirror)
+    path = parse_hf(uri)[2] if uri.startswith("hf://") else split_s3(uri)[1] if is_s3(uri) else uri
+    if split_glob(path)[1] is None and not path.endswith(".parquet"):
+        uri = uri.rstrip("/") + "/**/*.parquet"
+    return uri
+
+
+def key_config(cfg: Any) -> dict[str, Any]:
+    """What the output depends on: the source actually read and the budgets, not workers or timeouts."""
+    d = cfg.download
+    return {
+        "download": {"source": d.source, "max_files": d.max_files, "max_rows": d.max_rows, "text_column": d.text_column},
+        "resolved_source": _stage_source(cfg),
+    }
+
+
+def _check_shard(text_column: str) -> Callable[[FetchedFile], None]:
+    def check(f: FetchedFile) -> None:
+        import pyarrow.parquet as pq
+
+        schema = pq.ParquetFile(f.path).schema_arrow
+        if text_column not in schema.names:
+            raise DownloadError(f"{f.uri}: no {text_column!r} column (columns: {', '.join(schema.names)}); "
+                                f"set download.text_column")
+        if text_column != "text" and "text" in schema.names:
+            raise DownloadError(f"{f.uri}: has both {text_column!r} and 'text' columns; cannot rename {text_column!r} to 'text'")
+        if not f.rows:
+            raise DownloadError(f"{f.uri}: empty shard (0 rows)")
+    return check
+
+
+def _check_utf8(col: Any, label: str, first_row: int) -> Any:
+    """Return ``col`` as a valid string array, or raise naming the first row that is not UTF-8."""
+    import pyarrow as pa
+
+    if isinstance(col, pa.Array):
+        col = pa.chunked_array([col], col.type)
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        # Text stored as bytes: accepted when it is valid UTF-8 (checked below), written as string.
+        target = pa.large_string() if pa.types.is_large_binary(col.type) else pa.string()
+        col = pa.chunked_array([c.view(target) for c in col.chunks], target)
+    elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise DownloadError(f"{label}: text column has type {col.type}, expected a string")
+    offset = 0
+    for chunk in col.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            for j, value in enumerate(chunk.view(pa.large_binary() if pa.types.is_large_string(chunk.type) else pa.binary())):
+                raw = value.as_py()
+                try:
+                    if raw is not None:
+                        raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DownloadError(f"{label}: row {first_row + offset + j}: text is not valid UTF-8 ({e})") from e
+            raise
+        offset += len(chunk)
+    return col
+
+
+def finalize_shard(src: Path, dest: Path, *, label: str, text_column: str, keep_rows: int | None, id_prefix: str) -> int:
+    """Write ``src`` as an output shard at ``dest``; returns its row count.
+
+    Checks the text is UTF-8, renames ``text_column`` to ``text``, adds an ``id`` column
+    (``<id_prefix>:<row>``) when missing and keeps only the first ``keep_rows`` rows. When none of
+    that changes anything the verified file is hard-linked as is (no copy, same bytes).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(src)
+    total = pf.metadata.num_rows
+    keep = total if keep_rows is None else min(keep_rows, total)
+    add_id = "id" not in pf.schema_arrow.names
+    rewrite = add_id or text_column != "text" or keep < total
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        if not rewrite:
+            first = 0
+            for g in range(pf.metadata.num_row_groups):
+                _check_utf8(pf.read_row_group(g, columns=[text_column]).column(0), label, first)
+                first += pf.metadata.row_group(g).num_rows
+            try:
+                os.link(src, tmp)
+            except OSError:  # another filesystem or no hard links: copy
+                shutil.copyfile(src, tmp)
+        else:
+            writer = None
+            row = 0
+            try:
+                for g in range(pf.metadata.num_row_groups):
+                    if row >= keep:
+                        break
+                    table = pf.read_row_group(g)
+                    table = table.slice(0, keep - row)
+                    i = table.schema.get_field_index(text_column)
+                    table = table.set_column(i, "text", _check_utf8(table.column(i), label, row))
+                    if add_id:
+                        ids = pa.array([f"{id_prefix}:{r}" for r in range(row, row + table.num_rows)], pa.string())
+                        table = table.append_column("id", ids)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                    writer.write_table(table, row_group_size=max(1, table.num_rows))
+                    row += table.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return keep
+
+
+def output_name(rel: str) -> str:
+    """``data/<name>``: the source path below the glob's prefix, flattened (``a/b.parquet`` -> ``a__b.parquet``)."""
+    name = rel.replace("/", "__")
+    return name if name.endswith(".parquet") else f"{name}.parquet"
+
+
+def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
+    """The download stage (no inputs): fetch, verify and publish ``data/<name>.parquet``."""
+    d = cfg.download
+    source = _stage_source(cfg)
+    raw_dir = out.workdir / "_raw"  # verified downloads; kept across crashes for resume, removed before publishing
+    fetched = fetch_files(source, raw_dir, max_files=d.max_files, max_rows=d.max_rows, workers=d.workers,
+                          retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s,
+                          s3_endpoint=cfg.run.s3_endpoint, validate=_check_shard(d.text_column), progress=progress)
+    if not fetched:
+        raise DownloadError(f"no parquet files match {source}")
+    names = [output_name(f.rel) for f in fetched]
+    if len(set(names)) != len(names):
+        raise DownloadError(f"{source}: two files map to the same output name")
+    remaining = d.max_rows
+    shards: dict[str, dict[str, Any]] = {}
+    for f, name in zip(fetched, names):
+        if remaining is not None and remaining <= 0:
+            break
+        dest = out.path(f"data/{name}")
+        rows = finalize_shard(f.path, dest, label=f.uri, text_column=d.text_column, keep_rows=remaining, id_prefix=name)
+        shards[name] = {"rows": rows, "bytes": dest.stat().st_size, "source": f.uri, "source_rows": f.rows,
+                        "source_bytes": f.size, "resumed": f.resumed}
+        if remaining is not None:
+            remaining -= rows
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    rows = sum(s["rows"] for s in shards.values())
+    return {
+        "counts": {"files": len(shards), "rows": rows, "docs_out": rows, "bytes": sum(s["bytes"] for s in shards.values()),
+                   "resumed_files": sum(1 for s in shards.values() if s["resumed"])},
+        "source": d.source,
+        "resolved_source": source,
+        "shards": shards,
+    }
