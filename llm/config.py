@@ -232,6 +232,12 @@ class EvalConfig(Section):
     max_per_task: int | None = None
     batch_tokens: int = 16384
     bpb_tokens: int = 1_048_576
+    # Sequences longer than this are cropped from the left (None: the model's seq_len).
+    max_seq_len: int | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Ranks for CORE/bpb: "auto" = every visible GPU (1 on CPU); >1 launches torchrun.
+    nproc: int | Literal["auto"] = "auto"
+    sample_max_tokens: int = 32
     sample_prompts: list[str] = [
         "The tallest mountain in the world is",
         "The chemical symbol of gold is",

@@ -1,0 +1,387 @@
+"""CORE: the DCLM in-context-learning benchmark, scored the way nanochat scores it.
+
+Every example becomes one or more token sequences (BOS + few-shot examples + the item), and
+the model's per-position cross-entropy and argmax decide the answer:
+
+- ``multiple_choice``: one sequence per choice. The choices share the prompt, so the
+  continuation starts where the sequences stop agreeing (common token prefix); the choice
+  with the lowest *mean* continuation loss is the prediction.
+- ``schema``: one sequence per context option with the same continuation; the continuation
+  is the common token suffix, and again the lowest mean loss wins.
+- ``language_modeling``: the prompt with and without the continuation; correct only when the
+  greedy (argmax) prediction equals every continuation token.
+
+Few-shot examples are drawn per example with ``random.Random(1234 + idx)`` from the other
+rows of the (shuffled, capped) task data, joined by a blank line, each as
+``<context><delimiter><answer>``. Task data are shuffled with ``random.Random(1337)`` before the
+``max_per_task`` cap. Accuracy is centered against the random baseline,
+``(acc - b) / (1 - b)``, and CORE is the mean centered accuracy over the tasks evaluated.
+
+What differs from a one-example-at-a-time loop is only speed: the sequences of many
+examples are sorted by length and packed into right-padded batches of at most
+``batch_tokens`` tokens, and examples are strided across ranks and all-reduced. Right padding
+never changes the scores of a causal model at the positions that are read.
+
+The model is reached through a *scorer*: ``ids (B, T) -> (losses (B, T), argmax (B, T))``
+with ``losses[:, t]`` the loss of predicting ``ids[:, t + 1]``. :func:`model_scorer` wraps a GPT;
+tests plug in hand-made scorers with known answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bundle import Bundle, TaskSpec, load_task_data
+
+Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+SHUFFLE_SEED = 1337
+FEWSHOT_SEED = 1234
+
+
+class TokenizerLike(Protocol):
+    bos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+def model_scorer(model: torch.nn.Module, device: str | torch.device = "cpu") -> Scorer:
+    """Score with a GPT whose ``forward(idx)`` returns logits; bf16 autocast on CUDA, fp32 loss."""
+    device = torch.device(device)
+
+    @torch.no_grad()
+    def score(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids.to(device, non_blocking=True)
+        ctx = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+               else contextlib.nullcontext())
+        with ctx:
+            logits = model(ids)
+        logits = logits.float()
+        b, t, v = logits.shape
+        targets = torch.roll(ids, shifts=-1, dims=1)
+        losses = F.cross_entropy(logits.view(b * t, v), targets.view(b * t), reduction="none").view(b, t)
+        losses[:, -1] = float("nan")  # no next token to predict at the last position
+        return losses, logits.argmax(dim=-1)
+
+    return score
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def fewshot_indices(idx: int, n: int, k: int) -> list[int]:
+    """The few-shot rows for example ``idx``: ``k`` distinct other rows, deterministic in (idx, n, k).
+
+    Same draws as sampling ``k`` from the list of all indices except ``idx``, without building it.
+    """
+    k = min(k, n - 1)
+    if k <= 0:
+        return []
+    picks = random.Random(FEWSHOT_SEED + idx).sample(range(n - 1), k)
+    return [j if j < idx else j + 1 for j in picks]
+
+
+def render_prompts(task_type: str, item: dict[str, Any], delimiter: str, shots: Sequence[dict[str, Any]]) -> list[str]:
+    """The texts to score for one item (see the module docstring for the three layouts)."""
+    if task_type == "multiple_choice":
+        head = "".join(f"{s['query']}{delimiter}{s['choices'][s['gold']]}\n\n" for s in shots)
+        return [f"{head}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+    if task_type == "schema":
+        head = "".join(f"{s['context_options'][s['gold']]}{delimiter}{s['continuation']}\n\n" for s in shots)
+        return [f"{head}{ctx}{delimiter}{item['continuation']}" for ctx in item["context_options"]]
+    if task_type == "language_modeling":
+        head = "".join(f"{str(s['context']).strip()}{delimiter}{s['continuation']}\n\n" for s in shots)
+        prompt = f"{head}{str(item['context']).strip()}{delimiter}"
+        # Strip the prompt alone: a trailing space would merge into the continuation's first
+        # token and the prompt would no longer be a token prefix of the full text.
+        return [prompt.strip(), prompt + str(item["continuation"])]
+    raise ValueError(f"unsupported task type {task_type!r}")
+
+
+def common_length(seqs: Sequence[Sequence[int]], from_end: bool = False) -> int:
+    """Length of the longest common prefix (or suffix) of token sequences."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        pos = -1 - i if from_end else i
+        tok = first[pos]
+        if any(s[pos] != tok for s in seqs[1:]):
+            return i
+    return n
+
+
+@dataclass
+class Request:
+    """One example's sequences and the [start, end) token span scored in each."""
+
+    idx: int
+    gold: int | None
+    seqs: list[list[int]]
+    starts: list[int]
+    ends: list[int]
+
+
+def _encode_all(tokenizer: TokenizerLike, texts: list[str]) -> list[list[int]]:
+    batch = getattr(tokenizer, "encode_batch", None)
+    ids = batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
+    return [[tokenizer.bos_id, *x] for x in ids]
+
+
+def build_request(task: TaskSpec, data: list[dict[str, Any]], idx: int, tokenizer: TokenizerLike,
+                  max_seq_len: int | None = None) -> Request:
+    item = data[idx]
+    shots = [data[j] for j in fewshot_indices(idx, len(data), task.num_fewshot)]
+    seqs = _encode_all(tokenizer, render_prompts(task.task_type, item, task.delimiter, shots))
+    if task.task_type == "multiple_choice":
+        start = common_length(seqs)
+        starts, ends = [start] * len(seqs), [len(s) for s in seqs]
+    elif task.task_type == "schema":
+        suffix = common_length(seqs, from_end=True)
+        ends = [len(s) for s in seqs]
+        starts = [e - suffix for e in ends]
+    else:
+        without, with_ = seqs
+        # The stripped prompt is normally a token prefix of the full text; if a tokenizer merges
+        # across the boundary anyway, score from where the two actually diverge.
+        start = len(without) if with_[: len(without)] == without else common_length([without, with_])
+        seqs, starts, ends = [with_], [start], [len(with_)]
+    if max_seq_len is not None:  # keep the end (the part scored), crop the oldest context
+        for i, s in enumerate(seqs):
+            crop = len(s) - max_seq_len
+            if crop > 0:
+                seqs[i] = s[crop:]
+                starts[i] = max(starts[i] - crop, 1)
+                ends[i] -= crop
+    return Request(idx=idx, gold=item.get("gold"), seqs=seqs, starts=starts, ends=ends)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _pack(requests: list[Request], batch_tokens: int, per_example: bool) -> list[list[tuple[int, int]]]:
+    """Group (request, sequence) pairs into batches of at most ``batch_tokens`` padded tokens.
+
+    Sorting by length first keeps padding small; ``per_example`` gives the plain baseline: one
+    batch per example, as a one-example-at-a-time loop does.
+    """
+    if per_example:
+        return [[(r, j) for j in range(len(req.seqs))] for r, req in enumerate(requests)]
+    items = [(r, j) for r, req in enumerate(requests) for j in range(len(req.seqs))]
+    items.sort(key=lambda rj: -len(requests[rj[0]].seqs[rj[1]]))
+    batches: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
+    width = 0
+    for rj in items:
+        n = len(requests[rj[0]].seqs[rj[1]])
+        w = max(width, n)
+        if cur and w * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur, w = [], n
+        cur.append(rj)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def score_requests(scorer: Scorer, requests: list[Request], task_type: str, pad_id: int, *,
+                   batch_tokens: int = 16384, per_example: bool = False) -> list[bool]:
+    """Whether each request's prediction is correct."""
+    mean_loss = [[math.nan] * len(r.seqs) for r in requests]
+    lm_ok = [True] * len(requests)
+    for batch in _pack(requests, batch_tokens, per_example):
+        width = max(len(requests[r].seqs[j]) for r, j in batch)
+        ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+        for row, (r, j) in enumerate(batch):
+            s = requests[r].seqs[j]
+            ids[row, : len(s)] = s
+        losses, preds = scorer(torch.from_numpy(ids))
+        losses, preds = losses.float().cpu().numpy(), preds.cpu().numpy()
+        for row, (r, j) in enumerate(batch):
+            s, e = requests[r].starts[j], requests[r].ends[j]
+            # position t predicts token t + 1, so tokens [s, e) are scored at positions [s - 1, e - 1)
+            if task_type == "language_modeling":
+                lm_ok[r] = bool(np.array_equal(preds[row, s - 1 : e - 1], ids[row, s:e]))
+            else:
+                mean_loss[r][j] = float(losses[row, s - 1 : e - 1].mean())
+    if task_type == "language_modeling":
+        return lm_ok
+    out = []
+    for req, ml in zip(requests, mean_loss):
+        pred = min(range(len(ml)), key=lambda i: (math.isnan(ml[i]), ml[i]))  # first lowest, like list.index(min)
+        out.append(pred == req.gold)
+    return out
+
+
+# --------------------------------------------------------------------------- tasks and CORE
+
+
+@dataclass
+class TaskResult:
+    label: str
+    task_type: str
+    num_fewshot: int
+    accuracy: float
+    centered: float
+    n: int
+    baseline: float
+    seconds: float
+
+
+@dataclass
+class CoreResult:
+    core: float
+    label: str
+    tasks: dict[str, TaskResult]
+    missing: list[str]
+    missing_reasons: dict[str, str] = field(default_factory=dict)
+    examples: int = 0
+    seconds: float = 0.0
+    world_size: int = 1
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "core": self.core,
+            "label": self.label,
+            "n_tasks": self.n_tasks,
+            "tasks": {k: {"accuracy": t.accuracy, "centered": t.centered, "n": t.n, "type": t.task_type,
+                          "shots": t.num_fewshot, "baseline": t.baseline, "seconds": round(t.seconds, 3)}
+                      for k, t in self.tasks.items()},
+            "missing": list(self.missing),
+            "missing_reasons": dict(self.missing_reasons),
+            "examples": self.examples,
+            "seconds": round(self.seconds, 3),
+            "examples_per_s": round(self.examples / self.seconds, 2) if self.seconds > 0 else None,
+            "world_size": self.world_size,
+        }
+
+
+def centered_accuracy(accuracy: float, baseline: float) -> float:
+    """Accuracy rescaled so random guessing is 0 and perfect is 1 (``baseline`` is a fraction)."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def prepare_data(rows: list[dict[str, Any]], max_per_task: int | None) -> list[dict[str, Any]]:
+    """Shuffle with the fixed seed, then cap: a quick run scores a fixed random subset."""
+    rows = list(rows)
+    random.Random(SHUFFLE_SEED).shuffle(rows)
+    return rows[:max_per_task] if max_per_task and max_per_task > 0 else rows
+
+
+def _dist() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def evaluate_task(scorer: Scorer, tokenizer: TokenizerLike, task: TaskSpec, data: list[dict[str, Any]], *,
+                  batch_tokens: int = 16384, max_seq_len: int | None = None, per_example: bool = False,
+                  device: str | torch.device = "cpu") -> TaskResult:
+    """Accuracy of one task over ``data`` (already shuffled/capped); examples strided over ranks."""
+    t0 = time.time()
+    rank, world = _dist()
+    mine = list(range(rank, len(data), world))
+    requests = [build_request(task, data, i, tokenizer, max_seq_len) for i in mine]
+    ok = score_requests(scorer, requests, task.task_type, tokenizer.bos_id,
+                        batch_tokens=batch_tokens, per_example=per_example)
+    correct = torch.zeros(len(data), dtype=torch.float64, device=device)
+    for i, c in zip(mine, ok):
+        correct[i] = float(c)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    acc = float(correct.sum().item()) / len(data)
+    return TaskResult(label=task.label, task_type=task.task_type, num_fewshot=task.num_fewshot, accuracy=acc,
+                      centered=centered_accuracy(acc, task.baseline), n=len(data), baseline=task.baseline,
+                      seconds=time.time() - t0)
+
+
+def evaluate_core(scorer: Scorer, tokenizer: TokenizerLike, bundle: Bundle, *, max_per_task: int | None = None,
+                  batch_tokens: int = 16384, max_seq_len: int | None = None, per_example: bool = False,
+                  device: str | torch.device = "cpu", tasks: Sequence[str] | None = None,
+                  progress: bool = False, log: Callable[[str], None] | None = None) -> CoreResult:
+    """Score every available task of the bundle (or the named subset) and average the centered accuracies."""
+    chosen = [t for t in bundle.tasks if tasks is None or t.label in tasks]
+    if tasks is not None:
+        unknown = sorted(set(tasks) - {t.label for t in bundle.tasks})
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not available in the bundle at {bundle.root}")
+    rank, world = _dist()
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chosen), desc="CORE", unit="task")
+    t0 = time.time()
+    results: dict[str, TaskResult] = {}
+    for task in chosen:
+        data = prepare_data(load_task_data(bundle, task), max_per_task)
+        r = evaluate_task(scorer, tokenizer, task, data, batch_tokens=batch_tokens, max_seq_len=max_seq_len,
+                          per_example=per_example, device=device)
+        results[task.label] = r
+        if log and rank == 0:
+            log(f"{task.label:<34} acc {r.accuracy:.4f}  centered {r.centered:+.4f}  n={r.n}  {r.seconds:.1f}s")
+        if bar is not None:
+            bar.set_postfix_str(task.label)
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    core = sum(r.centered for r in results.values()) / len(results) if results else float("nan")
+    missing = [m.label for m in bundle.missing]
+    if tasks is not None:
+        label = f"CORE-subset-{len(results)}"
+    else:
+        label = bundle.label
+    return CoreResult(core=core, label=label, tasks=results, missing=missing,
+                      missing_reasons={m.label: m.reason for m in bundle.missing},
+                      examples=sum(r.n for r in results.values()), seconds=time.time() - t0, world_size=world)
+
+
+def core_csv(result: CoreResult) -> str:
+    """Per-task CSV in the column layout of the bundle's reference CSVs, plus n."""
+    lines = ["task,type,shots,n,accuracy,centered"]
+    for label, t in result.tasks.items():
+        lines.append(f"{label},{t.task_type},{t.num_fewshot},{t.n},{t.accuracy:.6f},{t.centered:.6f}")
+    lines.append(f"{result.label},,,{result.examples},,{result.core:.6f}")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(result: CoreResult, bundle: Bundle) -> list[dict[str, Any]]:
+    """Rows (task, ours, gpt2, gpt2-medium, ...) of centered scores; the CORE row recomputed on the same tasks."""
+    from .bundle import reference_core
+
+    models = sorted(bundle.references, key=lambda m: (len(m), m))
+    rows: list[dict[str, Any]] = []
+    for label, t in result.tasks.items():
+        row: dict[str, Any] = {"task": label, "ours": t.centered}
+        for m in models:
+            row[m] = bundle.references[m].get(label, {}).get("centered")
+        rows.append(row)
+    labels = list(result.tasks)
+    core_row: dict[str, Any] = {"task": result.label, "ours": result.core}
+    for m in models:
+        core_row[m] = reference_core(bundle, m, labels)
+    rows.append(core_row)
+    return rows
+
+
+def as_dict(r: TaskResult) -> dict[str, Any]:
+    return asdict(r)
