@@ -295,10 +295,11 @@ def rows_to_xy(rows: list[np.ndarray], masks: list[np.ndarray] | None) -> tuple[
 # --------------------------------------------------------------------------- trainer loaders (llm.loaders protocol)
 
 
-def _load_chats(spec: dict[str, Any], name: str) -> RenderedChats:
+def _load_chats(spec: dict[str, Any], key: str) -> RenderedChats:
+    """The rendered set named by ``spec[key]`` (default: "chat_train" -> "train", "chat_val" -> "val")."""
     if "chat_dir" not in spec:
         raise ValueError(f"chat loader spec needs 'chat_dir' (rendered conversations), got {sorted(spec)}")
-    return RenderedChats.load(spec["chat_dir"], spec.get(name, name))
+    return RenderedChats.load(spec["chat_dir"], spec.get(key, key.removeprefix("chat_")))
 
 
 class _RankSlicer:
