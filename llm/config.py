@@ -54,7 +54,11 @@ class DownloadConfig(Section):
     max_rows: int | None = None
     workers: int = 4
     retries: int = 5
+    # Seconds between attempts start at backoff_s and double each retry (capped at 30 s).
+    backoff_s: float = 0.5
+    # Per-request connect/read timeout: a stall longer than this fails the attempt and retries it.
     timeout_s: float = 60.0
+    # The source's text column; written out as `text` (the data stages' contract).
     text_column: str = "text"
 
 

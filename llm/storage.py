@@ -15,13 +15,15 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 CHUNK = 8 * 1024 * 1024
+_CLIENT_LOCK = threading.Lock()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -102,6 +104,10 @@ class Store:
 
     root: str
     endpoint_url: str = ""
+    # Files at least this large upload as multipart, in parts of multipart_chunksize (S3 needs >= 5 MiB parts).
+    multipart_threshold: int = CHUNK * 8
+    multipart_chunksize: int = CHUNK * 8
+    _client_cache: Any = field(default=None, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ plumbing
     def _client(self):
@@ -109,10 +115,21 @@ class Store:
         from botocore.config import Config
 
         endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
-        # botocore's own retries are off: with_retries owns the policy, so it is stated once.
-        return boto3.client(
-            "s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=60)
-        )
+        # One client per (store, endpoint): clients are thread-safe, but creating them through
+        # boto3's default session is not, and threads (parallel downloads) share a Store.
+        with _CLIENT_LOCK:
+            if self._client_cache is None or self._client_cache[0] != endpoint:
+                # botocore's own retries are off: with_retries owns the policy, so it is stated once.
+                client = boto3.client(
+                    "s3", endpoint_url=endpoint,
+                    config=Config(retries={"max_attempts": 1}, connect_timeout=10, read_timeout=60),
+                )
+                self._client_cache = (endpoint, client)
+            return self._client_cache[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A Store may be sent to worker processes; boto3 clients do not pickle, so rebuild there.
+        return {**self.__dict__, "_client_cache": None}
 
     def uri(self, *parts: str) -> str:
         return join(self.root, *parts)
@@ -125,7 +142,7 @@ class Store:
             from boto3.s3.transfer import TransferConfig
 
             bucket, key = split_s3(uri)
-            cfg = TransferConfig(multipart_threshold=CHUNK * 8, multipart_chunksize=CHUNK * 8)
+            cfg = TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=self.multipart_chunksize)
             with_retries(lambda: self._client().upload_file(str(local), bucket, key, Config=cfg), what=f"put {uri}")
             return
         dest = local_path(uri)
@@ -179,7 +196,10 @@ class Store:
             try:
                 return with_retries(fetch, what=f"get {uri}")
             except Exception as exc:
-                if type(exc).__name__ in {"NoSuchKey", "ClientError"} and not _is_transient(exc):
+                # Only a missing key is "not found"; access denied and the like must surface as themselves.
+                resp = getattr(exc, "response", None) or {}
+                status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if resp.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"} or status == 404:
                     raise FileNotFoundError(f"no such artifact: {uri}") from exc
                 raise
         p = local_path(uri)
@@ -206,22 +226,26 @@ class Store:
 
     def list(self, uri: str) -> list[str]:
         """All file URIs under the prefix ``uri`` (recursive), sorted."""
+        return sorted(self.list_sizes(uri))
+
+    def list_sizes(self, uri: str) -> dict[str, int]:
+        """``{file URI: size in bytes}`` for every file under the prefix ``uri`` (recursive)."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
             prefix = key.rstrip("/") + "/" if key else ""
 
-            def page() -> list[str]:
-                out: list[str] = []
+            def page() -> dict[str, int]:
+                out: dict[str, int] = {}
                 paginator = self._client().get_paginator("list_objects_v2")
                 for resp in paginator.paginate(Bucket=bucket, Prefix=prefix):
-                    out += [f"s3://{bucket}/{o['Key']}" for o in resp.get("Contents", [])]
+                    out.update({f"s3://{bucket}/{o['Key']}": int(o["Size"]) for o in resp.get("Contents", [])})
                 return out
 
-            return sorted(with_retries(page, what=f"list {uri}"))
+            return with_retries(page, what=f"list {uri}")
         base = local_path(uri)
         if not base.exists():
-            return []
-        return sorted(str(p) for p in base.rglob("*") if p.is_file())
+            return {}
+        return {str(p): p.stat().st_size for p in base.rglob("*") if p.is_file()}
 
     def delete_prefix(self, uri: str) -> None:
         if is_s3(uri):
