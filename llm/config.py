@@ -185,6 +185,8 @@ class TrainConfig(Section):
     optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 3e-3
     embedding_lr: float | None = None
+    # lm_head's Adam LR; None = lr with adamw, 0.004 with muon (where lr is Muon's matrix LR).
+    unembedding_lr: float | None = None
     min_lr_frac: float = 0.0
     weight_decay: float = 0.0
     beta1: float = 0.9
