@@ -1,0 +1,85 @@
+"""Reading the documents a data stage published: ``<stage output>/data/*.parquet`` with ``text`` and ``id``.
+
+Shared by the tokenizer and tokenize stages. Files are read one row group at a time so memory
+stays bounded by the largest row group, never by the shard or corpus size. S3 inputs go through
+:meth:`llm.storage.Store.cache_path`, so the same code reads a local directory or a bucket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..stage import StageError
+from ..storage import Store, join
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One unit of work: a row group of one published parquet file."""
+
+    path: str  # local path (cached copy when the input is on S3)
+    name: str  # the file's name inside the stage output, for error messages
+    index: int
+    rows: int
+
+
+def list_doc_files(store: Store, uri: str) -> list[tuple[str, Path]]:
+    """(relative name, local path) of every ``data/*.parquet`` of a stage output, in name order."""
+    files = [(rel, u) for rel, u in store.iter_files(join(uri, "data")) if rel.endswith(".parquet")]
+    if not files:
+        raise StageError(f"{join(uri, 'data')}: no parquet files (expected data/<shard>.parquet from the upstream stage)")
+    return [(f"data/{rel}", store.cache_path(u)) for rel, u in sorted(files)]
+
+
+def open_checked(path: Path, name: str, columns: tuple[str, ...] = ("text", "id")) -> pq.ParquetFile:
+    """Open a parquet file and check the columns we need exist with usable types."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise StageError(f"{name}: not a readable parquet file ({e})") from e
+    schema = pf.schema_arrow
+    for col in columns:
+        if col not in schema.names:
+            raise StageError(f"{name}: no {col!r} column (columns: {', '.join(schema.names)})")
+    if "text" in columns:
+        t = schema.field("text").type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise StageError(f"{name}: column 'text' has type {t}, expected a string column")
+    return pf
+
+
+def row_groups(store: Store, uri: str) -> list[RowGroup]:
+    """Every row group of every document file of the stage output at ``uri``, in order."""
+    out: list[RowGroup] = []
+    for name, path in list_doc_files(store, uri):
+        pf = open_checked(path, name)
+        for i in range(pf.metadata.num_row_groups):
+            out.append(RowGroup(str(path), name, i, pf.metadata.row_group(i).num_rows))
+    return out
+
+
+def read_row_group(rg: RowGroup) -> tuple[list[str], list[str]]:
+    """(texts, ids) of one row group; a null text or id is an error naming file and row."""
+    pf = open_checked(Path(rg.path), rg.name)
+    table = pf.read_row_group(rg.index, columns=["text", "id"])
+    texts = table.column("text").to_pylist()
+    ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
+    first_row = sum(pf.metadata.row_group(i).num_rows for i in range(rg.index))
+    for j, (t, d) in enumerate(zip(texts, ids)):
+        if t is None:
+            raise StageError(f"{rg.name}: row {first_row + j}: field 'text' is null")
+        if d is None:
+            raise StageError(f"{rg.name}: row {first_row + j}: field 'id' is null")
+    return texts, ids  # type: ignore[return-value]
+
+
+def iter_docs(store: Store, uri: str) -> Iterator[tuple[str, str]]:
+    """(id, text) for every document of a stage output, streaming row group by row group."""
+    for rg in row_groups(store, uri):
+        texts, ids = read_row_group(rg)
+        yield from zip(ids, texts)

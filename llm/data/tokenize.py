@@ -1,0 +1,203 @@
+"""The tokenize stage: documents -> BOS-prefixed token streams in binary shards (see llm/data/shards.py).
+
+Work is split by parquet row group. Worker processes each read one row group, assign every
+document to train/val by its id hash, encode the texts with tiktoken's batch API and send back one
+flat token array per split. The parent consumes results strictly in input order and appends them
+to the shard writers, so the output is byte-identical whatever ``tokenize.workers`` is. At most
+``2 × workers`` row groups are in flight, so memory is bounded by a few row groups, never by the
+corpus. Empty documents are skipped (a lone BOS teaches nothing) and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+
+from ..stage import StageError, StageOutput
+from ..storage import Store
+from ..tokenizer import Tokenizer, load_tokenizer
+from .docs import RowGroup, open_checked, row_groups
+from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, token_dtype
+
+EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
+
+
+def key_config(cfg) -> dict[str, Any]:
+    # Worker count and batch size do not change the output, so they stay out of the cache key.
+    t = cfg.tokenize
+    return {"tokenize": {"val_fraction": t.val_fraction, "shard_tokens": t.shard_tokens}}
+
+
+def encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts`` and lay them out as ``[BOS, ids..., BOS, ids..., ...]`` plus per-doc lengths."""
+    encoded = tok.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+    lens = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
+    flat: list[int] = []
+    bos = tok.bos_id
+    for e in encoded:
+        flat.append(bos)
+        flat += e
+    return np.array(flat, dtype=dtype), lens
+
+
+def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: np.dtype,
+                     batch_docs: int) -> tuple[dict[str, EncodedSplit], int]:
+    """Encode one row group; returns ({split: (tokens, lens, bytes)}, empty docs skipped)."""
+    from pathlib import Path
+
+    pf = open_checked(Path(rg.path), rg.name)
+    table = pf.read_row_group(rg.index, columns=["text", "id"])
+    first_row = sum(pf.metadata.row_group(i).num_rows for i in range(rg.index))
+    text_col, id_col = table.column("text"), table.column("id")
+    if text_col.null_count or id_col.null_count:
+        col, name = (text_col, "text") if text_col.null_count else (id_col, "id")
+        row = int(pc.index(pc.is_null(col), True).as_py())
+        raise StageError(f"{rg.name}: row {first_row + row}: field {name!r} is null")
+    texts: list[str] = text_col.to_pylist()
+    ids = [str(v) for v in id_col.to_pylist()]
+    nbytes = pc.binary_length(text_col).to_numpy(zero_copy_only=False)
+    by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
+    empty = 0
+    for j, (t, d) in enumerate(zip(texts, ids)):
+        if not t:
+            empty += 1
+            continue
+        by_split["val" if doc_bucket(d) < val_fraction else "train"].append(j)
+    out: dict[str, EncodedSplit] = {}
+    for split, rows in by_split.items():
+        if not rows:
+            continue
+        toks, lens = [], []
+        for b in range(0, len(rows), batch_docs):
+            chunk = rows[b : b + batch_docs]
+            t_arr, l_arr = encode_docs(tok, [texts[j] for j in chunk], dtype)
+            toks.append(t_arr)
+            lens.append(l_arr)
+        out[split] = (np.concatenate(toks), np.concatenate(lens), int(nbytes[rows].sum()))
+    return out, empty
+
+
+# --------------------------------------------------------------------------- worker processes
+
+_WORKER_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_uri: str, endpoint_url: str) -> None:
+    global _WORKER_TOK
+    _WORKER_TOK = load_tokenizer(tokenizer_uri, endpoint_url)
+
+
+def _work(rg: RowGroup, val_fraction: float, dtype: str, batch_docs: int):
+    assert _WORKER_TOK is not None, "worker not initialised"
+    return encode_row_group(_WORKER_TOK, rg, val_fraction, np.dtype(dtype), batch_docs)
+
+
+def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, workers: int,
+                initializer: Callable[..., None], initargs: tuple) -> Iterator[Any]:
+    """``fn(item, *args)`` for each item, in order, over ``workers`` processes, ≤ 2×workers in flight."""
+    ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (Prefect, tqdm, boto3)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs) as ex:
+        pending: deque[Future] = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(ex.submit(fn, item, *args))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fraction: float, shard_tokens: int,
+                  workers: int = 1, batch_docs: int = 1024, store: Store | None = None, endpoint_url: str = "",
+                  progress: bool = False) -> dict[str, Any]:
+    """Tokenize every document of the stage output at ``docs_uri`` into shards under ``outdir``.
+
+    Returns the meta dict (also written to ``outdir/meta.json``) with exact counts.
+    """
+    from pathlib import Path
+
+    store = store or Store(docs_uri, endpoint_url)
+    tok = load_tokenizer(tokenizer_uri, endpoint_url)
+    dtype = token_dtype(tok.vocab_size)
+    root = Path(outdir)
+    for split in SPLITS:  # a crashed earlier attempt may have left shards in the work dir
+        shutil.rmtree(root / split, ignore_errors=True)
+    (root / META_FILE).unlink(missing_ok=True)
+
+    rgs = row_groups(store, docs_uri)
+    writers = {s: ShardWriter(root, s, dtype, shard_tokens) for s in SPLITS}
+    bytes_ = {s: 0 for s in SPLITS}
+    empty = 0
+    args = (val_fraction, dtype.name, batch_docs)
+    if workers <= 1:
+        results: Iterator[Any] = (encode_row_group(tok, rg, val_fraction, dtype, batch_docs) for rg in rgs)
+    else:
+        results = ordered_map(_work, rgs, args, workers, _init_worker, (tokenizer_uri, endpoint_url))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(rg.rows for rg in rgs), unit="doc", desc="tokenize")
+    for rg, (parts, n_empty) in zip(rgs, results):
+        empty += n_empty
+        for split, (tokens, lens, nb) in parts.items():
+            writers[split].add(tokens, lens)
+            bytes_[split] += nb
+        if bar is not None:
+            bar.update(rg.rows)
+    if bar is not None:
+        bar.close()
+    splits = {s: {**w.close(), "bytes": bytes_[s]} for s, w in writers.items()}
+    if splits["train"]["docs"] == 0:
+        raise StageError(f"{docs_uri}: no non-empty documents to tokenize")
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "tokenizer": tokenizer_uri,
+        "val_fraction": val_fraction,
+        "shard_tokens": shard_tokens,
+        "empty_docs_skipped": empty,
+        "splits": splits,
+    }
+    tmp = root / f"{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, root / META_FILE)
+    return meta
+
+
+def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
+    """Stage "tokenize" (inputs: "docs" = dedup output, "tokenizer" = tokenizer output)."""
+    t = cfg.tokenize
+    if not 0.0 <= t.val_fraction < 1.0:
+        raise StageError(f"tokenize.val_fraction={t.val_fraction}: must be in [0, 1)")
+    store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
+    meta = tokenize_docs(
+        inputs["docs"]["uri"], inputs["tokenizer"]["uri"], str(out.workdir),
+        val_fraction=t.val_fraction, shard_tokens=t.shard_tokens, workers=t.workers, batch_docs=t.batch_docs,
+        store=store, endpoint_url=cfg.run.s3_endpoint, progress=progress,
+    )
+    sp = meta["splits"]
+    tokens = sp["train"]["tokens"] + sp["val"]["tokens"]
+    nbytes = sp["train"]["bytes"] + sp["val"]["bytes"]
+    counts = {
+        "train_tokens": sp["train"]["tokens"], "train_docs": sp["train"]["docs"], "train_shards": len(sp["train"]["shards"]),
+        "val_tokens": sp["val"]["tokens"], "val_docs": sp["val"]["docs"], "val_shards": len(sp["val"]["shards"]),
+        "tokens": tokens, "docs": sp["train"]["docs"] + sp["val"]["docs"], "bytes": nbytes,
+        "bytes_per_token": round(nbytes / tokens, 4) if tokens else None,
+        "empty_docs_skipped": meta["empty_docs_skipped"],
+    }
+    return {"counts": counts, "dtype": meta["dtype"], "vocab_size": meta["vocab_size"], "bos_id": meta["bos_id"]}
