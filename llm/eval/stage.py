@@ -1,0 +1,243 @@
+"""The "eval" stage: CORE, bits-per-byte and sample completions for one checkpoint.
+
+Inputs (roles): ``model`` a training stage output (or anything :func:`llm.checkpoint.load_model`
+accepts), ``tokenizer`` the tokenizer stage output, ``tokens`` the tokenize stage output (its
+``val`` split is used for bits-per-byte; without it bpb is reported as not run).
+
+Outputs: ``core.json`` (``{"core", "label", "n_tasks", "tasks": {label: {accuracy, centered, n,
+...}}, "missing": [...], "references": ...}``), ``core.csv``, ``bpb.json``, ``samples.json``.
+Metrics go to MLflow (one per task plus CORE and bpb).
+
+With ``eval.nproc`` > 1 (or "auto" on a multi-GPU box) the work runs under ``torchrun``:
+``python -m llm.eval.stage SPEC.json`` on every rank, examples strided across ranks, rank 0
+writing the results. Otherwise it runs in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import KilnConfig, config_from_json
+from ..stage import StageError, StageOutput
+from ..storage import Store
+
+RESULT_FILES = ("core.json", "core.csv", "bpb.json", "samples.json")
+
+
+def key_config(cfg: KilnConfig) -> dict[str, Any]:
+    """What the output depends on: the eval section minus knobs that cannot change results.
+
+    ``nproc`` only changes speed (results are rank-count independent); ``stages`` says which
+    checkpoints a pipeline evaluates, not how one is evaluated.
+    """
+    section = cfg.section("eval")
+    for k in ("nproc", "stages"):
+        section.pop(k, None)
+    return {"eval": section, "seed": cfg.run.seed}
+
+
+def _device(cfg: KilnConfig) -> str:
+    import torch
+
+    if cfg.eval.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.eval.device == "cuda" and not torch.cuda.is_available():
+        raise StageError("eval.device=cuda but no CUDA device is visible")
+    return cfg.eval.device
+
+
+def _nproc(cfg: KilnConfig, device: str) -> int:
+    if cfg.eval.nproc != "auto":
+        return int(cfg.eval.nproc)
+    if device == "cuda":
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 1
+
+
+# --------------------------------------------------------------------------- the work (every rank)
+
+
+def samples(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
+    """Greedy completions of fixed prompts: the same text every time for the same checkpoint."""
+    out = []
+    for p in prompts:
+        ids = [tokenizer.bos_id, *tokenizer.encode(p)]
+        gen = list(model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0))
+        out.append({"prompt": p, "completion": tokenizer.decode(gen)})
+    return out
+
+
+def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = False) -> dict[str, Any] | None:
+    """Run CORE, bpb and samples; rank 0 writes RESULT_FILES into ``outdir`` and returns a summary."""
+    import torch
+    import torch.distributed as dist
+
+    from ..checkpoint import load_model
+    from ..sources import resolve_source
+    from ..tokenizer import load_tokenizer
+    from .bpb import evaluate_bpb, val_tokens
+    from .bundle import load_bundle
+    from .core import comparison_table, core_csv, evaluate_core, model_scorer
+
+    cfg = config_from_json(spec["config"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = spec["device"]
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    log = (lambda msg: print(f"[eval] {msg}", flush=True)) if rank == 0 and progress else None
+
+    model, meta = load_model(spec["model"], device=device, endpoint_url=cfg.run.s3_endpoint)
+    tokenizer = load_tokenizer(spec["tokenizer"])
+    if getattr(tokenizer, "vocab_size", model.config.vocab_size) > model.config.vocab_size:
+        raise StageError(f"tokenizer {spec['tokenizer']} has vocab {tokenizer.vocab_size}, larger than the "
+                         f"model's {model.config.vocab_size}: they do not belong together")
+    max_seq_len = cfg.eval.max_seq_len or int(getattr(model, "rope_cos", None).shape[0]
+                                              if hasattr(model, "rope_cos") else model.config.seq_len)
+
+    # ---- CORE
+    bundle_src = resolve_source(cfg.eval.bundle, "core_eval", cfg.run.data_mirror)
+    bundle = load_bundle(bundle_src, sha256=cfg.eval.bundle_sha256, s3_endpoint=cfg.run.s3_endpoint)
+    if log and bundle.missing:
+        log(f"{bundle.label}: excluded " + "; ".join(f"{m.label} ({m.reason})" for m in bundle.missing))
+    core = evaluate_core(model_scorer(model, device), tokenizer, bundle, max_per_task=cfg.eval.max_per_task,
+                         batch_tokens=cfg.eval.batch_tokens, max_seq_len=max_seq_len, device=device,
+                         progress=progress, log=log)
+
+    # ---- bits per byte
+    bpb: dict[str, Any]
+    if spec.get("tokens"):
+        from ..data.shards import open_split
+
+        toks = val_tokens(open_split(spec["tokens"], "val"), cfg.eval.bpb_tokens + 1)
+        seq_len = min(model.config.seq_len, max(1, len(toks) - 1))
+        bpb = evaluate_bpb(model, toks, tokenizer.token_bytes, seq_len=seq_len,
+                           batch_size=max(1, cfg.eval.batch_tokens // seq_len), device=device, progress=progress)
+        bpb["split"] = "val"
+    else:
+        bpb = {"bpb": None, "skipped": "no tokens input (tokenize stage output) given"}
+
+    if rank != 0:
+        return None
+    # ---- samples (rank 0 only: cheap and identical everywhere)
+    smp = samples(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_max_tokens)
+
+    result = core.to_json()
+    result["bundle"] = bundle_src
+    result["references"] = {m: {"core_22": bundle.reference_core.get(m)} for m in bundle.references}
+    result["comparison"] = comparison_table(core, bundle)
+    result["checkpoint"] = {"uri": spec["model"], "step": meta.get("step"), "tokens": meta.get("tokens")}
+    result["device"] = device
+    outdir.mkdir(parents=True, exist_ok=True)
+    _write(outdir / "core.json", json.dumps(result, indent=2))
+    _write(outdir / "core.csv", core_csv(core))
+    _write(outdir / "bpb.json", json.dumps(bpb, indent=2))
+    _write(outdir / "samples.json", json.dumps(smp, indent=2, ensure_ascii=False))
+    return {"core": result, "bpb": bpb, "samples": smp}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: dict[str, Any], outdir: Path) -> None:
+    """Per-task centered/accuracy, CORE and bpb; never fails the stage (logging is best effort)."""
+    try:
+        from ..tracking import start_tracker
+    except ImportError:  # pragma: no cover - tracking is part of the package
+        return
+    tracker = start_tracker(tracking_uri_=cfg.run.mlflow_tracking_uri, experiment=cfg.run.mlflow_experiment,
+                            run_name=f"eval-{model_stage}", tags={"kiln.stage": "eval", "kiln.model_stage": model_stage})
+    try:
+        metrics: dict[str, float | None] = {"core": core["core"], "bpb": bpb.get("bpb")}
+        for label, t in core["tasks"].items():
+            metrics[f"core/{label}"] = t["centered"]
+            metrics[f"core_acc/{label}"] = t["accuracy"]
+        tracker.log_metrics(metrics)
+        tracker.set_tags({"core_label": core["label"], "core_missing": ",".join(core["missing"]) or "none"})
+        for name in RESULT_FILES:
+            if (outdir / name).exists():
+                tracker.log_artifact(outdir / name, "eval")
+        tracker.end()
+    except Exception as e:  # noqa: BLE001
+        print(f"[eval] MLflow logging failed, results are still on disk: {e}", file=sys.stderr)
+
+
+def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
+    if "model" not in inputs:
+        raise StageError("eval needs a 'model' input (a training stage output or checkpoint)")
+    if "tokenizer" not in inputs:
+        raise StageError("eval needs a 'tokenizer' input (the tokenizer stage output)")
+    device = _device(cfg)
+    nproc = _nproc(cfg, device)
+    spec = {
+        "config": cfg.model_dump_json(),
+        "model": inputs["model"]["uri"],
+        "tokenizer": inputs["tokenizer"]["uri"],
+        "tokens": inputs["tokens"]["uri"] if "tokens" in inputs else None,
+        "device": device,
+    }
+    model_stage = inputs["model"].get("stage", "model")
+    t0 = time.time()
+    if nproc <= 1:
+        evaluate_checkpoint(spec, out.workdir, progress=progress)
+    else:
+        spec_path = out.path("_spec.json.tmp")  # .tmp: scratch, not published
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "llm.eval.stage", str(spec_path), str(out.workdir)] + (["--progress"] if progress else [])
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+        spec_path.unlink(missing_ok=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"eval under torchrun ({nproc} ranks) failed with exit code {proc.returncode}")
+    core = json.loads((out.workdir / "core.json").read_text())
+    bpb = json.loads((out.workdir / "bpb.json").read_text())
+    _log_mlflow(cfg, model_stage, core, bpb, out.workdir)
+    return {
+        "counts": {
+            "core": core["core"],
+            "n_tasks": core["n_tasks"],
+            "examples": core["examples"],
+            "examples_per_s": core["examples_per_s"],
+            "bpb": bpb.get("bpb"),
+            "ranks": nproc,
+            "wall_s": round(time.time() - t0, 3),
+        },
+        "core_label": core["label"],
+        "missing_tasks": core["missing"],
+        "model_stage": model_stage,
+    }
+
+
+def _main(argv: list[str]) -> int:
+    """torchrun entry point: ``python -m llm.eval.stage SPEC.json OUTDIR [--progress]``."""
+    import torch
+    import torch.distributed as dist
+
+    spec = json.loads(Path(argv[0]).read_text())
+    backend = "nccl" if spec["device"] == "cuda" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    try:
+        evaluate_checkpoint(spec, Path(argv[1]), progress="--progress" in argv)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
