@@ -372,7 +372,11 @@ def _attempt(fn: Callable[[], Any], *, attempts: int, backoff_s: float, what: st
                         raise _Cancelled(what) from exc
                 else:
                     time.sleep(delay)
-    raise DownloadError(f"{what}: failed after {attempts} attempts: {type(last).__name__}: {last}") from last
+    detail = str(last)
+    if detail.startswith(f"{what}: "):
+        detail = detail[len(what) + 2 :]
+    kind = "" if isinstance(last, _Retryable) else f"{type(last).__name__}: "
+    raise DownloadError(f"{what}: failed after {attempts} attempts: {kind}{detail}") from last
 
 
 class _Fetcher:

@@ -1,0 +1,259 @@
+"""A local stand-in for the Hugging Face hub's dataset URLs, with fault injection (a test helper).
+
+It serves a directory as the dataset repo ``<owner>/<name>`` at one revision, on 127.0.0.1 and a
+random port, in the URL layout ``huggingface_hub`` and Kiln's downloader use:
+
+  GET  /api/datasets/<owner>/<name>/tree/<revision>[/<path>][?recursive=true]   JSON entries
+       (``type``, ``path``, ``size``, ``oid`` and, for ``*.parquet``, ``lfs: {oid: sha256, size}``),
+       paginated with a ``Link: <...>; rel="next"`` header past ``page_size`` entries
+  GET|HEAD /datasets/<owner>/<name>/resolve/<revision>/<path>   the file, with Content-Length
+       (and ``Range: bytes=a-b`` support)
+
+Faults (``server.add_fault(...)``) apply to requests whose URL path matches a glob, for the first
+``times`` matching requests (None = always):
+  * ``"truncate"``: Content-Length says the full size, the body stops at ``fraction`` of it and the
+    connection closes;
+  * ``"status"``: an HTTP error (``status``, default 503) instead of the file;
+  * ``"stall"``: headers are sent, then nothing for ``seconds`` (longer than the client timeout);
+  * ``"empty"``: ``Content-Length: 0`` and no body (a zero-byte file where the tree lists more).
+With ``token`` set, any request without ``Authorization: Bearer <token>`` gets 401.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+
+@dataclass
+class Fault:
+    kind: str  # truncate | status | stall | empty
+    match: str = "*"  # glob on the URL path
+    times: int | None = 1  # how many matching requests it hits; None = every one
+    status: int = 503
+    fraction: float = 0.5
+    seconds: float = 5.0
+    hits: int = 0
+
+
+@dataclass
+class HubServer:
+    root: Path
+    repo: str = "kiln-test/pretrain"
+    revision: str = "main"
+    token: str | None = None
+    page_size: int = 1000
+    faults: list[Fault] = field(default_factory=list)
+    log: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, status)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self._lock = threading.Lock()
+        self._digests: dict[str, tuple[str, str]] = {}
+        self._httpd: ThreadingHTTPServer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "HubServer":
+        server = self
+
+        class Handler(_Handler):
+            hub = server
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True  # a stalled response must not block shutdown
+        threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> "HubServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def source(self, glob: str) -> str:
+        """The hf:// URI for ``glob`` in this repo."""
+        return f"hf://datasets/{self.repo}@{quote(self.revision, safe='')}/{glob}"
+
+    # ------------------------------------------------------------------ faults and bookkeeping
+    def add_fault(self, kind: str, match: str = "*", times: int | None = 1, **kw: float) -> Fault:
+        fault = Fault(kind=kind, match=match, times=times, **kw)  # type: ignore[arg-type]
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def take_fault(self, path: str) -> Fault | None:
+        with self._lock:
+            for f in self.faults:
+                if fnmatch.fnmatch(path, f.match) and (f.times is None or f.hits < f.times):
+                    f.hits += 1
+                    return f
+        return None
+
+    def record(self, method: str, path: str, status: int) -> None:
+        with self._lock:
+            self.log.append((method, path, status))
+
+    def requests_for(self, suffix: str, method: str = "GET") -> list[int]:
+        """Statuses of the requests whose path ends with ``suffix``."""
+        with self._lock:
+            return [s for m, p, s in self.log if m == method and p.endswith(suffix)]
+
+    def digests(self, rel: str) -> tuple[str, str]:
+        """(git-style sha1, sha256) of a file, cached."""
+        if rel not in self._digests:
+            data = (self.root / rel).read_bytes()
+            sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            self._digests[rel] = (sha1, hashlib.sha256(data).hexdigest())
+        return self._digests[rel]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: HubServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+    # ------------------------------------------------------------------ helpers
+    def _send(self, status: int, body: bytes = b"", ctype: str = "application/json", headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+        self.hub.record(self.command, urlsplit(self.path).path, status)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, json.dumps({"error": message}).encode())
+
+    def _authorized(self) -> bool:
+        if self.hub.token is None:
+            return True
+        return self.headers.get("Authorization") == f"Bearer {self.hub.token}"
+
+    # ------------------------------------------------------------------ routes
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+    def do_GET(self) -> None:  # noqa: N802
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        try:
+            if not self._authorized():
+                return self._error(401, "Invalid credentials in Authorization header")
+            fault = self.hub.take_fault(path)
+            if fault is not None and fault.kind == "status":
+                return self._error(fault.status, "injected failure")
+            tree = f"/api/datasets/{self.hub.repo}/tree/"
+            resolve = f"/datasets/{self.hub.repo}/resolve/"
+            if path.startswith(tree):
+                return self._tree(path[len(tree):], parse_qs(url.query))
+            if path.startswith(resolve):
+                return self._resolve(path[len(resolve):], fault)
+            return self._error(404, "Repository not found")
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
+            self.close_connection = True
+
+    def _split_revision(self, rest: str) -> tuple[str, str] | None:
+        rev = self.hub.revision
+        if rest == rev or rest.startswith(rev + "/"):
+            return rev, rest[len(rev):].strip("/")
+        return None
+
+    def _tree(self, rest: str, query: dict[str, list[str]]) -> None:
+        split = self._split_revision(rest)
+        if split is None:
+            return self._error(404, "Revision not found")
+        _, sub = split
+        base = self.hub.root / sub if sub else self.hub.root
+        if not base.is_dir():
+            return self._error(404, f"{sub} does not exist on {self.hub.revision}")
+        recursive = query.get("recursive", ["false"])[0].lower() == "true"
+        children = sorted(base.rglob("*") if recursive else base.iterdir())
+        entries = []
+        for p in children:
+            rel = p.relative_to(self.hub.root).as_posix()
+            if p.is_dir():
+                entries.append({"type": "directory", "oid": hashlib.sha1(rel.encode()).hexdigest(), "size": 0, "path": rel})
+                continue
+            sha1, sha256 = self.hub.digests(rel)
+            entry = {"type": "file", "oid": sha1, "size": p.stat().st_size, "path": rel}
+            if rel.endswith(".parquet"):  # the hub stores binary files in LFS and lists their sha256
+                entry["lfs"] = {"oid": sha256, "size": p.stat().st_size, "pointerSize": 134}
+            entries.append(entry)
+        start = int(query.get("cursor", ["0"])[0])
+        page = entries[start : start + self.hub.page_size]
+        headers = {}
+        if start + self.hub.page_size < len(entries):
+            nxt = f"{self.hub.url}{urlsplit(self.path).path}?recursive={str(recursive).lower()}&cursor={start + self.hub.page_size}"
+            headers["Link"] = f'<{nxt}>; rel="next"'
+        self._send(200, json.dumps(page).encode(), headers=headers)
+
+    def _resolve(self, rest: str, fault: Fault | None) -> None:
+        split = self._split_revision(rest)
+        if split is None:
+            return self._error(404, "Revision not found")
+        _, rel = split
+        p = self.hub.root / rel
+        if not rel or not p.is_file():
+            return self._error(404, "Entry not found")
+        data = p.read_bytes()
+        status, start, end = 200, 0, len(data)
+        rng = self.headers.get("Range")
+        if rng and rng.startswith("bytes="):
+            a, _, b = rng[len("bytes="):].partition("-")
+            start = int(a) if a else max(0, len(data) - int(b))
+            end = min(len(data), int(b) + 1) if a and b else len(data)
+            status = 206
+        body = data[start:end]
+        sha1, sha256 = self.hub.digests(rel)
+        headers = {"ETag": f'"{sha256 if rel.endswith(".parquet") else sha1}"', "X-Repo-Commit": "0" * 40,
+                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if fault is not None and fault.kind == "empty":
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.hub.record(self.command, urlsplit(self.path).path, status)
+            return
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.hub.record(self.command, urlsplit(self.path).path, status)
+        if self.command == "HEAD":
+            return
+        if fault is not None and fault.kind == "truncate":
+            self.wfile.write(body[: int(len(body) * fault.fraction)])
+            self.wfile.flush()
+            self.close_connection = True  # the rest never comes
+            return
+        if fault is not None and fault.kind == "stall":
+            self.wfile.write(body[: min(len(body), 64 * 1024)])
+            self.wfile.flush()
+            time.sleep(fault.seconds)
+            self.close_connection = True
+            return
+        self.wfile.write(body)

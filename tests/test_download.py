@@ -1,0 +1,324 @@
+"""The download stage against a local hub server (with injected faults), local files and S3."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hub_server import HubServer
+from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
+
+from llm.config import load_config
+from llm.data.download import DownloadError, fetch_files, glob_regex, list_files, verify_parquet
+from llm.stage import MANIFEST, StageError, verify_output
+from llm.stages import execute
+from llm.storage import Store
+
+TOKEN = "hf_test_token"
+FAST = {"download.retries": 3, "download.backoff_s": 0.05, "download.timeout_s": 1.0}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def hub(shared_data: Path, monkeypatch: pytest.MonkeyPatch):
+    """The offline kit's pretrain shards served in the hub layout; hub sources are not mirrored."""
+    monkeypatch.delenv("KILN_DATA_MIRROR", raising=False)
+    with HubServer(shared_data / "pretrain", repo="kiln-test/fineweb", token=TOKEN) as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server
+
+
+def config(root: Path, source: str, **overrides):
+    return load_config("tiny", {"run.artifact_root": str(root), "download.source": source, **FAST, **overrides})
+
+
+def run_download(cfg):
+    return execute("download", cfg, {}, progress=False)
+
+
+def no_manifest_under(root: Path) -> bool:
+    return not list(root.rglob(MANIFEST))
+
+
+def write_parquet(path: Path, table: pa.Table, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, **kw)
+    return path
+
+
+# --------------------------------------------------------------------------- hub: happy path and faults
+
+
+def test_hub_download_happy_path(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+    res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 2}))
+    m = res.manifest
+    assert not res.cached
+    assert m["counts"]["files"] == 2 and m["counts"]["rows"] == 2885 * 2
+    assert m["counts"]["bytes"] == sum((shared_data / "pretrain" / f"shard_0000{i}.parquet").stat().st_size for i in (0, 1))
+    assert m["source"] == hub.source("*.parquet")
+    assert set(m["files"]) == {"data/shard_00000.parquet", "data/shard_00001.parquet"}
+    assert m["shards"]["shard_00001.parquet"]["rows"] == 2885
+    assert m["shards"]["shard_00001.parquet"]["source"].endswith("@main/shard_00001.parquet")
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):  # the hub's bytes, unchanged
+        assert sha256(Path(res.uri) / "data" / name) == sha256(shared_data / "pretrain" / name)
+    assert hub.requests_for("/tree/main")  # listed through the tree API
+    assert hub.requests_for("/resolve/main/shard_00002.parquet") == []  # max_files respected
+    assert not (Path(res.uri) / "_raw").exists()
+
+    again = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 2}))
+    assert again.cached and again.uri == res.uri
+
+
+def test_hub_requires_token_and_names_the_problem(hub: HubServer, artifact_root: Path, monkeypatch) -> None:
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(StageError, match="HTTP 401.*HF_TOKEN"):
+        run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
+    assert no_manifest_under(artifact_root)
+
+
+def test_unknown_revision_is_an_immediate_error(hub: HubServer, artifact_root: Path) -> None:
+    src = f"hf://datasets/{hub.repo}@nope/*.parquet"
+    with pytest.raises(StageError, match="HTTP 404"):
+        run_download(config(artifact_root, src, **{"download.max_files": 1}))
+    assert len(hub.requests_for("/tree/nope")) == 1  # not retried
+
+
+def test_truncated_body_is_retried(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+    hub.add_fault("truncate", match="*/shard_00000.parquet", times=2, fraction=0.3)
+    res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
+    assert hub.requests_for("/resolve/main/shard_00000.parquet") == [200, 200, 200]
+    assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(shared_data / "pretrain/shard_00000.parquet")
+
+
+def test_zero_byte_body_is_retried(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    hub.add_fault("empty", match="*/shard_00001.parquet", times=1)
+    got = fetch_files(hub.source("shard_00001.parquet"), tmp_path / "dl", retries=2, backoff_s=0.01, timeout_s=2)
+    assert len(hub.requests_for("/resolve/main/shard_00001.parquet")) == 2
+    assert got[0].rows == 2885 and sha256(got[0].path) == sha256(shared_data / "pretrain/shard_00001.parquet")
+
+
+def test_persistent_truncation_fails_and_publishes_nothing(hub: HubServer, artifact_root: Path) -> None:
+    hub.add_fault("truncate", match="*/shard_00001.parquet", times=None)
+    with pytest.raises(StageError) as err:
+        run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 2}))
+    msg = str(err.value)
+    assert "shard_00001.parquet" in msg and "4 attempts" in msg
+    assert len(hub.requests_for("/resolve/main/shard_00001.parquet")) == 4  # 1 + retries
+    assert no_manifest_under(artifact_root)
+    # the truncated bytes never appear under the file's real name
+    assert not list(artifact_root.rglob("shard_00001.parquet"))
+    assert not list(artifact_root.rglob("*.tmp"))
+
+
+def test_server_errors_are_retried(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+    hub.add_fault("status", match="*/tree/*", times=1, status=502)
+    hub.add_fault("status", match="*/shard_00000.parquet", times=2, status=503)
+    res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
+    assert hub.requests_for("/resolve/main/shard_00000.parquet") == [503, 503, 200]
+    assert hub.requests_for("/tree/main") == [502, 200]
+    assert res.manifest["counts"]["rows"] == 2885
+
+
+def test_stall_times_out_and_is_retried(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+    hub.add_fault("stall", match="*/shard_00000.parquet", times=1, seconds=4)
+    t0 = time.monotonic()
+    res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
+    assert time.monotonic() - t0 < 3.5  # gave up on the stall after ~timeout_s, did not wait it out
+    assert len(hub.requests_for("/resolve/main/shard_00000.parquet")) == 2
+    assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(shared_data / "pretrain/shard_00000.parquet")
+
+
+def test_paginated_tree_listing(hub: HubServer) -> None:
+    hub.page_size = 2
+    files = list_files(hub.source("*.parquet"))
+    assert [f.rel for f in files] == [f"shard_0000{i}.parquet" for i in range(4)]
+    assert all(f.sha256 and f.size for f in files)
+    assert len(hub.requests_for("/tree/main")) == 3  # README + 4 shards, 2 per page
+
+
+# --------------------------------------------------------------------------- resume and budgets
+
+
+def test_resume_skips_verified_files(hub: HubServer, artifact_root: Path) -> None:
+    # First run: shard 0 arrives, shard 1 keeps failing, so the stage fails (sequentially, one worker).
+    fault = hub.add_fault("status", match="*/shard_00001.parquet", times=None, status=500)
+    cfg = config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 2, "download.workers": 1,
+                                                             "download.retries": 1})
+    with pytest.raises(StageError, match="shard_00001.parquet"):
+        run_download(cfg)
+    assert no_manifest_under(artifact_root)
+    fault.times = 0  # the hub recovers
+    res = run_download(cfg)
+    assert len(hub.requests_for("/resolve/main/shard_00000.parquet")) == 1  # not fetched again
+    assert res.manifest["counts"]["resumed_files"] == 1 and res.manifest["counts"]["files"] == 2
+    assert res.manifest["shards"]["shard_00000.parquet"]["resumed"] is True
+
+
+def test_resume_refetches_a_corrupt_leftover(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    dest = tmp_path / "dl"
+    first = fetch_files(hub.source("*.parquet"), dest, max_files=2, workers=2)
+    assert [f.resumed for f in first] == [False, False]
+    # a later run finds one file whole and one cut short (e.g. a copy interrupted by hand)
+    good = shared_data / "pretrain/shard_00001.parquet"
+    (dest / "shard_00001.parquet").write_bytes(good.read_bytes()[: 1000])
+    second = fetch_files(hub.source("*.parquet"), dest, max_files=2, workers=2)
+    assert [f.resumed for f in second] == [True, False]
+    assert len(hub.requests_for("/resolve/main/shard_00000.parquet")) == 1
+    assert len(hub.requests_for("/resolve/main/shard_00001.parquet")) == 2
+    assert sha256(dest / "shard_00001.parquet") == sha256(good)
+
+
+def test_max_rows_budget_is_exact(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+    cfg = config(artifact_root, hub.source("*.parquet"), **{"download.max_files": None, "download.max_rows": 3000,
+                                                             "download.workers": 1})
+    res = run_download(cfg)
+    assert res.manifest["counts"]["rows"] == 3000 and res.manifest["counts"]["files"] == 2
+    assert hub.requests_for("/resolve/main/shard_00002.parquet") == []  # stopped at the budget
+    cut = pq.read_table(Path(res.uri) / "data/shard_00001.parquet")
+    original = pq.read_table(shared_data / "pretrain/shard_00001.parquet")
+    assert cut.num_rows == 115
+    assert cut.schema == original.schema
+    assert cut.column("id").to_pylist() == original.column("id").to_pylist()[:115]
+    assert res.manifest["shards"]["shard_00001.parquet"]["source_rows"] == 2885
+    assert verify_parquet(Path(res.uri) / "data/shard_00001.parquet") == 115
+
+
+def test_max_rows_within_the_first_file(shared_data: Path, artifact_root: Path) -> None:
+    res = run_download(config(artifact_root, str(shared_data / "pretrain/*.parquet"),
+                              **{"download.max_files": None, "download.max_rows": 10}))
+    assert res.manifest["counts"] == {**res.manifest["counts"], "files": 1, "rows": 10}
+
+
+# --------------------------------------------------------------------------- local and S3 sources
+
+
+def test_local_glob_and_directory_sources(shared_data: Path, artifact_root: Path, monkeypatch) -> None:
+    monkeypatch.delenv("KILN_DATA_MIRROR")
+    res = run_download(config(artifact_root, str(shared_data / "pretrain/*.parquet"), **{"download.max_files": 1}))
+    assert res.manifest["counts"]["files"] == 1
+    assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(shared_data / "pretrain/shard_00000.parquet")
+    # a bare directory means its parquet files (the README next to them is not a shard)
+    res2 = run_download(config(artifact_root, str(shared_data / "pretrain"), **{"download.max_files": 1}))
+    assert res2.uri != res.uri and set(res2.manifest["files"]) == {"data/shard_00000.parquet"}
+
+
+def test_mirror_replaces_hub_source(shared_data: Path, artifact_root: Path) -> None:
+    # KILN_DATA_MIRROR is set by conftest: the default hub source reads the offline kit instead.
+    cfg = load_config("tiny", {"run.artifact_root": str(artifact_root), "download.max_files": 1})
+    res = run_download(cfg)
+    assert res.manifest["resolved_source"].startswith(str(shared_data.resolve()))
+    assert res.manifest["counts"]["rows"] == 2885
+
+
+def test_s3_source(s3_bucket: S3Bucket, shared_data: Path, artifact_root: Path) -> None:
+    client = s3_bucket.client()
+    src = shared_data / "pretrain/shard_00003.parquet"
+    client.upload_file(str(src), s3_bucket.name, "corpus/part/shard_00003.parquet")
+    client.put_object(Bucket=s3_bucket.name, Key="corpus/part/notes.txt", Body=b"not a shard")
+    res = run_download(config(artifact_root, f"s3://{s3_bucket.name}/corpus/part/*.parquet"))
+    assert res.manifest["counts"] == {**res.manifest["counts"], "files": 1, "rows": 2883}
+    assert sha256(Path(res.uri) / "data/shard_00003.parquet") == sha256(src)
+
+
+def test_s3_artifact_root(s3_bucket: S3Bucket, shared_data: Path) -> None:
+    root = f"s3://{s3_bucket.name}/artifacts"
+    cfg = config(Path("unused"), str(shared_data / "pretrain/*.parquet"),
+                 **{"run.artifact_root": root, "download.max_rows": 50})
+    res = run_download(cfg)
+    assert res.uri.startswith(root)
+    store = Store(root)
+    assert verify_output(store, res.uri) is not None
+    local = store.cache_path(res.uri + "/data/shard_00000.parquet")
+    assert pq.read_metadata(local).num_rows == 50
+    assert run_download(cfg).cached
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_shard_without_text_column(tmp_path: Path, artifact_root: Path) -> None:
+    write_parquet(tmp_path / "src/a.parquet", pa.table({"content": ["hello"], "id": ["1"]}))
+    with pytest.raises(StageError, match=r"a\.parquet: no 'text' column \(columns: content, id\)"):
+        run_download(config(artifact_root, str(tmp_path / "src/*.parquet")))
+    assert no_manifest_under(artifact_root)
+    # naming the column makes it the output's `text`
+    res = run_download(config(artifact_root, str(tmp_path / "src/*.parquet"), **{"download.text_column": "content"}))
+    out = pq.read_table(Path(res.uri) / "data/a.parquet")
+    assert out.column("text").to_pylist() == ["hello"] and "content" not in out.column_names
+
+
+def test_empty_shard(tmp_path: Path, artifact_root: Path) -> None:
+    write_parquet(tmp_path / "src/a.parquet", pa.table({"text": ["x"], "id": ["1"]}))
+    write_parquet(tmp_path / "src/b.parquet", pa.table({"text": pa.array([], pa.string()), "id": pa.array([], pa.string())}))
+    with pytest.raises(StageError, match=r"b\.parquet: empty shard"):
+        run_download(config(artifact_root, str(tmp_path / "src/*.parquet")))
+    assert no_manifest_under(artifact_root)
+
+
+def test_zero_byte_and_non_parquet_files(tmp_path: Path, artifact_root: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/a.parquet").write_bytes(b"")
+    with pytest.raises(StageError, match=r"a\.parquet: zero-byte file"):
+        run_download(config(artifact_root, str(tmp_path / "src/*.parquet")))
+    (tmp_path / "src/a.parquet").write_bytes(b"PAR1" + b"\0" * 100)
+    with pytest.raises(StageError, match=r"a\.parquet: not a parquet file or truncated"):
+        run_download(config(artifact_root, str(tmp_path / "src/*.parquet")))
+    assert no_manifest_under(artifact_root)
+
+
+def test_non_utf8_text_names_the_row(tmp_path: Path, artifact_root: Path) -> None:
+    texts = pa.array([b"fine", b"also fine", b"bad \xff\xfe bytes"], pa.binary())
+    write_parquet(tmp_path / "src/a.parquet", pa.table({"text": texts, "id": ["1", "2", "3"]}))
+    with pytest.raises(StageError, match=r"a\.parquet: row 2: text is not valid UTF-8"):
+        run_download(config(artifact_root, str(tmp_path / "src/*.parquet")))
+
+
+def test_missing_id_column_is_added(tmp_path: Path, artifact_root: Path) -> None:
+    write_parquet(tmp_path / "src/sub/a.parquet", pa.table({"text": ["one", "two", "three"]}), row_group_size=2)
+    res = run_download(config(artifact_root, str(tmp_path / "src/**/*.parquet")))
+    out = pq.read_table(Path(res.uri) / "data/sub__a.parquet")
+    assert out.column("id").to_pylist() == ["sub__a.parquet:0", "sub__a.parquet:1", "sub__a.parquet:2"]
+    assert out.column("text").to_pylist() == ["one", "two", "three"]
+
+
+def test_no_matching_files(tmp_path: Path, artifact_root: Path) -> None:
+    with pytest.raises(StageError, match="no parquet files match"):
+        run_download(config(artifact_root, str(tmp_path / "nothing/*.parquet")))
+
+
+def test_glob_semantics() -> None:
+    rx = glob_regex("sample/*/0?_*.parquet")
+    assert rx.match("sample/10BT/01_a.parquet") and not rx.match("sample/10BT/x/01_a.parquet")
+    assert glob_regex("**/*.parquet").match("a.parquet") and glob_regex("**/*.parquet").match("a/b/c.parquet")
+    assert glob_regex("[!x]*.json").match("a.json") and not glob_regex("[!x]*.json").match("x.json")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_kiln_download_cli_against_the_hub(hub: HubServer, artifact_root: Path, capsys) -> None:
+    from llm.cli import main
+
+    rc = main(["download", "--output", str(artifact_root), "--quiet", "--set", f"download.source={hub.source('*.parquet')}",
+               "--set", "download.max_files=1", "--set", "download.max_rows=100"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "download" in out and "computed" in out and "rows=100" in out
+    assert len(list(artifact_root.glob(f"download/*/{MANIFEST}"))) == 1
+
+
+def test_kiln_download_cli_reports_bad_input(tmp_path: Path, artifact_root: Path, capsys) -> None:
+    from llm.cli import main
+
+    write_parquet(tmp_path / "src/a.parquet", pa.table({"body": ["x"]}))
+    rc = main(["download", "--output", str(artifact_root), "--quiet", "--set", f"download.source={tmp_path}/src/*.parquet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "a.parquet: no 'text' column" in err
