@@ -1,0 +1,480 @@
+"""The dedup stage: exact dedup on normalised text, then MinHash LSH near-dedup.
+
+Input role ``docs``: a data stage output with ``data/*.parquet`` (a ``text`` column; every other
+column is carried through untouched). Output: ``data/<same names>.parquet`` with the
+duplicates removed, and a manifest with counts and a sample of clusters.
+
+The work is shaped to scale out, in four phases:
+
+1. **Signatures** (parallel, one task per shard, ``cfg.dedup.workers`` processes). A worker
+   streams its shard one row group at a time: normalise, exact key, word 5-gram shingles,
+   datasketch MinHash (xxh32, 112 permutations, fixed seed), 14 band keys. It writes its
+   signatures (``sig/<shard>.parquet``) and, per band, a bucket table
+   (``bands/band_BB/part_PPP/<shard>.parquet``: bucket key, doc id). Its memory is one row
+   group plus parquet writer buffers, whatever the shard or corpus size.
+2. **Exact dedup**: documents with the same exact key are one group; all but the smallest id
+   are exact duplicates. They are left out of the near-dup step (their signatures are
+   identical to their keeper's, so this changes no cluster, only the work and the counts).
+3. **Clusters**: one band (and one bucket-hash partition of it) at a time, read the bucket
+   table of every shard, sort by bucket, and union every document in a bucket with the
+   bucket's smallest id. This is the only global step: it holds one (band, partition) table,
+   ``16 bytes x docs / band_partitions``, and a union-find over the documents that are in
+   some candidate pair (all duplicates, not the corpus).
+4. **Filtering** (parallel, one task per shard): stream each shard by row group and drop the
+   rows that are not their cluster's keeper.
+
+Document id = ``(shard index << 32) | row`` with shards in file-name order. **Keep rule**: in
+every cluster (exact or near) the document with the smallest (shard, row) id survives, so the
+result does not depend on the number of workers or on timing.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import KilnConfig
+from ..stage import StageError, StageOutput
+from ..storage import Store
+from .docs import list_doc_files, open_checked
+from .minhash import (
+    SCHEME,
+    Signer,
+    UnionFind,
+    band_keys,
+    collision_probability,
+    exact_key,
+    lsh_threshold,
+    normalize,
+    shingles,
+)
+
+NORMALISATION = (
+    "lowercase (str.lower); every run of characters that are not Unicode letters or digits "
+    "(punctuation, symbols, underscores, any whitespace) becomes one space; ends stripped"
+)
+KEEP_RULE = "in each cluster (exact or near) the document with the smallest (shard index, row) survives; shards in file-name order"
+SCRATCH = "_scratch"
+FIRST_LINE_CHARS = 160
+SAMPLE_MEMBERS = 5
+
+SIG_SCHEMA_FIELDS = ("doc_id", "exact", "words", "sig")
+BAND_SCHEMA = pa.schema([("bucket", pa.uint64()), ("doc_id", pa.uint64())])
+
+
+def key_config(cfg: KilnConfig) -> dict[str, Any]:
+    """The dedup output depends on everything in its section except how many processes ran it."""
+    section = cfg.section("dedup")
+    section.pop("workers", None)
+    return {"dedup": section}
+
+
+def doc_id(shard: int, row: int) -> int:
+    return (shard << 32) | row
+
+
+def split_id(did: int) -> tuple[int, int]:
+    return did >> 32, did & 0xFFFFFFFF
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- phase 1: signatures
+
+
+@dataclass(frozen=True)
+class SignTask:
+    shard: int
+    name: str  # e.g. data/shard_00000.parquet, for error messages
+    path: str
+    scratch: str
+    ngram: int
+    bands: int
+    rows: int
+    seed: int
+    partitions: int
+    batch_rows: int
+
+
+def _texts(batch: pa.RecordBatch, name: str, first_row: int) -> list[str]:
+    """The text column as Python strings; a null or non-UTF-8 value is an error naming its row."""
+    col = batch.column(batch.schema.get_field_index("text"))
+    try:
+        texts = col.to_pylist()
+    except Exception:  # noqa: BLE001 - pinpoint the bad row below
+        for j in range(len(col)):
+            try:
+                col[j].as_py()
+            except Exception as e:  # noqa: BLE001
+                raise StageError(f"{name}: row {first_row + j}: field 'text' is not valid UTF-8 ({e})") from None
+        raise
+    for j, t in enumerate(texts):
+        if t is None:
+            raise StageError(f"{name}: row {first_row + j}: field 'text' is null")
+    return texts
+
+
+def sign_shard(task: SignTask) -> dict[str, Any]:
+    """Phase 1 for one shard: stream row groups, write signatures and per-band bucket tables."""
+    t0 = time.time()
+    scratch = Path(task.scratch)
+    pf = open_checked(Path(task.path), task.name, columns=("text",))
+    signer = Signer(task.bands * task.rows, task.seed)
+    stem = f"{task.shard:05d}.parquet"
+    sig_path = scratch / "sig" / stem
+    sig_path.parent.mkdir(parents=True, exist_ok=True)
+    sig_schema = pa.schema([
+        ("doc_id", pa.uint64()), ("exact", pa.uint64()), ("words", pa.uint32()),
+        ("sig", pa.list_(pa.uint32(), task.bands * task.rows)),
+    ])
+    band_writers: dict[tuple[int, int], pq.ParquetWriter] = {}
+    for b in range(task.bands):
+        for p in range(task.partitions):
+            path = scratch / "bands" / f"band_{b:02d}" / f"part_{p:03d}" / stem
+            path.parent.mkdir(parents=True, exist_ok=True)
+            band_writers[(b, p)] = pq.ParquetWriter(path, BAND_SCHEMA, compression="none")
+    rows = 0
+    no_words = 0
+    with pq.ParquetWriter(sig_path, sig_schema, compression="none") as sig_writer:
+        for batch in pf.iter_batches(batch_size=task.batch_rows, columns=["text"]):
+            texts = _texts(batch, task.name, rows)
+            norms = [normalize(t) for t in texts]
+            shingle_lists = [shingles(n, task.ngram) for n in norms]
+            sigs = signer.sign(shingle_lists)
+            ids = np.arange(rows, rows + len(texts), dtype=np.uint64) | np.uint64(task.shard << 32)
+            words = np.array([n.count(b" ") + 1 if n else 0 for n in norms], dtype=np.uint32)
+            exact = np.array([exact_key(n) for n in norms], dtype=np.uint64)
+            sig_writer.write_batch(pa.record_batch([
+                pa.array(ids), pa.array(exact), pa.array(words),
+                pa.FixedSizeListArray.from_arrays(pa.array(sigs.reshape(-1)), task.bands * task.rows),
+            ], schema=sig_schema))
+            has_words = words > 0  # empty texts have no shingles: only exact dedup applies
+            no_words += int((~has_words).sum())
+            keys = band_keys(sigs[has_words], task.bands, task.rows)
+            kept_ids = ids[has_words]
+            part = (keys % np.uint64(task.partitions)).astype(np.int64) if task.partitions > 1 else None
+            for b in range(task.bands):
+                for p in range(task.partitions):
+                    sel = slice(None) if part is None else part[:, b] == p
+                    band_writers[(b, p)].write_batch(
+                        pa.record_batch([pa.array(keys[sel, b]), pa.array(kept_ids[sel])], schema=BAND_SCHEMA))
+            rows += len(texts)
+    for w in band_writers.values():
+        w.close()
+    if rows == 0:
+        raise StageError(f"{task.name}: empty shard (0 rows)")
+    return {"shard": task.shard, "rows": rows, "no_words": no_words, "seconds": time.time() - t0,
+            "peak_rss_mb": _peak_rss_mb()}
+
+
+# --------------------------------------------------------------------------- phase 2 + 3: clusters
+
+
+def _read_columns(paths: Sequence[Path], columns: list[str]) -> dict[str, np.ndarray]:
+    tables = [pq.read_table(p, columns=columns) for p in paths]
+    out = {}
+    for c in columns:
+        arrays = [t.column(c).to_numpy() for t in tables if t.num_rows]
+        out[c] = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.uint64)
+    return out
+
+
+def _same_key_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every group of equal keys: (group's smallest id, other member) pairs."""
+    if len(keys) < 2:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    order = np.lexsort((ids, keys))
+    k, d = keys[order], ids[order]
+    same = np.empty(len(k), dtype=bool)
+    same[0] = False
+    same[1:] = k[1:] == k[:-1]
+    starts = np.where(same, 0, np.arange(len(k)))
+    first = np.maximum.accumulate(starts)  # index of each row's group start
+    return d[first[same]], d[same]
+
+
+def exact_groups(sig_paths: Sequence[Path], uf: UnionFind) -> np.ndarray:
+    """Union exact duplicates with their keeper; return the sorted ids of the removed ones."""
+    cols = _read_columns(sig_paths, ["doc_id", "exact"])
+    keepers, dups = _same_key_pairs(cols["exact"], cols["doc_id"])
+    for a, b in zip(keepers.tolist(), dups.tolist()):
+        uf.union(a, b)
+    return np.unique(dups)
+
+
+def band_pairs(band_dir: Path, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs of one (band, partition) table, leaving out the ids in sorted ``skip``."""
+    cols = _read_columns(sorted(band_dir.glob("*.parquet")), ["bucket", "doc_id"])
+    buckets, ids = cols["bucket"], cols["doc_id"]
+    if len(skip) and len(ids):
+        pos = np.searchsorted(skip, ids)
+        pos[pos == len(skip)] = 0
+        keep = skip[pos] != ids
+        buckets, ids = buckets[keep], ids[keep]
+    return _same_key_pairs(buckets, ids)
+
+
+# --------------------------------------------------------------------------- phase 4: filter
+
+
+@dataclass(frozen=True)
+class FilterTask:
+    shard: int
+    name: str
+    path: str
+    dest: str
+    remove_rows: np.ndarray  # sorted row indices to drop
+    sample_rows: tuple[int, ...]  # rows whose first line goes into the manifest's cluster sample
+    row_group_rows: int
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().split("\n", 1)[0].strip()
+    return line[:FIRST_LINE_CHARS] + ("…" if len(line) > FIRST_LINE_CHARS else "")
+
+
+def filter_shard(task: FilterTask) -> dict[str, Any]:
+    """Phase 4 for one shard: stream row groups, keep the survivors, write a temp file and rename."""
+    t0 = time.time()
+    pf = open_checked(Path(task.path), task.name, columns=("text",))
+    dest = Path(task.dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    samples: dict[int, str] = {}
+    want = set(task.sample_rows)
+    writer: pq.ParquetWriter | None = None
+    buffer: list[pa.Table] = []
+    buffered = kept = row = 0
+
+    def flush() -> None:
+        nonlocal writer, buffer, buffered
+        if not buffered:
+            return
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd")
+        writer.write_table(pa.concat_tables(buffer), row_group_size=task.row_group_rows)
+        buffer, buffered = [], 0
+
+    try:
+        for batch in pf.iter_batches(batch_size=task.row_group_rows):
+            n = batch.num_rows
+            if want:
+                hit = [r for r in range(row, row + n) if r in want]
+                if hit:
+                    texts = batch.column(batch.schema.get_field_index("text"))
+                    for r in hit:
+                        samples[r] = _first_line(texts[r - row].as_py())
+            lo, hi = np.searchsorted(task.remove_rows, [row, row + n])
+            if hi > lo:
+                mask = np.ones(n, dtype=bool)
+                mask[task.remove_rows[lo:hi] - row] = False
+                batch = batch.filter(pa.array(mask))
+            if batch.num_rows:
+                buffer.append(pa.Table.from_batches([batch]))
+                buffered += batch.num_rows
+                kept += batch.num_rows
+            if buffered >= task.row_group_rows:
+                flush()
+            row += n
+        flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    if kept:
+        os.replace(tmp, dest)
+    else:  # every row was a duplicate of an earlier shard's: publish no empty shard
+        tmp.unlink(missing_ok=True)
+    return {"shard": task.shard, "rows": row, "kept": kept, "samples": samples,
+            "seconds": time.time() - t0, "peak_rss_mb": _peak_rss_mb()}
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _map(fn: Callable[[Any], dict[str, Any]], tasks: list[Any], pool: ProcessPoolExecutor | None, progress: bool,
+         desc: str) -> list[dict[str, Any]]:
+    """Run ``fn`` over ``tasks`` on ``pool`` (in-process when None); results in task order."""
+    from tqdm import tqdm
+
+    results: list[dict[str, Any] | None] = [None] * len(tasks)
+    with tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress) as bar:
+        if pool is None:
+            for i, t in enumerate(tasks):
+                results[i] = fn(t)
+                bar.update()
+        else:
+            futures = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                bar.update()
+    return results  # type: ignore[return-value]
+
+
+def _pool(workers: int, tasks: int) -> ProcessPoolExecutor | None:
+    """One process pool for both parallel phases, so interpreter start-up is paid once.
+
+    spawn, not fork: workers must not inherit the caller's threads (Prefect, MLflow) mid-lock.
+    """
+    if workers <= 1 or tasks <= 1:
+        return None
+    return ProcessPoolExecutor(max_workers=min(workers, tasks), mp_context=get_context("spawn"))
+
+
+def _input_files(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
+    if "docs" not in inputs:
+        raise StageError(f"dedup needs an input named 'docs' (got {sorted(inputs)})")
+    store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
+    files = list_doc_files(store, inputs["docs"]["uri"])
+    if len(files) >= 1 << 31:
+        raise StageError(f"dedup: {len(files)} input shards; at most 2^31 are supported")
+    for name, path in files:
+        pf = open_checked(path, name, columns=("text",))
+        if pf.metadata.num_rows == 0:
+            raise StageError(f"{name}: empty shard (0 rows)")
+        if pf.metadata.num_rows >= 1 << 32:
+            raise StageError(f"{name}: {pf.metadata.num_rows} rows; at most 2^32 per shard are supported")
+    return files
+
+
+def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
+    d = cfg.dedup
+    files = _input_files(cfg, inputs)
+    scratch = out.workdir / SCRATCH
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    # 1. signatures + per-band bucket tables, per shard in parallel
+    sign_tasks = [SignTask(i, name, str(path), str(scratch), d.ngram, d.num_bands, d.rows_per_band, d.seed,
+                           d.band_partitions, d.row_group_rows) for i, (name, path) in enumerate(files)]
+    pool = _pool(d.workers, len(files))
+    try:
+        return _run_phases(cfg, out, files, scratch, sign_tasks, pool, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]], scratch: Path,
+                sign_tasks: list[SignTask], pool: ProcessPoolExecutor | None, progress: bool) -> dict[str, Any]:
+    d = cfg.dedup
+    timings: dict[str, float] = {}
+    t = time.time()
+    signed = _map(sign_shard, sign_tasks, pool, progress, "dedup signatures")
+    timings["signatures"] = time.time() - t
+    docs_in = sum(r["rows"] for r in signed)
+
+    # 2. exact duplicates
+    t = time.time()
+    uf = UnionFind()
+    sig_paths = [scratch / "sig" / f"{i:05d}.parquet" for i in range(len(files))]
+    exact_removed = exact_groups(sig_paths, uf) if d.exact else np.empty(0, np.uint64)
+    exact_group_count = len(uf.clusters())
+    timings["exact"] = time.time() - t
+
+    # 3. near duplicates: one (band, partition) bucket table at a time
+    t = time.time()
+    from tqdm import tqdm
+
+    collisions = 0
+    band_dirs = [scratch / "bands" / f"band_{b:02d}" / f"part_{p:03d}"
+                 for b in range(d.num_bands) for p in range(d.band_partitions)]
+    peak_table_rows = 0
+    for band_dir in tqdm(band_dirs, desc="dedup bands", unit="table", disable=not progress):
+        keepers, others = band_pairs(band_dir, exact_removed)
+        collisions += len(others)
+        for a, b in zip(keepers.tolist(), others.tolist()):
+            uf.union(a, b)
+        peak_table_rows = max(peak_table_rows, sum(pq.ParquetFile(p).metadata.num_rows for p in band_dir.glob("*.parquet")))
+    clusters = uf.clusters()
+    timings["clusters"] = time.time() - t
+
+    # which rows go, per shard; exact vs near for the counts
+    removed: dict[int, list[int]] = {}
+    exact_set = set(exact_removed.tolist())
+    near = 0
+    for root, members in clusters.items():
+        for m in members[1:]:
+            s, r = split_id(m)
+            removed.setdefault(s, []).append(r)
+            near += m not in exact_set
+    ranked = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: d.sample_clusters]
+    sample_rows: dict[int, set[int]] = {}
+    for _, members in ranked:
+        for m in members[:SAMPLE_MEMBERS]:
+            s, r = split_id(m)
+            sample_rows.setdefault(s, set()).add(r)
+
+    # 4. filter each shard
+    t = time.time()
+    filter_tasks = [FilterTask(i, name, str(path), str(out.path(name)), np.array(sorted(removed.get(i, [])), dtype=np.int64),
+                               tuple(sorted(sample_rows.get(i, ()))), d.row_group_rows)
+                    for i, (name, path) in enumerate(files)]
+    filtered = _map(filter_shard, filter_tasks, pool, progress, "dedup filter")
+    timings["filter"] = time.time() - t
+
+    first_lines = {doc_id(r["shard"], row): line for r in filtered for row, line in r["samples"].items()}
+    sample = []
+    for root, members in ranked:
+        shown = members[:SAMPLE_MEMBERS]
+        sample.append({
+            "size": len(members),
+            "members": [{"shard": files[split_id(m)[0]][0], "row": split_id(m)[1], "kept": m == root,
+                         "kind": "keep" if m == root else ("exact" if m in exact_set else "near"),
+                         "first_line": first_lines.get(m, "")} for m in shown],
+        })
+    docs_out = sum(r["kept"] for r in filtered)
+    exact_dups = len(exact_removed)
+    assert docs_out == docs_in - exact_dups - near, "dedup bookkeeping mismatch"
+    return {
+        "counts": {
+            "docs_in": docs_in,
+            "docs_out": docs_out,
+            "exact_dups": exact_dups,
+            "near_dups": near,
+            "clusters": len(clusters),
+            "exact_groups": exact_group_count,
+            "removal_rate": round((docs_in - docs_out) / docs_in, 6),
+            "band_collisions": collisions,
+            "shards_in": len(files),
+            "shards_out": sum(1 for r in filtered if r["kept"]),
+        },
+        "dedup": {
+            "normalisation": NORMALISATION,
+            "exact_key": "xxh3_64 of the normalised UTF-8 text" if d.exact else "off",
+            "shingles": f"word {d.ngram}-grams of the normalised text (a text with fewer words is one shingle)",
+            "minhash": {
+                "library": "datasketch MinHash.generator", "scheme": SCHEME, "hashfunc": "xxhash.xxh32_intdigest",
+                "num_perm": d.num_perm, "bands": d.num_bands, "rows_per_band": d.rows_per_band, "seed": d.seed,
+                "band_key": "xxh3_64 of the band's little-endian uint32 values",
+                "threshold_approx": round(lsh_threshold(d.num_bands, d.rows_per_band), 4),
+                "p_candidate_at_jaccard": {str(j): round(collision_probability(j, d.num_bands, d.rows_per_band), 4)
+                                           for j in (0.5, 0.7, 0.8, 0.85, 0.9)},
+            },
+            "keep_rule": KEEP_RULE,
+            "docs_without_words": sum(r["no_words"] for r in signed),
+            "memory": {
+                "signature_worker_peak_rss_mb": round(max(r["peak_rss_mb"] for r in signed), 1),
+                "filter_worker_peak_rss_mb": round(max(r["peak_rss_mb"] for r in filtered), 1),
+                "largest_band_table_rows": peak_table_rows,
+                "union_find_ids": len(uf.parent),
+                "note": "workers stream row groups (flat in corpus size); the clustering step holds one "
+                        "(band, partition) bucket table and a union-find over candidate duplicates",
+            },
+            "phase_seconds": {k: round(v, 3) for k, v in timings.items()},
+        },
+        "sample_clusters": sample,
+        "shards": [{"name": files[r["shard"]][0], "docs_in": r["rows"], "docs_out": r["kept"]} for r in filtered],
+    }
