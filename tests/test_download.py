@@ -13,7 +13,7 @@ from hub_server import HubServer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 from llm.config import load_config
-from llm.data.download import DownloadError, fetch_files, glob_regex, list_files, verify_parquet
+from llm.data.download import fetch_files, glob_regex, list_files, verify_parquet
 from llm.stage import MANIFEST, StageError, verify_output
 from llm.stages import execute
 from llm.storage import Store
@@ -128,10 +128,10 @@ def test_server_errors_are_retried(hub: HubServer, shared_data: Path, artifact_r
 
 
 def test_stall_times_out_and_is_retried(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
-    hub.add_fault("stall", match="*/shard_00000.parquet", times=1, seconds=4)
+    hub.add_fault("stall", match="*/shard_00000.parquet", times=1, seconds=10)
     t0 = time.monotonic()
     res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
-    assert time.monotonic() - t0 < 3.5  # gave up on the stall after ~timeout_s, did not wait it out
+    assert time.monotonic() - t0 < 7  # gave up on the stall after ~timeout_s (1 s), did not wait it out
     assert len(hub.requests_for("/resolve/main/shard_00000.parquet")) == 2
     assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(shared_data / "pretrain/shard_00000.parquet")
 
@@ -142,6 +142,19 @@ def test_paginated_tree_listing(hub: HubServer) -> None:
     assert [f.rel for f in files] == [f"shard_0000{i}.parquet" for i in range(4)]
     assert all(f.sha256 and f.size for f in files)
     assert len(hub.requests_for("/tree/main")) == 3  # README + 4 shards, 2 per page
+
+
+def test_hub_server_speaks_the_real_client_protocol(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    """The fake hub must look like the real one to huggingface_hub, or the fault tests prove little."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    hub.page_size = 2
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    listed = {e.path: e.size for e in api.list_repo_tree(hub.repo, repo_type="dataset", recursive=True)}
+    assert listed == {p.name: p.stat().st_size for p in (shared_data / "pretrain").iterdir()}
+    got = hf_hub_download(hub.repo, "shard_00003.parquet", repo_type="dataset", endpoint=hub.url, token=TOKEN,
+                          cache_dir=tmp_path / "hf-cache")
+    assert sha256(Path(got)) == sha256(shared_data / "pretrain/shard_00003.parquet")
 
 
 # --------------------------------------------------------------------------- resume and budgets
@@ -287,6 +300,11 @@ def test_missing_id_column_is_added(tmp_path: Path, artifact_root: Path) -> None
     out = pq.read_table(Path(res.uri) / "data/sub__a.parquet")
     assert out.column("id").to_pylist() == ["sub__a.parquet:0", "sub__a.parquet:1", "sub__a.parquet:2"]
     assert out.column("text").to_pylist() == ["one", "two", "three"]
+
+
+def test_non_parquet_file_in_the_glob(hub: HubServer, artifact_root: Path) -> None:
+    with pytest.raises(StageError, match=r"README\.md: not a \.parquet file"):
+        run_download(config(artifact_root, hub.source("*"), **{"download.max_files": 1}))
 
 
 def test_no_matching_files(tmp_path: Path, artifact_root: Path) -> None:

@@ -602,6 +602,8 @@ def _check_shard(text_column: str) -> Callable[[FetchedFile], None]:
     def check(f: FetchedFile) -> None:
         import pyarrow.parquet as pq
 
+        if f.rows is None:
+            raise DownloadError(f"{f.uri}: not a .parquet file; the download stage takes parquet shards (narrow the glob)")
         schema = pq.ParquetFile(f.path).schema_arrow
         if text_column not in schema.names:
             raise DownloadError(f"{f.uri}: no {text_column!r} column (columns: {', '.join(schema.names)}); "
