@@ -136,6 +136,18 @@ def test_stall_times_out_and_is_retried(hub: HubServer, shared_data: Path, artif
     assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(shared_data / "pretrain/shard_00000.parquet")
 
 
+def test_plain_https_file_without_hub_token(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    # e.g. an eval bundle at a plain URL: fetched and size-checked, and the hub token is not sent
+    hub.token = None
+    url = f"{hub.url}/datasets/{hub.repo}/resolve/main/README.md"
+    hub.add_fault("truncate", match="*/README.md", times=1)
+    got = fetch_files(url, tmp_path / "dl", retries=1, backoff_s=0.01)
+    assert got[0].rel == "README.md" and got[0].path.read_bytes() == (shared_data / "pretrain/README.md").read_bytes()
+    hub.token = TOKEN  # HF_TOKEN holds it, but a non-hub URL must not receive it
+    with pytest.raises(StageError, match="HTTP 401"):
+        fetch_files(url, tmp_path / "dl2", retries=0)
+
+
 def test_paginated_tree_listing(hub: HubServer) -> None:
     hub.page_size = 2
     files = list_files(hub.source("*.parquet"))

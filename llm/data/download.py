@@ -19,6 +19,7 @@ Reusable API (the chat-data and CORE-eval helpers fetch their files with it too)
     with ``HF_TOKEN`` as a bearer token when set;
   * ``s3://bucket/prefix/<glob>`` through :class:`llm.storage.Store` (endpoint from the caller or
     ``AWS_ENDPOINT_URL``);
+  * ``http(s)://host/path/file`` (one file, e.g. the CORE eval bundle zip; no glob, no token sent);
   * a local path, directory or glob.
 Globs: ``*`` and ``?`` stay within one path component, ``**`` crosses directories. A path without
 glob characters names one file, or a directory (all files under it).
@@ -82,7 +83,7 @@ class _Cancelled(RuntimeError):
 class RemoteFile:
     rel: str  # path relative to the source's fixed prefix (posix); the local name under dest_dir
     uri: str  # where it comes from, for messages and manifests
-    kind: str  # "hf" | "s3" | "local"
+    kind: str  # "hf" | "http" | "s3" | "local"
     size: int | None  # as listed by the source
     sha256: str | None = None  # the hub's LFS oid, when it gives one
     url: str = ""  # hf: the resolve URL
@@ -264,6 +265,11 @@ def list_files(
     backoff_s: float = 0.5,
 ) -> list[RemoteFile]:
     """Every file ``source`` names, sorted by relative path."""
+    if source.startswith(("http://", "https://")):
+        name = source.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        if not name or _GLOB_CHARS.search(name):
+            raise DownloadError(f"{source}: an http(s) source names one file (no globs)")
+        return [RemoteFile(rel=name, uri=source, kind="http", size=None, url=source)]
     if source.startswith("hf://"):
         return _hf_list(source, resolve_hf_endpoint(hf_endpoint), resolve_hf_token(hf_token), timeout_s, retries + 1, backoff_s)
     if is_s3(source):
@@ -434,7 +440,7 @@ class _Fetcher:
         return None
 
     def _transfer(self, rf: RemoteFile, tmp: Path) -> None:
-        if rf.kind == "hf":
+        if rf.kind in ("hf", "http"):
             self._http(rf, tmp)
         elif rf.kind == "s3":
             Store(rf.uri.rsplit("/", 1)[0], self.s3_endpoint).get(rf.uri, tmp)
@@ -456,7 +462,9 @@ class _Fetcher:
     def _http(self, rf: RemoteFile, tmp: Path) -> None:
         sha = hashlib.sha256()
         got = 0
-        r = _session().get(rf.url, headers=_auth_headers(self.token), stream=True,
+        # The hub token goes to the hub only (requests drops it on redirects to another host).
+        token = self.token if rf.kind == "hf" else None
+        r = _session().get(rf.url, headers=_auth_headers(token), stream=True,
                            timeout=(self.timeout_s, self.timeout_s))
         with r:
             if r.status_code != 200:
