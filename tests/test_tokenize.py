@@ -226,3 +226,16 @@ def test_meta_json_contract(corpus) -> None:
         for rel in meta["splits"][split]["shards"]:
             assert (Path(corpus["res"].uri) / rel).is_file()
             assert (Path(corpus["res"].uri) / rel.replace(".bin", ".idx.npy")).is_file()
+
+
+def test_encode_methods_agree(corpus) -> None:
+    """The numpy fast path and tiktoken's encode_ordinary_batch lay out identical streams."""
+    from llm.data.tokenize import encode_docs
+
+    tok = load_tokenizer(corpus["tok_uri"])
+    texts = [d["text"] for d in corpus["docs"][:40]] + ["<|bos|> in text", "🚀"]
+    a_tok, a_len = encode_docs(tok, texts, np.dtype(np.uint16), "numpy")
+    b_tok, b_len = encode_docs(tok, texts, np.dtype(np.uint16), "batch")
+    assert a_tok.dtype == b_tok.dtype == np.uint16
+    assert np.array_equal(a_tok, b_tok) and np.array_equal(a_len, b_len)
+    assert a_tok.tolist()[: a_len[0]] == [tok.bos_id] + tok.encode(texts[0])

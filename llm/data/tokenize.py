@@ -36,20 +36,36 @@ def key_config(cfg) -> dict[str, Any]:
     return {"tokenize": {"val_fraction": t.val_fraction, "shard_tokens": t.shard_tokens}}
 
 
-def encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``texts`` and lay them out as ``[BOS, ids..., BOS, ids..., ...]`` plus per-doc lengths."""
-    encoded = tok.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
-    lens = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
-    flat: list[int] = []
-    bos = tok.bos_id
-    for e in encoded:
-        flat.append(bos)
-        flat += e
-    return np.array(flat, dtype=dtype), lens
+def encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype, method: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``texts`` and lay them out as ``[BOS, ids..., BOS, ids..., ...]`` plus per-doc lengths.
+
+    ``method="numpy"`` (default) uses tiktoken's ``encode_to_numpy``: the same Rust encoder as
+    ``encode_ordinary``, but the ids come back as one buffer instead of a Python list of ints, which
+    saves ~15% of encoding time and makes the BOS layout a cheap ``np.concatenate``.
+    ``method="batch"`` uses ``encode_ordinary_batch`` and flattens the lists (kept for the benchmark).
+    Both give identical ids (tested).
+    """
+    if method == "batch":
+        encoded = tok.encoding.encode_ordinary_batch(texts, num_threads=1)
+        lens = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
+        flat: list[int] = []
+        for e in encoded:
+            flat.append(tok.bos_id)
+            flat += e
+        return np.array(flat, dtype=dtype), lens
+    arrays = [tok.encode_numpy(t) for t in texts]
+    bos = np.array([tok.bos_id], dtype=np.uint32)
+    parts: list[np.ndarray] = []
+    for a in arrays:
+        parts.append(bos)
+        parts.append(a)
+    lens = np.fromiter((len(a) + 1 for a in arrays), dtype=np.int64, count=len(arrays))
+    flat_arr = np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+    return flat_arr.astype(dtype, copy=False), lens
 
 
 def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: np.dtype,
-                     batch_docs: int) -> tuple[dict[str, EncodedSplit], int]:
+                     batch_docs: int, method: str = "numpy") -> tuple[dict[str, EncodedSplit], int]:
     """Encode one row group; returns ({split: (tokens, lens, bytes)}, empty docs skipped)."""
     from pathlib import Path
 
@@ -78,7 +94,7 @@ def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: n
         toks, lens = [], []
         for b in range(0, len(rows), batch_docs):
             chunk = rows[b : b + batch_docs]
-            t_arr, l_arr = encode_docs(tok, [texts[j] for j in chunk], dtype)
+            t_arr, l_arr = encode_docs(tok, [texts[j] for j in chunk], dtype, method)
             toks.append(t_arr)
             lens.append(l_arr)
         out[split] = (np.concatenate(toks), np.concatenate(lens), int(nbytes[rows].sum()))
@@ -95,9 +111,9 @@ def _init_worker(tokenizer_uri: str, endpoint_url: str) -> None:
     _WORKER_TOK = load_tokenizer(tokenizer_uri, endpoint_url)
 
 
-def _work(rg: RowGroup, val_fraction: float, dtype: str, batch_docs: int):
+def _work(rg: RowGroup, val_fraction: float, dtype: str, batch_docs: int, method: str):
     assert _WORKER_TOK is not None, "worker not initialised"
-    return encode_row_group(_WORKER_TOK, rg, val_fraction, np.dtype(dtype), batch_docs)
+    return encode_row_group(_WORKER_TOK, rg, val_fraction, np.dtype(dtype), batch_docs, method)
 
 
 def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, workers: int,
@@ -120,7 +136,7 @@ def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, worke
 
 def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fraction: float, shard_tokens: int,
                   workers: int = 1, batch_docs: int = 1024, store: Store | None = None, endpoint_url: str = "",
-                  progress: bool = False) -> dict[str, Any]:
+                  progress: bool = False, encode_method: str = "numpy") -> dict[str, Any]:
     """Tokenize every document of the stage output at ``docs_uri`` into shards under ``outdir``.
 
     Returns the meta dict (also written to ``outdir/meta.json``) with exact counts.
@@ -139,9 +155,10 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
     writers = {s: ShardWriter(root, s, dtype, shard_tokens) for s in SPLITS}
     bytes_ = {s: 0 for s in SPLITS}
     empty = 0
-    args = (val_fraction, dtype.name, batch_docs)
+    args = (val_fraction, dtype.name, batch_docs, encode_method)
     if workers <= 1:
-        results: Iterator[Any] = (encode_row_group(tok, rg, val_fraction, dtype, batch_docs) for rg in rgs)
+        results: Iterator[Any] = (encode_row_group(tok, rg, val_fraction, dtype, batch_docs, encode_method)
+                                    for rg in rgs)
     else:
         results = ordered_map(_work, rgs, args, workers, _init_worker, (tokenizer_uri, endpoint_url))
     bar = None

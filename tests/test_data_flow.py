@@ -1,0 +1,82 @@
+"""The ``data`` flow under a real (temporary) Prefect server: end to end, then a rerun that is all cache hits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prefect")
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
+from prefect.settings import (  # noqa: E402
+    PREFECT_HOME,
+    PREFECT_LOCAL_STORAGE_PATH,
+    PREFECT_LOGGING_TO_API_ENABLED,
+    temporary_settings,
+)
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.data import DATA_STAGES, data_flow  # noqa: E402
+from llm.data.shards import open_split, read_meta  # noqa: E402
+from llm.stage import verify_output  # noqa: E402
+from llm.storage import Store  # noqa: E402
+from llm.tokenizer import load_tokenizer  # noqa: E402
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    """Task-run name -> final state name, read back from the Prefect API."""
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+@pytest.fixture()
+def prefect_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A throwaway Prefect home, result storage and server, all under tmp_path."""
+    home, results = tmp_path / "prefect-home", tmp_path / "prefect-results"
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(results))
+    monkeypatch.setenv("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(results))
+    with temporary_settings(updates={PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: results,
+                                     PREFECT_LOGGING_TO_API_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield results
+
+
+def test_data_flow_runs_then_reruns_from_cache(prefect_env: Path, tmp_path: Path, shared_data: Path) -> None:
+    root = tmp_path / "artifacts"
+    overrides = {
+        "run.artifact_root": str(root),
+        "download.max_rows": 300,
+        "tokenizer.vocab_size": 512,
+        "tokenizer.max_train_chars": 2_000_000,
+        "tokenize.val_fraction": 0.05,
+    }
+    first = data_flow(preset="tiny", overrides=overrides, return_state=True)
+    assert first.is_completed(), first
+    uris = first.result()
+    assert list(uris) == DATA_STAGES
+    store = Store(str(root))
+    manifests = {name: verify_output(store, uri) for name, uri in uris.items()}
+    assert all(m is not None for m in manifests.values()), manifests
+    assert all(s != "Cached" for s in _task_states(first.state_details.flow_run_id).values())
+
+    # The chain is wired: each stage's manifest names its upstream's output.
+    assert manifests["tokenize"]["inputs"]["docs"]["uri"] == uris["dedup"]
+    assert manifests["tokenize"]["inputs"]["tokenizer"]["uri"] == uris["tokenizer"]
+    assert manifests["tokenizer"]["counts"]["vocab_size"] == 512
+    tok = load_tokenizer(uris["tokenizer"])
+    meta = read_meta(uris["tokenize"])
+    assert meta["dtype"] == "uint16" and meta["bos_id"] == tok.bos_id
+    train = open_split(uris["tokenize"], "train")
+    assert sum(len(s) for s in train) == manifests["tokenize"]["counts"]["train_tokens"] > 0
+    assert manifests["tokenize"]["counts"]["docs"] <= manifests["dedup"]["counts"]["docs_out"]
+
+    second = data_flow(preset="tiny", overrides=overrides, return_state=True)
+    assert second.is_completed(), second
+    assert second.result() == uris
+    states = _task_states(second.state_details.flow_run_id)
+    assert sorted(states) == sorted(DATA_STAGES)
+    assert set(states.values()) == {"Cached"}, states
