@@ -405,8 +405,8 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
     removed: dict[int, list[int]] = {}
     exact_set = set(exact_removed.tolist())
     near = 0
-    for root, members in clusters.items():
-        for m in members[1:]:
+    for members in clusters.values():
+        for m in members[1:]:  # the keep rule: members are sorted, the smallest id stays
             s, r = split_id(m)
             removed.setdefault(s, []).append(r)
             near += m not in exact_set
@@ -427,12 +427,12 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
 
     first_lines = {doc_id(r["shard"], row): line for r in filtered for row, line in r["samples"].items()}
     sample = []
-    for root, members in ranked:
-        shown = members[:SAMPLE_MEMBERS]
+    for _, members in ranked:
+        shown, keeper = members[:SAMPLE_MEMBERS], members[0]
         sample.append({
             "size": len(members),
-            "members": [{"shard": files[split_id(m)[0]][0], "row": split_id(m)[1], "kept": m == root,
-                         "kind": "keep" if m == root else ("exact" if m in exact_set else "near"),
+            "members": [{"shard": files[split_id(m)[0]][0], "row": split_id(m)[1], "kept": m == keeper,
+                         "kind": "keep" if m == keeper else ("exact" if m in exact_set else "near"),
                          "first_line": first_lines.get(m, "")} for m in shown],
         })
     docs_out = sum(r["kept"] for r in filtered)
