@@ -267,6 +267,9 @@ class EvalConfig(Section):
     bundle: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
     bundle_sha256: str = ""
     max_per_task: int | None = None
+    # Evaluate only these CORE task labels (quick checks); None = every task with data. A subset
+    # is labelled CORE-subset-<n>, never CORE.
+    tasks: list[str] | None = None
     batch_tokens: int = 16384
     bpb_tokens: int = 1_048_576
     # Sequences longer than this are cropped from the left (None: the model's seq_len).

@@ -97,7 +97,7 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
     log = (lambda msg: print(f"[eval] {msg}", flush=True)) if rank == 0 and progress else None
 
     model, meta = load_model(spec["model"], device=device, endpoint_url=cfg.run.s3_endpoint)
-    tokenizer = load_tokenizer(spec["tokenizer"])
+    tokenizer = load_tokenizer(spec["tokenizer"], cfg.run.s3_endpoint)
     if getattr(tokenizer, "vocab_size", model.config.vocab_size) > model.config.vocab_size:
         raise StageError(f"tokenizer {spec['tokenizer']} has vocab {tokenizer.vocab_size}, larger than the "
                          f"model's {model.config.vocab_size}: they do not belong together")
@@ -111,14 +111,14 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
         log(f"{bundle.label}: excluded " + "; ".join(f"{m.label} ({m.reason})" for m in bundle.missing))
     core = evaluate_core(model_scorer(model, device), tokenizer, bundle, max_per_task=cfg.eval.max_per_task,
                          batch_tokens=cfg.eval.batch_tokens, max_seq_len=max_seq_len, device=device,
-                         progress=progress, log=log)
+                         tasks=cfg.eval.tasks, progress=progress, log=log)
 
     # ---- bits per byte
     bpb: dict[str, Any]
     if spec.get("tokens"):
         from ..data.shards import open_split
 
-        toks = val_tokens(open_split(spec["tokens"], "val"), cfg.eval.bpb_tokens + 1)
+        toks = val_tokens(open_split(spec["tokens"], "val", cfg.run.s3_endpoint), cfg.eval.bpb_tokens + 1)
         seq_len = min(model.config.seq_len, max(1, len(toks) - 1))
         bpb = evaluate_bpb(model, toks, tokenizer.token_bytes, seq_len=seq_len,
                            batch_size=max(1, cfg.eval.batch_tokens // seq_len), device=device, progress=progress)
@@ -165,7 +165,7 @@ def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: di
     try:
         metrics: dict[str, float | None] = {"core": core["core"], "bpb": bpb.get("bpb")}
         for label, t in core["tasks"].items():
-            metrics[f"core/{label}"] = t["centered"]
+            metrics[f"core_centered/{label}"] = t["centered"]  # not "core/..": "core" itself is a metric
             metrics[f"core_acc/{label}"] = t["accuracy"]
         tracker.log_metrics(metrics)
         tracker.set_tags({"core_label": core["label"], "core_missing": ",".join(core["missing"]) or "none"})

@@ -1,0 +1,129 @@
+"""The eval stage end to end on real stage outputs: tiny BPE, token shards, a random tiny GPT checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _tok_helpers import real_docs
+from llm.config import load_config
+from llm.stage import run_stage
+from llm.stages import execute
+from llm.storage import Store
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, shared_data) -> dict[str, str]:
+    """Published tokenizer / tokenize / pretrain outputs (content-addressed, with manifests)."""
+    import torch
+
+    from llm.checkpoint import save_checkpoint
+    from llm.data.shards import ShardWriter
+    from llm.model import GPT, GPTConfig
+    from llm.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("art")
+    store = Store(str(root))
+    docs = [d["text"] for d in real_docs(shared_data, 240)]
+    tok, _ = train_tokenizer(docs[:200], VOCAB)
+
+    def tokenizer_fn(out, inputs):
+        tok.save(out.workdir)
+        return {"counts": {"vocab_size": tok.vocab_size}}
+
+    def tokens_fn(out, inputs):
+        meta = {"dtype": "uint16", "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "splits": {}}
+        for split, part in (("train", docs[:200]), ("val", docs[200:])):
+            w = ShardWriter(out.workdir, split, np.uint16, 1 << 20)
+            ids = [[tok.bos_id, *x] for x in tok.encode_batch(part)]
+            w.add(np.concatenate([np.asarray(x) for x in ids]), np.asarray([len(x) for x in ids]))
+            meta["splits"][split] = w.close()
+        (out.workdir / "meta.json").write_text(json.dumps(meta))
+        return {"counts": {"tokens": sum(s["tokens"] for s in meta["splits"].values())}}
+
+    def model_fn(out, inputs):
+        torch.manual_seed(0)
+        cfg = GPTConfig(vocab_size=VOCAB, depth=2, aspect_ratio=32, head_dim=16, seq_len=128)
+        save_checkpoint(out.workdir / "final", model_state=GPT(cfg).state_dict(),
+                        meta={"model_config": cfg.to_dict(), "step": 0, "tokens": 0})
+        return {"counts": {"params": 1, "steps": 0}}
+
+    return {
+        "tokenizer": run_stage(store, "tokenizer", {"t": 1}, {}, "test", tokenizer_fn).uri,
+        "tokens": run_stage(store, "tokenize", {"t": 1}, {}, "test", tokens_fn).uri,
+        "model": run_stage(store, "pretrain", {"t": 1}, {}, "test", model_fn).uri,
+        "root": str(root),
+    }
+
+
+def _cfg(root: str, **extra):
+    over = {"run.artifact_root": root, "eval.max_per_task": 2, "eval.batch_tokens": 4096, "eval.bpb_tokens": 4096,
+            "eval.sample_max_tokens": 4, "eval.device": "cpu", "eval.nproc": 1}
+    return load_config("tiny", over | extra)
+
+
+def _results(uri: str) -> dict:
+    return {n: json.loads((Path(uri) / n).read_text()) for n in ("core.json", "bpb.json", "samples.json")}
+
+
+def test_eval_stage_writes_core_bpb_samples_and_logs_mlflow(upstream, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # conftest points MLflow at a file store
+    inputs = {k: upstream[k] for k in ("model", "tokenizer", "tokens")}
+    r = execute("eval", _cfg(upstream["root"]), inputs, progress=False)
+    res = _results(r.uri)
+    core = res["core.json"]
+    assert core["label"] == "CORE-20 (squad, coqa missing)" and core["n_tasks"] == 20
+    assert core["missing"] == ["squad", "coqa"]
+    assert all(t["n"] == 2 for t in core["tasks"].values())
+    assert core["core"] == pytest.approx(sum(t["centered"] for t in core["tasks"].values()) / 20)
+    assert core["comparison"][-1]["task"] == core["label"] and core["comparison"][-1]["gpt2"] is not None
+    csv_lines = (Path(r.uri) / "core.csv").read_text().splitlines()
+    assert len(csv_lines) == 22 and csv_lines[-1].startswith("CORE-20")
+    # A freshly initialised GPT predicts nearly uniformly (tiny lm_head), so the loss is ~ln(V) per
+    # token and bpb ~ log2(V) * tokens / bytes: a number we know without the model.
+    bpb = res["bpb.json"]
+    assert bpb["loss_per_token"] == pytest.approx(math.log(VOCAB), rel=0.01)
+    assert bpb["bpb"] == pytest.approx(math.log2(VOCAB) * bpb["tokens"] / bpb["bytes"], rel=0.01)
+    assert 4000 < bpb["tokens"] <= 4096  # targets of the first 4097 val tokens, minus any BOS
+    assert [s["prompt"] for s in res["samples.json"]] == _cfg(upstream["root"]).eval.sample_prompts
+    assert r.manifest["counts"]["n_tasks"] == 20 and r.manifest["core_label"].startswith("CORE-20")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    runs = [run for e in client.search_experiments() for run in client.search_runs([e.experiment_id])]
+    logged = {k for run in runs for k in run.data.metrics}
+    assert {"core", "bpb", "core_centered/copa", "core_acc/winograd"} <= logged
+
+
+def test_eval_under_torchrun_with_two_ranks_matches_one_rank(upstream):
+    inputs = {k: upstream[k] for k in ("model", "tokenizer", "tokens")}
+    quick = {"eval.tasks": ["copa", "winograd", "lambada_openai", "arc_easy"], "eval.max_per_task": 5}
+    one = _results(execute("eval", _cfg(upstream["root"], **quick), inputs, progress=False).uri)
+    two = _results(execute("eval", _cfg(upstream["root"], **quick, **{"eval.nproc": 2}), inputs, force=True,
+                           progress=False).uri)
+    assert one["core.json"]["label"] == "CORE-subset-4" and one["core.json"]["world_size"] == 1
+    assert two["core.json"]["world_size"] == 2
+    strip = lambda c: {k: (t["accuracy"], t["n"]) for k, t in c["tasks"].items()} | {"core": c["core"]}  # noqa: E731
+    assert strip(two["core.json"]) == strip(one["core.json"])
+    assert two["bpb.json"]["bpb"] == pytest.approx(one["bpb.json"]["bpb"], rel=1e-6)
+    assert two["samples.json"] == one["samples.json"]
+
+
+def test_kiln_eval_checkpoint_cli(upstream, capsys):
+    from llm.cli import main
+
+    args = ["eval", "--checkpoint", upstream["model"], "--input", f"tokenizer={upstream['tokenizer']}",
+            "--input", f"tokens={upstream['tokens']}", "--output", upstream["root"], "--quiet"]
+    for k, v in {"eval.max_per_task": 2, "eval.batch_tokens": 4096, "eval.bpb_tokens": 4096,
+                 "eval.sample_max_tokens": 4, "eval.device": "cpu", "eval.nproc": 1}.items():
+        args += ["--set", f"{k}={v}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "eval" in out and "core=" in out
