@@ -133,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             inputs = _parse_inputs(args.command, args.input, getattr(args, "checkpoint", None))
             missing = [r for r in STAGES[args.command].inputs if r not in inputs]
+            from .pipeline import report_inputs
+
             if missing and args.command != "report":
-                upstream = run_pipeline(cfg, until=_upstream_until(args.command), progress=progress)
-                from .pipeline import eval_inputs, report_inputs  # noqa: F401
+                # Only the missing roles decide how far upstream to run: `kiln eval --checkpoint X`
+                # needs the tokenizer and tokens, not a whole training chain up to sft.
+                upstream = run_pipeline(cfg, until=_upstream_until(args.command, missing), progress=progress)
                 for role in missing:
                     inputs[role] = upstream[STAGES[args.command].inputs[role]].uri
             elif args.command == "report" and not inputs:
@@ -156,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _upstream_until(stage: str) -> str:
-    """The last chain stage this stage's default inputs need."""
+def _upstream_until(stage: str, roles: list[str] | None = None) -> str:
+    """The last chain stage this stage's default inputs (or just ``roles``) need."""
     from .pipeline import CHAIN
 
-    ups = [u for u in STAGES[stage].inputs.values()]
+    ups = [u for r, u in STAGES[stage].inputs.items() if roles is None or r in roles]
     return max(ups, key=CHAIN.index)
 
 

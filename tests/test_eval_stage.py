@@ -127,3 +127,13 @@ def test_kiln_eval_checkpoint_cli(upstream, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "eval" in out and "core=" in out
+
+
+def test_kiln_eval_checkpoint_resolves_only_the_missing_inputs():
+    # With --checkpoint given, the tokenizer/tokens come from the data chain; no training stage is run.
+    from llm.cli import _parse_inputs, _upstream_until
+
+    inputs = _parse_inputs("eval", [], "/some/pretrain/output")
+    assert inputs == {"model": "/some/pretrain/output"}
+    assert _upstream_until("eval", ["tokenizer", "tokens"]) == "tokenize"
+    assert _upstream_until("eval") == "sft"
