@@ -53,9 +53,10 @@ def _manifest_near(uri: str, store: Store) -> dict[str, Any] | None:
     return None
 
 
-def find_tokenizer_uri(checkpoint: str, store: Store) -> str:
+def find_tokenizer_uri(checkpoint: str, store: Store, meta: dict[str, Any] | None = None) -> str:
+    """The stage manifest's "tokenizer" input, else the tokenizer the trainer recorded in the checkpoint meta."""
     m = _manifest_near(checkpoint, store)
-    tok = (m or {}).get("inputs", {}).get("tokenizer", {}).get("uri")
+    tok = (m or {}).get("inputs", {}).get("tokenizer", {}).get("uri") or (meta or {}).get("tokenizer")
     if not tok:
         raise FileNotFoundError(
             f"cannot find the tokenizer for {checkpoint}: no stage manifest with a 'tokenizer' input next to it; "
@@ -96,7 +97,8 @@ class ChatSession:
         self.sp = ChatSpecials.of(tok)
         self.temperature, self.top_k, self.max_new = temperature, top_k or None, max_new_tokens
         self.system, self.seed = system, seed
-        self.context = int(model.rope_cos.shape[0]) if hasattr(model, "rope_cos") else int(model.config.seq_len)
+        # The trained context, not the (longer) rotary table: beyond seq_len the model has never been trained.
+        self.context = int(model.config.seq_len)
         self.history: list[Message] = []
         self.turns = 0
 
@@ -148,10 +150,10 @@ def main(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO |
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     store = Store(".", args.s3_endpoint)
-    tok_uri = args.tokenizer or find_tokenizer_uri(args.checkpoint, store)
-    tok = load_tokenizer(tok_uri)
-    model, meta = load_model(args.checkpoint, device=_device(args.device))
+    model, meta = load_model(args.checkpoint, device=_device(args.device), endpoint_url=args.s3_endpoint)
     model.eval()
+    tok_uri = args.tokenizer or find_tokenizer_uri(args.checkpoint, store, meta)
+    tok = load_tokenizer(tok_uri, args.s3_endpoint)
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"tokenizer {tok_uri} has {tok.vocab_size} tokens but the model only {model.config.vocab_size}")
     session = ChatSession(model, tok, temperature=args.temperature, top_k=args.top_k,
