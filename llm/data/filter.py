@@ -1,0 +1,225 @@
+"""The ``filter`` stage: FineWeb-recipe quality filters over every shard of a document set.
+
+Input role ``docs``: a stage output with ``data/*.parquet`` (``text`` and ``id`` columns, any
+others). Output: ``data/<same name>.parquet`` with every original column and only the kept
+rows; a kept row's ``text`` is the text after C4's line removal (see llm/data/filters/c4.py).
+
+One process per shard (``filter.workers`` at a time). Each shard is streamed one record batch
+at a time and kept rows are appended with a ParquetWriter, so a worker holds one batch in
+memory whatever the shard size. The manifest counts documents in and out, removals per rule
+(the first rule that removed a document) and keeps a few removed examples per rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import FilterConfig, KilnConfig
+from ..stage import StageError, StageOutput
+from ..storage import Store, join
+from .filters import FilterChain, UrlBlocklist
+
+BATCH_ROWS = 1024
+EXAMPLE_CHARS = 200
+
+
+def key_config(cfg: KilnConfig) -> dict[str, Any]:
+    """The filter config plus the block list's content, so editing that file invalidates the cache."""
+    key: dict[str, Any] = {"filter": cfg.section("filter")}
+    if cfg.filter.url_blocklist:
+        path = Path(cfg.filter.url_blocklist)
+        if not path.is_file():
+            raise StageError(f"filter.url_blocklist: no such file {path}")
+        key["url_blocklist_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return key
+
+
+@dataclass
+class ShardReport:
+    name: str
+    docs_in: int = 0
+    docs_out: int = 0
+    chars_in: int = 0
+    chars_out: int = 0
+    removed: Counter = field(default_factory=Counter)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+def _text_values(column: pa.ChunkedArray | pa.Array, name: str, first_row: int) -> list[str]:
+    """The text column as Python strings; null or non-UTF-8 values are errors naming the row."""
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        raw = column.to_pylist()
+        out = []
+        for i, v in enumerate(raw):
+            if v is None:
+                raise StageError(f"{name}: row {first_row + i}: field 'text' is null")
+            try:
+                out.append(v.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise StageError(f"{name}: row {first_row + i}: field 'text' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        return out
+    try:
+        values = column.to_pylist()
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        # find the offending row: decode each value's bytes ourselves
+        for i in range(len(column)):
+            try:
+                column[i].as_py()
+            except (UnicodeDecodeError, pa.ArrowInvalid) as e:
+                raise StageError(f"{name}: row {first_row + i}: field 'text' is not valid UTF-8 ({e})") from None
+        raise
+    for i, v in enumerate(values):
+        if v is None:
+            raise StageError(f"{name}: row {first_row + i}: field 'text' is null")
+    return values
+
+
+def open_shard(path: str | Path, name: str) -> pq.ParquetFile:
+    """Open one input shard and check it can be filtered: readable, a text column, not empty."""
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a broken file
+        raise StageError(f"{name}: not a readable parquet file ({e})") from e
+    schema = pf.schema_arrow
+    if "text" not in schema.names:
+        raise StageError(f"{name}: no 'text' column (columns: {', '.join(schema.names)})")
+    t = schema.field("text").type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+        raise StageError(f"{name}: column 'text' has type {t}, expected strings")
+    if pf.metadata.num_rows == 0:
+        raise StageError(f"{name}: empty shard (0 rows)")
+    return pf
+
+
+def _output_schema(schema: pa.Schema) -> pa.Schema:
+    """Input schema with ``text`` as a UTF-8 string column (binary input is decoded)."""
+    i = schema.get_field_index("text")
+    t = schema.field("text").type
+    text_type = pa.large_string() if pa.types.is_large_string(t) or pa.types.is_large_binary(t) else pa.string()
+    return schema.set(i, schema.field("text").with_type(text_type))
+
+
+def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_rule: int) -> ShardReport:
+    """Filter one shard into ``dst`` (written under a temp name, renamed when complete)."""
+    pf = open_shard(src, name)
+    chain = FilterChain(cfg)
+    schema = pf.schema_arrow
+    out_schema = _output_schema(schema)
+    text_idx = schema.get_field_index("text")
+    has_id, has_url = "id" in schema.names, "url" in schema.names
+    report = ShardReport(name)
+    tmp = f"{dst}.tmp"
+    row = 0
+    with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
+        for batch in pf.iter_batches(batch_size=BATCH_ROWS):
+            texts = _text_values(batch.column(text_idx), name, row)
+            urls = batch.column("url").to_pylist() if has_url else [None] * len(texts)
+            ids = batch.column("id").to_pylist() if has_id else [None] * len(texts)
+            keep_mask: list[bool] = []
+            kept_texts: list[str] = []
+            for j, (text, url) in enumerate(zip(texts, urls)):
+                d = chain(text, url)
+                report.chars_in += len(text)
+                keep_mask.append(d.keep)
+                if d.keep:
+                    kept_texts.append(d.text)
+                    report.chars_out += len(d.text)
+                    continue
+                reason = d.reason or "unknown"
+                report.removed[reason] += 1
+                ex = report.examples.setdefault(reason, [])
+                if len(ex) < examples_per_rule:
+                    ex.append({"id": None if ids[j] is None else str(ids[j]), "url": url, "row": row + j,
+                               "text": text[:EXAMPLE_CHARS]})
+            report.docs_in += len(texts)
+            report.docs_out += len(kept_texts)
+            row += len(texts)
+            if kept_texts:
+                kept = pa.Table.from_batches([batch.filter(pa.array(keep_mask, type=pa.bool_()))])
+                text_field = out_schema.field("text")
+                kept = kept.set_column(text_idx, text_field, pa.array(kept_texts, type=text_field.type))
+                writer.write_table(kept.cast(out_schema))
+    os.replace(tmp, dst)
+    return report
+
+
+def _input_shards(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
+    if "docs" not in inputs:
+        raise StageError("filter needs an input 'docs' (a download stage output)")
+    store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
+    uri = inputs["docs"]["uri"]
+    files = sorted((rel, u) for rel, u in store.iter_files(join(uri, "data")) if rel.endswith(".parquet"))
+    if not files:
+        raise StageError(f"{join(uri, 'data')}: no parquet files (expected data/<shard>.parquet)")
+    return [(rel, store.cache_path(u)) for rel, u in files]
+
+
+def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
+    fcfg = cfg.filter
+    if fcfg.url_blocklist and not Path(fcfg.url_blocklist).is_file():
+        raise StageError(f"filter.url_blocklist: no such file {fcfg.url_blocklist}")
+    try:
+        FilterChain(fcfg)  # fail fast on a missing language model or unreadable block list
+    except Exception as e:  # noqa: BLE001
+        raise StageError(f"filter config: {e}") from e
+    shards = _input_shards(cfg, inputs)
+    for rel, path in shards:
+        open_shard(path, f"data/{rel}")  # validate every shard before spending time on any
+
+    jobs = [(str(path), f"data/{rel}", str(out.path(f"data/{rel}")), fcfg, fcfg.examples_per_rule) for rel, path in shards]
+    reports: list[ShardReport] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="filter", unit="shard")
+    workers = max(1, min(fcfg.workers, len(jobs)))
+    if workers == 1:
+        for job in jobs:
+            reports.append(filter_shard(*job))
+            if bar:
+                bar.update(1)
+    else:
+        # spawn: workers start clean (no inherited threads or locks from a Prefect/MLflow parent)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(filter_shard, *job) for job in jobs]
+            for fut in futures:  # in shard order, so the report (and examples) are deterministic
+                reports.append(fut.result())
+                if bar:
+                    bar.update(1)
+    if bar:
+        bar.close()
+
+    removed: Counter = Counter()
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for r in reports:
+        removed.update(r.removed)
+        for rule, exs in r.examples.items():
+            slot = examples.setdefault(rule, [])
+            slot.extend({"shard": r.name, **e} for e in exs[: fcfg.examples_per_rule - len(slot)])
+    docs_in = sum(r.docs_in for r in reports)
+    docs_out = sum(r.docs_out for r in reports)
+    return {
+        "counts": {
+            "docs_in": docs_in,
+            "docs_out": docs_out,
+            "removed": docs_in - docs_out,
+            "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0,
+            "chars_in": sum(r.chars_in for r in reports),
+            "chars_out": sum(r.chars_out for r in reports),
+            "shards": len(reports),
+        },
+        "removed_by_rule": dict(sorted(removed.items())),
+        "examples_per_rule": dict(sorted(examples.items())),
+        "shards": {r.name: {"docs_in": r.docs_in, "docs_out": r.docs_out} for r in reports},
+    }

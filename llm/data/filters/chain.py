@@ -1,0 +1,70 @@
+"""The FineWeb recipe's rule order, built from :class:`llm.config.FilterConfig`.
+
+Order (FineWeb's): URL block list -> language -> Gopher repetition -> Gopher quality -> C4 ->
+FineWeb quality. The first rule that removes a document is the one it is counted under.
+C4 may rewrite a kept document's text; FineWeb quality then judges the rewritten text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import FilterConfig
+from .c4 import c4_clean
+from .fineweb import fineweb_quality
+from .gopher import gopher_quality, gopher_repetition
+from .language import language_filter
+from .text import Doc
+from .urls import UrlBlocklist, url_filter
+
+
+@dataclass(frozen=True)
+class Decision:
+    keep: bool
+    reason: str | None  # the first rule that removed the document
+    text: str  # the text to publish when kept (C4 may have removed lines)
+
+
+class FilterChain:
+    """Apply every enabled rule of a :class:`FilterConfig` to one document at a time."""
+
+    def __init__(self, cfg: FilterConfig, blocklist: UrlBlocklist | None = None) -> None:
+        self.cfg = cfg
+        if blocklist is None and cfg.url_blocklist:
+            blocklist = UrlBlocklist.from_file(cfg.url_blocklist)
+        self.blocklist = blocklist
+        if cfg.language.enabled:
+            from .language import load_model
+
+            load_model()  # fail at start-up, not on the first document, if the detector is missing
+
+    def __call__(self, text: str, url: str | None = None) -> Decision:
+        cfg = self.cfg
+        if self.blocklist is not None:
+            keep, why = url_filter(url, self.blocklist)
+            if not keep:
+                return Decision(False, why, text)
+        if cfg.language.enabled:
+            keep, why = language_filter(text, cfg.language)
+            if not keep:
+                return Decision(False, why, text)
+        doc = Doc(text)
+        if cfg.gopher_repetition.enabled:
+            keep, why = gopher_repetition(doc, cfg.gopher_repetition)
+            if not keep:
+                return Decision(False, why, text)
+        if cfg.gopher_quality.enabled:
+            keep, why = gopher_quality(doc, cfg.gopher_quality)
+            if not keep:
+                return Decision(False, why, text)
+        if cfg.c4.enabled:
+            r = c4_clean(doc, cfg.c4)
+            if not r.keep:
+                return Decision(False, r.reason, text)
+            if r.text != text:
+                text, doc = r.text, Doc(r.text)
+        if cfg.fineweb_quality.enabled:
+            keep, why = fineweb_quality(doc, cfg.fineweb_quality)
+            if not keep:
+                return Decision(False, why, text)
+        return Decision(True, None, text)
