@@ -1,4 +1,8 @@
-"""The data flow: download -> filter -> dedup -> tokenizer -> tokenize, as Prefect tasks."""
+"""The data flow: download -> filter -> dedup -> tokenizer -> tokenize, as Prefect tasks.
+
+A subset of ``full-pipeline`` for iterating on data: same cached stage tasks, same keys, so
+a later ``full-pipeline`` run finds these stages ``Cached``.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +18,16 @@ DATA_STAGES = ["download", "filter", "dedup", "tokenizer", "tokenize"]
 
 
 @flow(name="data", log_prints=True)
-def data_flow(preset: str = "tiny", overrides: dict[str, Any] | None = None, force: list[str] | None = None) -> dict[str, str]:
+def data_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
+              force: list[str] | None = None) -> dict[str, str]:
     cfg = load_config(preset, overrides or {})
-    force = set(force or [])
+    force = set(force or []) | set(cfg.orchestration.force)
     uris: dict[str, str] = {}
     for name in DATA_STAGES:
         inputs = {role: uris[up] for role, up in STAGES[name].inputs.items()}
-        uris[name] = run_stage_task(name, cfg, inputs, force=name in force or "all" in force)["uri"]
+        summary, cached = run_stage_task(name, cfg, inputs, force=name in force or "all" in force)
+        uris[name] = summary["uri"]
+        print(f"[kiln] {name}: {'cached' if cached else 'computed'} -> {summary['uri']}")
     return uris
 
 

@@ -1,0 +1,244 @@
+"""The MLflow run tree of a pipeline run, kept by the flow (not by the stages).
+
+One parent run per Prefect flow run (tagged with the flow-run id and UI URL, the git commit,
+the preset), one child run per stage (its config as params, its manifest counts as metrics,
+its output URI as tags, its manifest as an artifact). The stage's child run id is handed to
+the stage through ``KILN_MLFLOW_RUN_ID`` (llm/tracking.py's convention), so the torchrun job
+streams its training curves into the same child run.
+
+A stage that was not computed (Prefect cache hit, or a verified output on disk) still gets
+a child run, tagged ``kiln.cached=true`` and ``kiln.reused_from_run_id`` = the MLflow run
+that computed it, found through a small lineage record next to the artifacts
+(``<artifact_root>/_lineage/<stage>/<key>.json``).
+
+A retried flow run (``prefect flow-run retry``) keeps its id, so it finds and reuses its
+parent run and the child runs of stages that already finished instead of growing a second
+tree. Everything here goes through ``MlflowClient`` (no global active run), so it is safe
+to call from the flow while stages run in threads or other processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from llm.config import KilnConfig
+from llm.stages import STAGES
+from llm.storage import Store, join
+
+PIPELINE_TAG = "kiln.kind"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+def tracking_uri(cfg: KilnConfig) -> str:
+    """llm/tracking.py's order: config, then MLFLOW_TRACKING_URI, then ./mlruns (made absolute)."""
+    uri = cfg.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if uri:
+        return uri
+    return (Path.cwd() / "mlruns").resolve().as_uri()
+
+
+def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A browsable link to a run: the MLflow UI for a server, the run's directory for a file store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith("file:"):
+        return f"{uri.rstrip('/')}/{experiment_id}/{run_id}"
+    return f"{uri}#experiments/{experiment_id}/runs/{run_id}"
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """HEAD of the code being run, with "-dirty" when tracked files differ (empty outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = obj
+    return out
+
+
+def _numeric(d: dict[str, Any]) -> dict[str, float]:
+    flat = _flatten("", d, {})
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def lineage_uri(cfg: KilnConfig, stage: str, key: str) -> str:
+    return join(cfg.run.artifact_root, "_lineage", stage, f"{key}.json")
+
+
+def read_lineage(cfg: KilnConfig, stage: str, key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(Store(cfg.run.artifact_root, cfg.run.s3_endpoint).get_bytes(lineage_uri(cfg, stage, key)))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class PipelineTracker:
+    """The parent run of one pipeline flow run and its per-stage children."""
+
+    def __init__(self, cfg: KilnConfig, client: Any, experiment_id: str, run_id: str, flow_run_id: str | None):
+        self.cfg = cfg
+        self.client = client
+        self.experiment_id = experiment_id
+        self.run_id = run_id
+        self.flow_run_id = flow_run_id
+        self.uri = tracking_uri(cfg)
+        self.children: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ parent
+    @classmethod
+    def start(cls, cfg: KilnConfig, *, params: dict[str, Any], flow_run: Any = None,
+              flow_run_url: str | None = None) -> "PipelineTracker":
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(cfg)
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(cfg.run.mlflow_experiment)
+        if exp is None:
+            try:
+                experiment_id = client.create_experiment(cfg.run.mlflow_experiment)
+            except Exception:  # noqa: BLE001 - another run created it between the two calls
+                experiment_id = client.get_experiment_by_name(cfg.run.mlflow_experiment).experiment_id
+        else:
+            experiment_id = exp.experiment_id
+        flow_run_id = str(flow_run.id) if flow_run is not None else None
+        run_id = None
+        if flow_run_id:  # a retried flow run keeps its id: reuse its parent run
+            found = client.search_runs([experiment_id], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' "
+                                       f"and tags.`{PIPELINE_TAG}` = 'pipeline'", max_results=1)
+            if found:
+                run_id = found[0].info.run_id
+                client.update_run(run_id, status="RUNNING")
+                client.set_tag(run_id, "kiln.retries", str(int(found[0].data.tags.get("kiln.retries", "0")) + 1))
+        if run_id is None:
+            tags = {
+                PIPELINE_TAG: "pipeline",
+                "kiln.preset": cfg.preset,
+                "mlflow.runName": f"{cfg.preset}-{flow_run.name}" if flow_run is not None else f"{cfg.preset}-pipeline",
+                "mlflow.source.git.commit": git_commit(),
+            }
+            if flow_run is not None:
+                tags |= {FLOW_RUN_TAG: flow_run_id, "prefect.flow_run_name": flow_run.name}
+            if flow_run_url:
+                tags["prefect.flow_run_url"] = flow_run_url
+            run = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v})
+            run_id = run.info.run_id
+            _log_params(client, run_id, params)
+        return cls(cfg, client, experiment_id, run_id, flow_run_id)
+
+    @property
+    def url(self) -> str:
+        return mlflow_run_url(self.uri, self.experiment_id, self.run_id)
+
+    def finish(self, ok: bool, error: str | None = None) -> None:
+        if error:
+            self.client.set_tag(self.run_id, "kiln.error", error[:5000])
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+
+    # ------------------------------------------------------------------ children
+    def stage_start(self, label: str, stage: str) -> str:
+        """Create (or, on a retried flow run, find) the child run of one stage; returns its id."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.run_id}' and tags.`kiln.stage_label` = '{label}'",
+            max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(self.experiment_id, tags={
+                "mlflow.parentRunId": self.run_id, "mlflow.runName": label, PIPELINE_TAG: "stage",
+                "kiln.stage": stage, "kiln.stage_label": label, "kiln.preset": self.cfg.preset,
+            } | ({FLOW_RUN_TAG: self.flow_run_id} if self.flow_run_id else {}))
+            run_id = run.info.run_id
+            self.children[label] = run_id
+            config = STAGES[stage].key_config(self.cfg)
+            _log_params(self.client, run_id, {f"cfg.{k}": v for k, v in _flatten("", config, {}).items()})
+        self.children[label] = run_id
+        return run_id
+
+    def stage_done(self, label: str, stage: str, summary: dict[str, Any], prefect_cached: bool) -> None:
+        """Counts as metrics, URIs as tags, the manifest as an artifact; lineage for reuse."""
+        run_id = self.children[label]
+        cached = prefect_cached or bool(summary.get("reused"))
+        tags = {
+            "kiln.cached": "true" if cached else "false",
+            "kiln.output_uri": summary["uri"],
+            "kiln.key": summary["key"],
+            "kiln.manifest_hash": summary["hash"],
+        }
+        if cached:
+            origin = read_lineage(self.cfg, stage, summary["key"]) or {}
+            source_run = origin.get("mlflow_run_id") or summary.get("mlflow_run_id")
+            tags["kiln.reused_from_run_id"] = source_run or "unknown"
+            if origin.get("flow_run_id") or summary.get("flow_run_id"):
+                tags["kiln.reused_from_flow_run_id"] = origin.get("flow_run_id") or summary.get("flow_run_id")
+            tags["kiln.cache_level"] = "prefect" if prefect_cached else "manifest"
+        else:
+            Store(self.cfg.run.artifact_root, self.cfg.run.s3_endpoint).put_bytes(json.dumps({
+                "stage": stage, "key": summary["key"], "uri": summary["uri"], "mlflow_run_id": run_id,
+                "flow_run_id": self.flow_run_id, "written": time.time(),
+            }).encode(), lineage_uri(self.cfg, stage, summary["key"]))
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, 0) for k, v in _numeric(summary.get("counts", {})).items()]
+        if summary.get("seconds") is not None and not cached:
+            metrics.append(Metric("stage_seconds", float(summary["seconds"]), now, 0))
+        for i in range(0, len(metrics), 500):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 500])
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        try:
+            manifest = Store(self.cfg.run.artifact_root, self.cfg.run.s3_endpoint).get_bytes(join(summary["uri"], "manifest.json"))
+            self.client.log_text(run_id, manifest.decode(), "manifest.json")
+        except FileNotFoundError:
+            pass
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def stage_failed(self, label: str, error: BaseException) -> None:
+        run_id = self.children.get(label)
+        if run_id is None:
+            return
+        self.client.set_tag(run_id, "kiln.error", f"{type(error).__name__}: {error}"[:5000])
+        self.client.set_terminated(run_id, status="FAILED")
+
+    # ------------------------------------------------------------------ report
+    def log_report(self, report_uri: str) -> str | None:
+        """Log the report stage's files to its child run and its markdown to the parent; returns the markdown."""
+        store = Store(self.cfg.run.artifact_root, self.cfg.run.s3_endpoint)
+        manifest = json.loads(store.get_bytes(join(report_uri, "manifest.json")))
+        markdown = None
+        report_run = self.children.get("report")
+        for rel in sorted(manifest.get("files", {})):
+            local = store.cache_path(join(report_uri, rel))
+            if report_run:
+                self.client.log_artifact(report_run, str(local), artifact_path=str(Path("report", rel).parent))
+            if rel.endswith(".md") and (markdown is None or Path(rel).name == "report.md"):
+                markdown = local.read_text()
+        if markdown is not None:
+            self.client.log_text(self.run_id, markdown, "report.md")
+        return markdown
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
