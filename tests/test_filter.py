@@ -443,3 +443,32 @@ def test_cli_filter(artifact_root: Path, shard_slice: pa.Table, capsys: pytest.C
     bad = _publish_docs(artifact_root, {"x.parquet": pa.table({"id": ["1"], "body": ["x"]})})
     assert main(["filter", "--input", bad, "--output", str(artifact_root), "--quiet"]) == 1
     assert "no 'text' column" in capsys.readouterr().err
+
+
+def test_hashed_ngram_statistics_match_plain_python(shard_slice: pa.Table) -> None:
+    """On real documents, the numpy/hash n-gram statistics equal a straightforward string version."""
+    from collections import Counter
+
+    from llm.data.filters.gopher import _duplicate_ngram_chars, _top_ngram_chars
+
+    for text in shard_slice.column("text").to_pylist()[:40]:
+        doc = Doc(text)
+        words = doc.words
+        for n in (2, 3, 4):
+            if len(words) < n:
+                continue
+            grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+            gram, count = Counter(grams).most_common(1)[0]
+            assert _top_ngram_chars(doc, n) == len(gram) * count
+        for n in (5, 8):
+            seen, rep, idx = set(), 0, 0
+            while idx < len(words) - n + 1:
+                g = tuple(words[idx : idx + n])
+                if g in seen:
+                    rep += sum(map(len, g))
+                    idx += n
+                else:
+                    seen.add(g)
+                    idx += 1
+            got, _ = _duplicate_ngram_chars(doc, n, limit=-1, bound=None)
+            assert got == rep

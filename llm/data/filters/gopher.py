@@ -102,6 +102,8 @@ def _duplicate_ngram_chars(doc: Doc, n: int, limit: float, bound: np.ndarray | N
     (or that upper bound) and a superset mask for n+1.
     """
     chars = doc.ngram_chars(n)
+    if len(chars) == 0:
+        return 0.0, np.zeros(0, dtype=bool)
     if bound is not None:
         upper = int(chars[bound].sum())
         if upper <= limit:

@@ -72,16 +72,20 @@ _ABBREVIATIONS = (
     "|Dec|Ala|Ariz|Ark|Calif|Colo|Conn|Del|Fla|Ga|Ill|Ind|Kan|Ky|La|Md|Mass|Mich|Minn|Miss|Mo|Neb|Nev|Okla|Ore|Pa|Tenn"
     "|Va|Wash|Wis"
 )
-_CLITIC = r"['’](?:[sSmMdD]|ll|re|ve|LL|RE|VE)\b"
-# Order matters: the first alternative that matches at a position wins.
+_CLITIC = r"(?:[sSmMdD]|ll|re|ve|LL|RE|VE)\b"  # 's 'm 'd 'll 're 've, split off their word
+_WORD = rf"\w+(?:(?:['’](?!{_CLITIC})|[-–—](?=\d))\w+)*"  # O'Neil, F-35, 258–269
+# Order matters: the first alternative that matches at a position wins. The first one takes the
+# common case (a word starting with a letter, not followed by "." or "://") in one atomic step;
+# everything else falls through to the special cases, then to the general word rule.
 TOKEN_RE = re.compile(
-    r"(?:https?://|www\.)[^\s]*[^\s.,;:!?)\]'\"]"      # URL, trailing punctuation left out
+    rf"(?>[^\W\d_]\w*(?:(?:['’](?!{_CLITIC})|[-–—](?=\d))\w+)*)(?!\.|://)"
+    r"|(?:https?://|www\.)[^\s]*[^\s.,;:!?)\]'\"]"      # URL, trailing punctuation left out
     r"|(?:[^\W\d_]\.){2,}"                             # initialisms: U.S. e.g. i.e.
     r"|[^\W\d_]\.(?=\s|$)"                            # initials: J. A.
     rf"|(?=[A-Z][a-z]{{0,4}}\.)(?:{_ABBREVIATIONS})\.(?=\s|$)"  # abbreviations (cheap gate first): Dr. Jan.
     r"|\d+(?:[.,:/]\d+)+(?:[^\W\d_]+)?"                # 3.5 1,000 12:30 1/2 1.5x
-    rf"|{_CLITIC}"                                      # 's 're 'll ... split off their word
-    rf"|\w+(?:(?:['’](?!(?:[sSmMdD]|ll|re|ve|LL|RE|VE)\b)|[-–—](?=\d))\w+)*"  # words: O'Neil, F-35, 258–269
+    rf"|['’]{_CLITIC}"
+    rf"|{_WORD}"
     r"|\.{2,}|-{2,}|…"                                 # ellipses and dash runs stay whole
     r"|[^\w\s]"                                        # any other symbol: its own token
 )
