@@ -400,13 +400,15 @@ def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> di
             raise StageError(f"{docs_uri}: no training text (every document empty or held out)")
     elif tcfg.kind in STOCK_ENCODINGS:
         tok = stock_tokenizer(tcfg.kind)
-        for doc_id, text in iter_docs(store, docs_uri):  # only the held-out sample is needed
-            stats["docs_seen"] += 1
-            from .data.shards import doc_bucket
+        from .data.shards import doc_bucket
 
-            if doc_bucket(doc_id) < HELDOUT_FRACTION and stats["heldout_chars"] < HELDOUT_MAX_CHARS:
+        for doc_id, text in iter_docs(store, docs_uri):  # nothing to train: only the held-out sample is needed
+            stats["docs_seen"] += 1
+            if doc_bucket(doc_id) < HELDOUT_FRACTION:
                 heldout.append(text)
                 stats["heldout_chars"] += len(text)
+                if stats["heldout_chars"] >= HELDOUT_MAX_CHARS:
+                    break
     else:
         raise StageError(f"tokenizer.kind={tcfg.kind!r}: expected 'bpe' or a tiktoken encoding ({', '.join(STOCK_ENCODINGS)})")
     train_s = time.time() - t0

@@ -49,6 +49,7 @@ def test_data_flow_runs_then_reruns_from_cache(prefect_env: Path, tmp_path: Path
     root = tmp_path / "artifacts"
     overrides = {
         "run.artifact_root": str(root),
+        "orchestration.result_storage": str(prefect_env),  # cache records in tmp, not ./.kiln
         "download.max_rows": 300,
         "tokenizer.vocab_size": 512,
         "tokenizer.max_train_chars": 2_000_000,
@@ -80,3 +81,4 @@ def test_data_flow_runs_then_reruns_from_cache(prefect_env: Path, tmp_path: Path
     states = _task_states(second.state_details.flow_run_id)
     assert sorted(states) == sorted(DATA_STAGES)
     assert set(states.values()) == {"Cached"}, states
+    assert len(list(prefect_env.iterdir())) >= len(DATA_STAGES)  # the cache records are where we said
