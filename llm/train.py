@@ -16,7 +16,8 @@ One program for pretraining, midtraining and SFT; what differs is in the job fil
       "s3_endpoint": "",
       "seed": 1337,
       "mlflow": {"enabled": true, "tracking_uri": "", "experiment": "kiln", "run_name": "pretrain"},
-      "progress": true
+      "progress": true,
+      "step_sleep_s": 0.0                        # optional throttle (tests that kill a run mid-way)
     }
 
 It also runs without torchrun (``python -m llm.train --job ...``) as a single process.
@@ -207,6 +208,7 @@ class Trainer:
         self.last_val: dict[str, float] = {}
         self.samples: list[dict[str, Any]] = []
         self._stop = False
+        self.step_sleep_s = float(job.get("step_sleep_s", 0.0))
         self.ckpt_root = self.out / "checkpoints"
         self.out.mkdir(parents=True, exist_ok=True)
         self._restore_or_init()
@@ -496,6 +498,8 @@ class Trainer:
                 self.opt.zero_grad()
                 self.step += 1
                 tok_log += tr.total_batch_tokens
+                if self.step_sleep_s:  # throttle for fault-injection tests and demos; never changes the math
+                    time.sleep(self.step_sleep_s)
                 if self.bar is not None:
                     self.bar.update(1)
                 last = self.step == steps
