@@ -3,7 +3,7 @@
 Both run word 5-gram MinHash with 112 hashes as 14 bands x 8 rows, seed 1, end to end from
 parquet shards to deduplicated parquet shards (datatrove: signatures -> buckets -> cluster ->
 filter with LocalPipelineExecutor; Kiln: the `dedup` stage). The corpus is real documents from
-the offline kit with planted near-duplicates (0.2-1.5% of words replaced) and a few planted
+the offline kit with planted near-duplicates (0.2-3% of words replaced) and a few planted
 exact copies. Recall counts a planted pair as found when the output no longer holds both.
 
 datatrove's default English word tokenizer is spaCy, which is not a Kiln dependency; the
@@ -64,7 +64,7 @@ def build_corpus(out_dir: Path, n_docs: int, near_frac: float, exact_frac: float
     for k, i in enumerate(picks):
         src = rows[i]
         if k < n_near:
-            text = perturb(src["text"], rng.uniform(0.002, 0.015), rng)
+            text = perturb(src["text"], rng.uniform(0.002, 0.03), rng)
             j = jaccard(shingles(normalize(src["text"]), 5), shingles(normalize(text), 5))
             kind = "near"
         else:

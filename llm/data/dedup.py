@@ -88,8 +88,19 @@ def split_id(did: int) -> tuple[int, int]:
     return did >> 32, did & 0xFFFFFFFF
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    Linux's VmHWM, not ``ru_maxrss``: the latter carries the parent's peak across fork+exec,
+    so a spawned worker would report its parent's memory instead of its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, bytes on macOS
 
 
 # --------------------------------------------------------------------------- phase 1: signatures
@@ -177,7 +188,7 @@ def sign_shard(task: SignTask) -> dict[str, Any]:
     if rows == 0:
         raise StageError(f"{task.name}: empty shard (0 rows)")
     return {"shard": task.shard, "rows": rows, "no_words": no_words, "seconds": time.time() - t0,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 # --------------------------------------------------------------------------- phase 2 + 3: clusters
@@ -298,7 +309,7 @@ def filter_shard(task: FilterTask) -> dict[str, Any]:
     else:  # every row was a duplicate of an earlier shard's: publish no empty shard
         tmp.unlink(missing_ok=True)
     return {"shard": task.shard, "rows": row, "kept": kept, "samples": samples,
-            "seconds": time.time() - t0, "peak_rss_mb": _peak_rss_mb()}
+            "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 # --------------------------------------------------------------------------- orchestration
