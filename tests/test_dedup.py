@@ -26,6 +26,7 @@ from llm.data.minhash import (
 from llm.stage import StageError, run_stage
 from llm.stages import execute
 from llm.storage import Store
+from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 N_BASE = 160  # real documents per shard in the stage tests
 
@@ -285,6 +286,25 @@ def test_kiln_dedup_cli(tmp_path, shared_data, capsys):
     assert "dedup" in text and "docs_in=35" in text and "exact_dups=5" in text
     assert main(["dedup", "--input", f"docs={uri}", "--output", str(root), "--set", "dedup.bands=3"]) == 2
     assert "dedup.bands" in capsys.readouterr().err
+
+
+def test_stage_reads_and_writes_s3(s3_bucket: S3Bucket, shared_data):
+    """Input shards and the published output live in a bucket (moto_server on loopback)."""
+    root = f"{s3_bucket.uri}/artifacts"
+    t = real_table(shared_data, 1, 0, 25)
+    docs = pa.concat_tables([t, t.slice(3, 4)])
+
+    def body(out, _):
+        pq.write_table(docs, out.path("data/shard_00000.parquet"))
+        return {}
+
+    store = Store(root)
+    uri = run_stage(store, "filter", {"s3": 1}, {}, "test", body).uri
+    cfg = load_config("tiny", [f"run.artifact_root={root}", "dedup.workers=1"])
+    res = execute("dedup", cfg, {"docs": uri}, progress=False)
+    assert res.uri.startswith("s3://") and res.manifest["counts"]["exact_dups"] == 4
+    local = store.cache_path(f"{res.uri}/data/shard_00000.parquet")
+    assert pq.read_table(local).column("id").to_pylist() == t.column("id").to_pylist()
 
 
 # --------------------------------------------------------------------------- bad input
