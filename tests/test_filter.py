@@ -313,9 +313,9 @@ def _publish_docs(root: Path, tables: dict[str, pa.Table]) -> str:
 
 @pytest.fixture()
 def shard_slice(shared_data: Path) -> pa.Table:
-    """The first 256 rows of a real shard: FineWeb, DCLM-labelled pages and Wikipedia mixed."""
+    """The first 160 rows of a real shard: FineWeb, DCLM-labelled pages and Wikipedia mixed."""
     pf = pq.ParquetFile(shared_data / "pretrain" / "shard_00000.parquet")
-    return pa.Table.from_batches([next(pf.iter_batches(batch_size=256))])
+    return pa.Table.from_batches([next(pf.iter_batches(batch_size=160))])
 
 
 def _cfg(root: Path, *extra: str):

@@ -18,7 +18,6 @@ agreement this buys is measured in bench/bench_filter.py.
 from __future__ import annotations
 
 import re
-import unicodedata
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -28,7 +27,9 @@ import numpy as np
 
 @lru_cache(maxsize=1)
 def _all_chars() -> str:
-    return "".join(chr(i) for i in range(0x110000) if not 0xD800 <= i < 0xE000)
+    # every code point except surrogates, decoded in one go (much faster than a chr() loop)
+    cps = np.concatenate([np.arange(0, 0xD800), np.arange(0xE000, 0x110000)]).astype("<u4")
+    return cps.tobytes().decode("utf-32-le")
 
 
 def _char_class(chars: str) -> str:
@@ -53,8 +54,10 @@ def punctuation_chars() -> str:
     Unicode punctuation (P*), math/currency/modifier symbols (Sm, Sc, Sk) and control
     characters. Other symbols (©, °, emoji) count as words, as they do in datatrove.
     """
-    keep = ("Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk", "Cc")
-    return "".join(c for c in _all_chars() if unicodedata.category(c) in keep and not c.isspace())
+    import regex  # a tiktoken dependency, always present; scans all code points in C, once
+
+    found = regex.findall(r"[\p{P}\p{Sm}\p{Sc}\p{Sk}\p{Cc}]", _all_chars())
+    return "".join(c for c in found if not c.isspace())
 
 
 @lru_cache(maxsize=1)
