@@ -33,7 +33,7 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -382,6 +382,3 @@ def comparison_table(result: CoreResult, bundle: Bundle) -> list[dict[str, Any]]
     rows.append(core_row)
     return rows
 
-
-def as_dict(r: TaskResult) -> dict[str, Any]:
-    return asdict(r)

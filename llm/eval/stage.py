@@ -101,8 +101,10 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
     if getattr(tokenizer, "vocab_size", model.config.vocab_size) > model.config.vocab_size:
         raise StageError(f"tokenizer {spec['tokenizer']} has vocab {tokenizer.vocab_size}, larger than the "
                          f"model's {model.config.vocab_size}: they do not belong together")
-    max_seq_len = cfg.eval.max_seq_len or int(getattr(model, "rope_cos", None).shape[0]
-                                              if hasattr(model, "rope_cos") else model.config.seq_len)
+    # Like nanochat, score the full few-shot context; crop only beyond what the model can
+    # position (its rotary table), or at eval.max_seq_len when set.
+    rope = getattr(model, "rope_cos", None)
+    max_seq_len = cfg.eval.max_seq_len or (int(rope.shape[0]) if rope is not None else model.config.seq_len)
 
     # ---- CORE
     bundle_src = resolve_source(cfg.eval.bundle, "core_eval", cfg.run.data_mirror)
