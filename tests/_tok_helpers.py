@@ -27,7 +27,7 @@ def real_docs(shared_data: Path, n: int, skip: int = 0, shard: int = 0) -> list[
     return rows
 
 
-def publish_docs(root: Path, files: Sequence[Sequence[dict]], *, row_group_size: int = 64, tag: str = "t",
+def publish_docs(root: Path | str, files: Sequence[Sequence[dict]], *, row_group_size: int = 64, tag: str = "t",
                  schema: pa.Schema | None = None) -> str:
     """Publish ``files`` (lists of row dicts) as a verified stage output ``data/part_XXXXX.parquet``."""
 

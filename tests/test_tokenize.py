@@ -17,6 +17,7 @@ from llm.data.tokenize import tokenize_docs
 from llm.stage import StageError
 from llm.stages import execute
 from llm.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
+from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 from tests._tok_helpers import publish_docs, real_docs
 
 VAL = 0.2
@@ -239,3 +240,21 @@ def test_encode_methods_agree(corpus) -> None:
     assert a_tok.dtype == b_tok.dtype == np.uint16
     assert np.array_equal(a_tok, b_tok) and np.array_equal(a_len, b_len)
     assert a_tok.tolist()[: a_len[0]] == [tok.bos_id] + tok.encode(texts[0])
+
+
+def test_tokenizer_and_tokenize_on_s3(corpus, s3_bucket: S3Bucket) -> None:
+    """Both stages read their inputs from and publish to a real S3 API; the shards match the local run."""
+    root = f"s3://{s3_bucket.name}/artifacts"
+    docs_uri = publish_docs(root, corpus["files"], row_group_size=16)
+    cfg = corpus["cfg"].model_copy(deep=True)
+    cfg.run.artifact_root = root
+    cfg.tokenize.workers = 2  # spawned workers read the cached S3 objects too
+    tok_res = execute("tokenizer", cfg, {"docs": docs_uri}, progress=False)
+    assert tok_res.uri.startswith("s3://")
+    tok = load_tokenizer(tok_res.uri)
+    local_tok = load_tokenizer(corpus["tok_uri"])
+    assert tok.mergeable_ranks() == local_tok.mergeable_ranks()
+    res = execute("tokenize", cfg, {"docs": docs_uri, "tokenizer": tok_res.uri}, progress=False)
+    assert res.manifest["counts"] == corpus["res"].manifest["counts"]
+    for split in ("train", "val"):
+        assert _split_docs(open_split(res.uri, split)) == _split_docs(open_split(corpus["res"].uri, split))
