@@ -29,7 +29,12 @@ PARAM_VALUE_MAX = 6000
 
 
 def tracking_uri(configured: str = "") -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"file://{Path('mlruns').resolve()}"
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI") or f"file://{Path('mlruns').resolve()}"
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow ≥ 3.7 refuses the file store unless opted in; ./mlruns is this project's documented
+        # default (and what `mlflow ui --backend-store-uri ./mlruns` reads), so opt in for it.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

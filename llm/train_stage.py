@@ -4,7 +4,8 @@
 stage "pretrain") and the chat stages (midtrain/SFT) all call it with their own train config, loader
 kind/spec and init checkpoint. It
 
-1. picks the process count (``train.nproc``, or the GPU count, or 1 on CPU),
+1. picks the process count (``train.nproc``, or the GPU count, or 1 on CPU) and the rendezvous
+   (``--standalone``, or multi-node from ``KILN_NNODES``/``KILN_RDZV_ENDPOINT``: ``llm.rendezvous``),
 2. checks the batch plan BEFORE launching (an indivisible batch is a :class:`~llm.stage.StageError`),
 3. writes ``job.json`` into the output dir and runs ``python -m torch.distributed.run --standalone
    --nproc_per_node=N -m llm.train --job job.json`` in its own process group,
@@ -99,14 +100,23 @@ def launch_training(
     from .model import GPTConfig
     from .train import BatchPlanError, plan_batch
 
+    from .rendezvous import rendezvous_args
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n = nproc or pick_nproc(train_config)
     mc = GPTConfig.from_dict(model_config)
-    try:
-        plan_batch(train_config.total_batch_tokens, train_config.device_batch_size, mc.seq_len, n)
+    child_env = dict(os.environ)
+    child_env.update({k: str(v) for k, v in train_config.nccl_env.items()})
+    child_env.update(env or {})
+    rdzv = rendezvous_args(child_env)  # --standalone, or multi-node args from KILN_NNODES etc.
+    nnodes = child_env.get("KILN_NNODES", "1").strip() or "1"
+    try:  # an elastic range ("1:4") has no fixed world size: the trainer checks the plan itself then
+        plan_batch(train_config.total_batch_tokens, train_config.device_batch_size, mc.seq_len,
+                   n * (int(nnodes) if nnodes.isdigit() else 1))
     except BatchPlanError as e:
-        raise StageError(f"{stage}: {e}") from None
+        if nnodes.isdigit():
+            raise StageError(f"{stage}: {e}") from None
     job = {
         "stage": stage, "model": mc.to_dict(), "train": train_config.model_dump(mode="json"),
         "loader": {"kind": loader_kind, "spec": loader_spec}, "tokenizer": tokenizer_uri,
@@ -119,11 +129,8 @@ def launch_training(
     tmp.write_text(json.dumps(job, indent=2))
     os.replace(tmp, job_path)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={n}",
            "-m", "llm.train", "--job", str(job_path)]
-    child_env = dict(os.environ)
-    child_env.update({k: str(v) for k, v in train_config.nccl_env.items()})
-    child_env.update(env or {})
     child_env["PYTHONUNBUFFERED"] = "1"
     repo = str(Path(__file__).resolve().parents[1])
     child_env["PYTHONPATH"] = repo + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
