@@ -187,7 +187,7 @@ def _run_gpt_core(shared_data: Path, state: dict, batch_tokens: int = 4096, per_
     model = _tiny_gpt()
     model.load_state_dict(state)
     bundle = load_bundle(str(shared_data / "core_eval"))
-    return evaluate_core(model_scorer(model), TOK, bundle, tasks=REAL_TASKS, max_per_task=6,
+    return evaluate_core(model_scorer(model), TOK, bundle, tasks=REAL_TASKS, max_per_task=4,
                          batch_tokens=batch_tokens, per_example=per_example, max_seq_len=1024)
 
 
@@ -215,7 +215,7 @@ def test_identical_across_runs_batching_and_one_vs_two_ranks(shared_data, tmp_pa
     plain = _run_gpt_core(shared_data, state, per_example=True)
     summary = lambda r: {k: (t.accuracy, t.n) for k, t in r.tasks.items()} | {"core": r.core}  # noqa: E731
     assert summary(a) == summary(b) == summary(plain)
-    assert all(t.n == 6 for t in a.tasks.values())
+    assert all(t.n == 4 for t in a.tasks.values())
 
     state_path, out_path = tmp_path / "state.pt", tmp_path / "two_ranks.pt"
     torch.save(state, state_path)
