@@ -117,12 +117,11 @@ class SignTask:
     rows: int
     seed: int
     partitions: int
-    batch_rows: int
 
 
-def _texts(batch: pa.RecordBatch, name: str, first_row: int) -> list[str]:
+def _texts(batch: pa.Table, name: str, first_row: int) -> list[str]:
     """The text column as Python strings; a null or non-UTF-8 value is an error naming its row."""
-    col = batch.column(batch.schema.get_field_index("text"))
+    col = batch.column("text")
     try:
         texts = col.to_pylist()
     except Exception:  # noqa: BLE001 - pinpoint the bad row below
@@ -160,7 +159,10 @@ def sign_shard(task: SignTask) -> dict[str, Any]:
     rows = 0
     no_words = 0
     with pq.ParquetWriter(sig_path, sig_schema, compression="none") as sig_writer:
-        for batch in pf.iter_batches(batch_size=task.batch_rows, columns=["text"]):
+        # One row group at a time, read explicitly: iter_batches reads ahead and its memory
+        # grew with the shard in bench_dedup_memory; read_row_group is bounded by one group.
+        for rg in range(pf.num_row_groups):
+            batch = pf.read_row_group(rg, columns=["text"], use_threads=False)
             texts = _texts(batch, task.name, rows)
             norms = [normalize(t) for t in texts]
             shingle_lists = [shingles(n, task.ngram) for n in norms]
@@ -280,12 +282,13 @@ def filter_shard(task: FilterTask) -> dict[str, Any]:
         buffer, buffered = [], 0
 
     try:
-        for batch in pf.iter_batches(batch_size=task.row_group_rows):
+        for rg in range(pf.num_row_groups):
+            batch = pf.read_row_group(rg, use_threads=False)
             n = batch.num_rows
             if want:
                 hit = [r for r in range(row, row + n) if r in want]
                 if hit:
-                    texts = batch.column(batch.schema.get_field_index("text"))
+                    texts = batch.column("text")
                     for r in hit:
                         samples[r] = _first_line(texts[r - row].as_py())
             lo, hi = np.searchsorted(task.remove_rows, [row, row + n])
@@ -294,7 +297,7 @@ def filter_shard(task: FilterTask) -> dict[str, Any]:
                 mask[task.remove_rows[lo:hi] - row] = False
                 batch = batch.filter(pa.array(mask))
             if batch.num_rows:
-                buffer.append(pa.Table.from_batches([batch]))
+                buffer.append(batch)
                 buffered += batch.num_rows
                 kept += batch.num_rows
             if buffered >= task.row_group_rows:
@@ -368,7 +371,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
     scratch.mkdir(parents=True)
     # 1. signatures + per-band bucket tables, per shard in parallel
     sign_tasks = [SignTask(i, name, str(path), str(scratch), d.ngram, d.num_bands, d.rows_per_band, d.seed,
-                           d.band_partitions, d.row_group_rows) for i, (name, path) in enumerate(files)]
+                           d.band_partitions) for i, (name, path) in enumerate(files)]
     pool = _pool(d.workers, len(files))
     try:
         return _run_phases(cfg, out, files, scratch, sign_tasks, pool, progress)
