@@ -187,7 +187,7 @@ def data_section(inputs: dict[str, dict]) -> list[str]:
     d = inputs.get("dedup")
     if d is not None:
         c = d.get("counts", {})
-        rate = c.get("duplicate_rate")
+        rate = c.get("duplicate_rate", c.get("removal_rate"))
         if rate is None and c.get("docs_in"):
             rate = 1 - c.get("docs_out", c["docs_in"]) / c["docs_in"]
         lines += [f"Duplicate rate (dedup): **{_fmt(rate)}**" if rate is not None else "Duplicate rate: –", ""]

@@ -41,9 +41,11 @@ def manifests(tmp_path: Path) -> dict[str, dict]:
     root = tmp_path / "art"
     return {
         "download": _stage(root, "download", {"docs_in": 1000, "docs_out": 1000, "files": 2}),
-        "filter": _stage(root, "filter", {"docs_in": 1000, "docs_out": 700,
-                                          "removed_by_rule": {"gopher_quality": 200, "c4": 100}}),
-        "dedup": _stage(root, "dedup", {"docs_in": 700, "docs_out": 630}),
+        "filter": _stage(root, "filter", {"docs_in": 1000, "docs_out": 700, "removed": 300},
+                         removed_by_rule={"gopher_quality": 200, "c4": 100},
+                         examples_per_rule={"c4": [{"id": "x", "text": "lorem ipsum"}]}),
+        "dedup": _stage(root, "dedup", {"docs_in": 700, "docs_out": 630, "exact_dups": 20, "near_dups": 50,
+                                        "removal_rate": 0.1}),
         "tokenizer": _stage(root, "tokenizer", {"vocab_size": 4096, "chars_per_token": 3.9}),
         "tokenize": _stage(root, "tokenize", {"tokens": 1_234_567, "docs": 630}),
         "pretrain": _stage(root, "pretrain", {"params": 1_500_000, "tokens": 614_400, "steps": 150, "wall_s": 3600.0,
@@ -65,7 +67,7 @@ def test_report_renders_every_section_and_a_png(manifests, tmp_path: Path):
         assert heading in md
     assert "git commit: `" in md and "torch " in md
     assert "| filter | 1,000 | 700 | 300 |" in md
-    assert "gopher_quality" in md and "| 200 |" in md
+    assert "Filter — removed by rule:" in md and "| gopher_quality | 200 |" in md and "| c4 | 100 |" in md
     assert "Duplicate rate (dedup): **0.1**" in md
     assert "| bpe | 4,096 | 3.9 |" in md
     # training: pretrain numbers, midtrain/sft explicitly not run
