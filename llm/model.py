@@ -299,7 +299,9 @@ class GPT(nn.Module):
         max_len = min(len(ids) + max_new_tokens, self.rope_cos.shape[0])
         if len(ids) >= max_len:
             return
-        dtype = self.wte.weight.dtype
+        # Under autocast, K/V come out in the autocast dtype: store them in that dtype.
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else self.wte.weight.dtype
         cache = KVCache(self.config.depth, 1, self.config.kv_heads, max_len, self.config.head_dim, device, dtype)
         gen = None
         if seed is not None:
@@ -317,8 +319,6 @@ class GPT(nn.Module):
                 probs = F.softmax(scaled, dim=-1)
                 nxt = int(torch.multinomial(probs, 1, generator=gen).item())
             yield nxt
-            if stop_ids and nxt in stop_ids:
-                return
-            if cache.pos >= max_len:
+            if (stop_ids and nxt in stop_ids) or cache.pos >= max_len - 1:
                 return
             logits = self.forward(torch.tensor([[nxt]], dtype=torch.long, device=device), kv_cache=cache)[:, -1, :]
