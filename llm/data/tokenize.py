@@ -1,8 +1,9 @@
 """The tokenize stage: documents -> BOS-prefixed token streams in binary shards (see llm/data/shards.py).
 
-Work is split by parquet row group. Worker processes each read one row group, assign every
-document to train/val by its id hash, encode the texts with tiktoken's batch API and send back one
-flat token array per split. The parent consumes results strictly in input order and appends them
+Work is split by parquet row group. Worker processes (spawned, ``tokenize.workers`` of them; one
+in-process when 1) each read one row group, assign every document to train/val by its id hash,
+encode the texts with tiktoken (``encode_to_numpy``, or ``encode_ordinary_batch`` with
+``encode_method="batch"``; identical ids) and send back one flat token array per split. The parent consumes results strictly in input order and appends them
 to the shard writers, so the output is byte-identical whatever ``tokenize.workers`` is. At most
 ``2 × workers`` row groups are in flight, so memory is bounded by a few row groups, never by the
 corpus. Empty documents are skipped (a lone BOS teaches nothing) and counted.
@@ -16,6 +17,7 @@ import os
 import shutil
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -67,8 +69,6 @@ def encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype, method: str =
 def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: np.dtype,
                      batch_docs: int, method: str = "numpy") -> tuple[dict[str, EncodedSplit], int]:
     """Encode one row group; returns ({split: (tokens, lens, bytes)}, empty docs skipped)."""
-    from pathlib import Path
-
     pf = open_checked(Path(rg.path), rg.name)
     table = pf.read_row_group(rg.index, columns=["text", "id"])
     first_row = sum(pf.metadata.row_group(i).num_rows for i in range(rg.index))
@@ -119,7 +119,7 @@ def _work(rg: RowGroup, val_fraction: float, dtype: str, batch_docs: int, method
 def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, workers: int,
                 initializer: Callable[..., None], initargs: tuple) -> Iterator[Any]:
     """``fn(item, *args)`` for each item, in order, over ``workers`` processes, ≤ 2×workers in flight."""
-    ctx = mp.get_context("spawn")  # no fork: the parent may hold threads (Prefect, tqdm, boto3)
+    ctx = mp.get_context("spawn")  # not fork: the parent may hold threads (Prefect, pyarrow, boto3)
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs) as ex:
         pending: deque[Future] = deque()
         it = iter(items)
@@ -141,8 +141,6 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
 
     Returns the meta dict (also written to ``outdir/meta.json``) with exact counts.
     """
-    from pathlib import Path
-
     store = store or Store(docs_uri, endpoint_url)
     tok = load_tokenizer(tokenizer_uri, endpoint_url)
     dtype = token_dtype(tok.vocab_size)
