@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import pyarrow as pa
@@ -109,6 +110,14 @@ def _output_schema(schema: pa.Schema) -> pa.Schema:
     return schema.set(i, schema.field("text").with_type(text_type))
 
 
+_progress_queue: Any = None  # set in worker processes when the parent shows a progress bar
+
+
+def _init_worker(queue: Any) -> None:
+    global _progress_queue
+    _progress_queue = queue
+
+
 def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_rule: int) -> ShardReport:
     """Filter one shard into ``dst`` (written under a temp name, renamed when complete)."""
     pf = open_shard(src, name)
@@ -141,6 +150,8 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
                 if len(ex) < examples_per_rule:
                     ex.append({"id": None if ids[j] is None else str(ids[j]), "url": url, "row": row + j,
                                "text": text[:EXAMPLE_CHARS]})
+            if _progress_queue is not None:
+                _progress_queue.put(len(texts))
             report.docs_in += len(texts)
             report.docs_out += len(kept_texts)
             row += len(texts)
@@ -178,26 +189,34 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
 
     jobs = [(str(path), f"data/{rel}", str(out.path(f"data/{rel}")), fcfg, fcfg.examples_per_rule) for rel, path in shards]
     reports: list[ShardReport] = []
+    total_docs = sum(pq.ParquetFile(path).metadata.num_rows for _, path in shards)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc="filter", unit="shard")
+        bar = tqdm(total=total_docs, desc="filter", unit="doc")
     workers = max(1, min(fcfg.workers, len(jobs)))
+    ctx = get_context("spawn")  # workers start clean: no inherited threads or locks from a Prefect/MLflow parent
+    queue = ctx.Queue() if bar is not None else None
     if workers == 1:
+        _init_worker(None)
         for job in jobs:
             reports.append(filter_shard(*job))
-            if bar:
-                bar.update(1)
+            if bar is not None:
+                bar.update(reports[-1].docs_in)
     else:
-        # spawn: workers start clean (no inherited threads or locks from a Prefect/MLflow parent)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
             futures = [pool.submit(filter_shard, *job) for job in jobs]
-            for fut in futures:  # in shard order, so the report (and examples) are deterministic
-                reports.append(fut.result())
-                if bar:
-                    bar.update(1)
-    if bar:
+            while bar is not None and not all(f.done() for f in futures):
+                try:
+                    bar.update(queue.get(timeout=0.2))
+                except Empty:
+                    pass
+            reports = [f.result() for f in futures]  # in shard order: a deterministic report
+        if bar is not None:
+            bar.n = total_docs
+            bar.refresh()
+    if bar is not None:
         bar.close()
 
     removed: Counter = Counter()
