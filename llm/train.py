@@ -305,8 +305,8 @@ class Trainer:
                             optimizer_state=self.opt.state_dict(), loader_state={"world_size": d.world, "ranks": states},
                             rng_state=rng)
             keep = {int(self.best["step"])} if self.best else set()
-            removed = prune_checkpoints(self.ckpt_root, self.train.keep_last, keep)
-            uri = self._upload(path, removed)
+            prune_checkpoints(self.ckpt_root, self.train.keep_last, keep)
+            uri = self._upload(path, f"checkpoints/{path.name}", prune_keep=keep)
             self.tracker.set_tags({"last_checkpoint": uri})
             self.checkpoint_uris.append(uri)
             self.tracker.log_dict({"checkpoints": self.checkpoint_uris}, "checkpoints.json")
@@ -314,21 +314,30 @@ class Trainer:
         barrier(d)
         return path
 
-    def _upload(self, path: Path, removed: list[Path]) -> str:
+    def _upload(self, path: Path, rel: str, prune_keep: set[int] | None = None) -> str:
+        """Mirror a checkpoint dir to ``upload_uri/rel`` (meta.json last); prune the remote step_* dirs to
+        the newest keep_last plus ``prune_keep`` — from the remote listing, since a resumed run on a new
+        machine does not have the old checkpoints locally."""
         up = self.job.get("upload_uri")
         if not up:
             return str(path)
-        from .checkpoint import META_FILE
+        from .checkpoint import META_FILE, STEP_RE
         from .storage import Store, join
 
         store = Store(up, self.job.get("s3_endpoint", ""))
-        dest = join(up, "checkpoints", path.name)
+        dest = join(up, rel)
         for p in sorted(path.iterdir()):
             if p.name != META_FILE:
                 store.put(p, join(dest, p.name))
         store.put(path / META_FILE, join(dest, META_FILE))  # last: marks the remote copy complete
-        for old in removed:
-            store.delete_prefix(join(up, "checkpoints", old.name))
+        if prune_keep is not None:
+            base = join(up, "checkpoints")
+            steps = sorted({int(m.group(1)) for rel_, _ in store.iter_files(base)
+                            if (m := STEP_RE.match(rel_.split("/")[0]))})
+            keep = set(steps[-max(self.train.keep_last, 1):]) | prune_keep
+            for s in steps:
+                if s not in keep:
+                    store.delete_prefix(join(base, f"step_{s:06d}"))
         return dest
 
     def _meta(self, reason: str) -> dict[str, Any]:
@@ -604,7 +613,7 @@ class Trainer:
         if d.main:
             if status == "done":
                 save_checkpoint(self.out / "final", model_state=self.model.state_dict(), meta=self._meta("final"))
-                summary["final_uri"] = self._upload(self.out / "final", []) if self.job.get("upload_uri") else str(self.out / "final")
+                summary["final_uri"] = self._upload(self.out / "final", "final")
             _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2, default=str))
             _atomic_write(self.out / "status.json", json.dumps({"status": status, "step": self.step}))
             self.tracker.log_metrics({f"final/{k}": v for k, v in summary.items()
@@ -670,10 +679,8 @@ def _fetch_remote_latest(upload_uri: str, endpoint: str, d: Dist) -> Path | None
     from .storage import Store, join
 
     store = Store(upload_uri, endpoint)
-    try:
-        metas = [u for u in store.list(join(upload_uri, "checkpoints")) if u.endswith("/" + META_FILE)]
-    except Exception:  # noqa: BLE001 - no remote copy is the common case
-        return None
+    # An empty prefix lists as []; any other error (credentials, endpoint) must surface, not silently restart.
+    metas = [u for u in store.list(join(upload_uri, "checkpoints")) if u.endswith("/" + META_FILE)]
     if not metas:
         return None
     latest = sorted(metas)[-1].rsplit("/", 1)[0]

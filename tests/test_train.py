@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from s3_server import moto_server, s3_bucket  # noqa: E402,F401  (pytest fixtures)
 from train_fixtures import BOS, tiny_job, write_token_shards  # noqa: E402
 
 from llm.config import TrainConfig  # noqa: E402
@@ -61,7 +62,8 @@ def _run_job(job: dict, path: Path, **popen) -> subprocess.Popen:
 def _launch(job: dict, nproc: int = 1) -> dict:
     return launch_training(stage=job["stage"], model_config=job["model"], train_config=TrainConfig(**job["train"]),
                            loader_kind="pretrain", loader_spec=job["loader"]["spec"], out_dir=job["out_dir"],
-                           seed=job["seed"], progress=False, nproc=nproc, on_line=lambda line: None)
+                           seed=job["seed"], upload_uri=job.get("upload_uri"), progress=False, nproc=nproc,
+                           on_line=lambda line: None)
 
 
 # --------------------------------------------------------------------------- loader
@@ -208,3 +210,38 @@ def test_resume_with_a_different_model_is_refused(tokens, tmp_path):
     job["model"]["depth"] = 3
     with pytest.raises(CheckpointError, match=r"does not match the model config \(depth: checkpoint 2 vs config 3\)"):
         Trainer(job)
+
+
+def test_checkpoints_mirror_to_s3_and_resume_from_there(tokens, tmp_path, s3_bucket):
+    """A lost machine: the local work dir is gone, the run resumes from the checkpoints mirrored to S3."""
+    from llm.checkpoint import load_model
+    from llm.storage import Store
+
+    up = f"{s3_bucket.uri}/pretrain/abc.partial"
+    ref = tiny_job(tokens, tmp_path / "ref", steps=12, ckpt_every=4, eval_every=0, keep_last=2)
+    _launch(ref)
+
+    job = tiny_job(tokens, tmp_path / "a", steps=12, ckpt_every=4, eval_every=0, keep_last=2)
+    job["upload_uri"] = up
+    job["step_sleep_s"] = 0.15
+    proc = _run_job(job, tmp_path / "job.json")
+    deadline = time.time() + 240
+    store = Store(up)
+    while not store.exists(f"{up}/checkpoints/step_000008/meta.json"):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert "step_000008" in {u.split("/")[-2] for u in store.list(f"{up}/checkpoints")}
+
+    job2 = dict(job, out_dir=str(tmp_path / "b"), step_sleep_s=0.0)  # a fresh machine: nothing local
+    _launch(job2)
+    plan = json.loads((tmp_path / "b" / "plan.json").read_text())
+    assert plan["start_step"] == 8 and "step_000008" in plan["resumed_from"]
+    a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the mirror was pruned to keep_last=2 and the final checkpoint is loadable straight from S3
+    assert {u.split("/")[-2] for u in store.list(f"{up}/checkpoints")} == {"step_000008", "step_000012"}
+    assert store.exists(f"{up}/final/model.safetensors")
+    model, meta = load_model(up)
+    assert meta["step"] == 12
