@@ -10,7 +10,7 @@ from typing import Any
 
 from prefect import flow
 
-from llm.config import load_config
+from flows.settings import flow_config
 from llm.stages import STAGES
 from tasks.stage_tasks import run_stage_task
 
@@ -20,7 +20,7 @@ DATA_STAGES = ["download", "filter", "dedup", "tokenizer", "tokenize"]
 @flow(name="data", log_prints=True)
 def data_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
               force: list[str] | None = None) -> dict[str, str]:
-    cfg = load_config(preset, overrides or {})
+    cfg = flow_config(preset, overrides)
     force = set(force or []) | set(cfg.orchestration.force)
     uris: dict[str, str] = {}
     for name in DATA_STAGES:

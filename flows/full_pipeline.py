@@ -31,9 +31,10 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 
 from llm.config import STAGES as STAGE_NAMES
-from llm.config import ConfigError, KilnConfig, load_config
+from llm.config import ConfigError, KilnConfig
 from llm.pipeline import CHAIN
 from llm.stages import STAGES
+from flows.settings import flow_config
 from tasks.stage_tasks import resolve_future, run_stage_task, submit_stage_task
 from tasks.tracking_tasks import PipelineTracker
 
@@ -114,7 +115,7 @@ def full_pipeline(
     ``overrides``: ``{"pretrain.steps": 10}`` or ``["pretrain.steps=10"]``.
     ``force``: stage names to recompute (``all`` for everything).
     """
-    cfg = load_config(preset, overrides or {})
+    cfg = flow_config(preset, overrides)
     forced = set(force or []) | set(cfg.orchestration.force)
     unknown = forced - set(STAGE_NAMES) - {"all"}
     if unknown:

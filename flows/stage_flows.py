@@ -16,7 +16,8 @@ from typing import Any
 
 from prefect import flow
 
-from llm.config import KilnConfig, load_config
+from flows.settings import flow_config
+from llm.config import KilnConfig
 from llm.pipeline import eval_inputs, report_inputs, run_pipeline
 from llm.stages import STAGES
 from tasks.stage_tasks import run_stage_task
@@ -40,7 +41,7 @@ def _upstream_inputs(stage: str, cfg: KilnConfig, model_stage: str) -> dict[str,
 def run_one(stage: str, *, preset: str, overrides: dict[str, Any] | list[str] | None, inputs: dict[str, str] | None,
             force: bool, mlflow_run_id: str | None, config: dict[str, Any] | None,
             model_stage: str = "sft") -> dict[str, Any]:
-    cfg = KilnConfig.model_validate(config) if config else load_config(preset, overrides or {})
+    cfg = KilnConfig.model_validate(config) if config else flow_config(preset, overrides)
     inputs = dict(inputs or {})
     if not inputs and (STAGES[stage].inputs or stage == "report"):
         inputs = _upstream_inputs(stage, cfg, model_stage)

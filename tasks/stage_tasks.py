@@ -75,6 +75,8 @@ def is_transient(exc: BaseException) -> bool:
             return False
         if isinstance(e, ChildRunLost) or getattr(e, "transient", False) or _is_transient(e):
             return True
+        if _lost_training_job(e):
+            return True
         if isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS:
             return True
         name = type(e).__module__ + "." + type(e).__name__
@@ -84,6 +86,25 @@ def is_transient(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+# Lines in a failed torchrun job's tail that mean the job, not the code, broke.
+_INFRA_MARKERS = ("NCCL", "ProcessGroupNCCL", "Connection reset", "Broken pipe", "rendezvous", "ECC error",
+                  "Socket Timeout", "DistNetworkError")
+
+
+def _lost_training_job(e: BaseException) -> bool:
+    """A torchrun job killed by a signal (preempted, lost node) or broken by the network between ranks.
+
+    Training resumes from its newest checkpoint (llm/train_stage.py), so a retry costs only
+    the steps since then. An ordinary non-zero exit (a bug, bad data, CUDA OOM) is not retried.
+    """
+    if type(e).__name__ == "TrainingFailed":
+        code = getattr(e, "code", 0)
+        tail = "\n".join(getattr(e, "tail", []) or [])
+        return code < 0 or code in (137, 143) or any(m in tail for m in _INFRA_MARKERS)
+    # llm.train_stage raises this when the job checkpointed and stopped on a signal.
+    return isinstance(e, RuntimeError) and "run again to resume" in str(e)
 
 
 def _retry_on_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature

@@ -35,11 +35,18 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 
 
 def tracking_uri(cfg: KilnConfig) -> str:
-    """llm/tracking.py's order: config, then MLFLOW_TRACKING_URI, then ./mlruns (made absolute)."""
+    """llm/tracking.py's order: config, then MLFLOW_TRACKING_URI, then ./mlruns (made absolute).
+
+    MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true; the local default is a
+    file store, so choosing it opts in (for this process and the torchrun jobs it starts).
+    Use a server (`kiln stack up`) or sqlite:/// for anything beyond a laptop run.
+    """
     uri = cfg.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if uri:
-        return uri
-    return (Path.cwd() / "mlruns").resolve().as_uri()
+    if not uri:
+        uri = (Path.cwd() / "mlruns").resolve().as_uri()
+    if uri.startswith("file:") or "://" not in uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return uri
 
 
 def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str:
