@@ -245,3 +245,27 @@ def test_checkpoints_mirror_to_s3_and_resume_from_there(tokens, tmp_path, s3_buc
     assert store.exists(f"{up}/final/model.safetensors")
     model, meta = load_model(up)
     assert meta["step"] == 12
+
+
+def test_a_failing_job_reports_its_exit_code_and_last_lines(tokens, tmp_path):
+    from llm.train_stage import TrainingFailed
+
+    job = tiny_job(tmp_path / "no-such-tokens", tmp_path / "out")
+    seen: list[str] = []
+    with pytest.raises(TrainingFailed) as err:
+        launch_training(stage="pretrain", model_config=job["model"], train_config=TrainConfig(**job["train"]),
+                        loader_kind="pretrain", loader_spec=job["loader"]["spec"], out_dir=job["out_dir"],
+                        progress=False, nproc=1, on_line=seen.append)
+    assert err.value.code != 0 and "no-such-tokens" in str(err.value)  # the trainer's own error, in the tail
+    assert "exited with code" in str(err.value) and seen and seen[-1] in err.value.tail
+
+
+def test_output_pump_separates_lines_from_progress_redraws():
+    from llm.train_stage import _pump
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdout.write('a\\n 10%\\r 20%\\rb\\nc')"],
+                            stdout=subprocess.PIPE)
+    got: list[tuple[str, bool]] = []
+    _pump(proc, lambda text, bar: got.append((text, bar)))
+    proc.wait()
+    assert got == [("a", False), (" 10%", True), (" 20%", True), ("b", False), ("c", False)]
