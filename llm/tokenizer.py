@@ -422,7 +422,8 @@ def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> di
     held_chars = sum(len(t) for t in heldout)
     held_bytes = sum(len(t.encode("utf-8")) for t in heldout)
     counts: dict[str, Any] = {
-        "vocab_size": tok.vocab_size,
+        "vocab_size": tok.vocab_size,  # smaller than requested only when the text runs out of pairs to merge
+        "vocab_requested": tcfg.vocab_size if tcfg.kind == "bpe" else tok.vocab_size,
         "train_docs": stats["train_docs"],
         "train_chars": stats["train_chars"],
         "heldout_docs": len(heldout),
