@@ -164,18 +164,26 @@ def launch_training(
 
 
 def _emitter(sink: LineSink | None, progress: bool, tail: collections.deque[str]) -> Callable[[str, bool], None]:
+    bar_shown = False
+    tty = sys.stdout.isatty()
+
     def emit(text: str, is_bar: bool) -> None:
+        nonlocal bar_shown
         if not text.strip():
             return
         if is_bar:  # a carriage-return progress-bar redraw
             if sink is None and progress:
                 sys.stdout.write("\r" + text)
                 sys.stdout.flush()
+                bar_shown = True
             return
         tail.append(text)
         if sink is not None:
             sink(text)
         else:
+            if bar_shown:  # put the log line where the bar was (TTY) or below it
+                sys.stdout.write("\r\x1b[2K" if tty else "\n")
+                bar_shown = False
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
