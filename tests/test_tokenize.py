@@ -258,3 +258,25 @@ def test_tokenizer_and_tokenize_on_s3(corpus, s3_bucket: S3Bucket) -> None:
     assert res.manifest["counts"] == corpus["res"].manifest["counts"]
     for split in ("train", "val"):
         assert _split_docs(open_split(res.uri, split)) == _split_docs(open_split(corpus["res"].uri, split))
+
+
+def test_invalid_utf8_names_file_row_and_field(corpus, tmp_path: Path) -> None:
+    """Arrow does not check UTF-8 when reading parquet; both stages must, and name where it broke."""
+    import pyarrow.parquet as pq
+
+    from llm.stage import run_stage
+    from llm.storage import Store
+
+    text = pa.array([b"fine", b"also fine", b"bad \xff\xfe bytes"], pa.binary()).view(pa.string())
+
+    def fn(out, inputs):
+        pq.write_table(pa.table({"text": text, "id": ["1", "2", "3"]}), out.path("data/part_00000.parquet"))
+        return {}
+
+    bad = run_stage(Store(str(tmp_path)), "dedup", {"t": "utf8"}, {}, "test", fn).uri
+    with pytest.raises(StageError, match=r"part_00000.parquet: row 2: field 'text' is not valid UTF-8"):
+        tokenize_docs(bad, corpus["tok_uri"], str(tmp_path / "o"), val_fraction=VAL, shard_tokens=100)
+    cfg = corpus["cfg"].model_copy(deep=True)
+    cfg.run.artifact_root = str(tmp_path)
+    with pytest.raises(StageError, match=r"row 2: field 'text' is not valid UTF-8"):
+        execute("tokenizer", cfg, {"docs": bad}, progress=False)

@@ -212,3 +212,11 @@ def test_stock_gpt2(tmp_path: Path) -> None:
 def test_unknown_stock_encoding() -> None:
     with pytest.raises(TokenizerError, match="unknown tiktoken encoding"):
         load_tokenizer("tiktoken:nope")
+
+
+def test_small_corpus_gives_a_smaller_working_vocab() -> None:
+    """Text with too few distinct pairs stops merging early; ids stay contiguous and specials follow."""
+    tok, _ = train_tokenizer(["abab abab ab"] * 3, 1000)
+    assert 256 + len(SPECIAL_TOKENS) <= tok.vocab_size < 1000
+    assert tok.bos_id == tok.vocab_size - len(SPECIAL_TOKENS)
+    assert tok.decode(tok.encode("abab 🚀")) == "abab 🚀"

@@ -63,13 +63,33 @@ def row_groups(store: Store, uri: str) -> list[RowGroup]:
     return out
 
 
+def column_strings(col: pa.ChunkedArray, name: str, field: str, first_row: int) -> list[str]:
+    """A string column as Python strs; invalid UTF-8 is an error naming the file, row and field.
+
+    Arrow does not validate UTF-8 when reading parquet, so bad bytes surface only on conversion.
+    """
+    try:
+        return col.to_pylist()
+    except UnicodeDecodeError:
+        row = first_row
+        for chunk in col.chunks:
+            for v in chunk:
+                try:
+                    v.as_py()
+                except UnicodeDecodeError as e:
+                    raise StageError(f"{name}: row {row}: field {field!r} is not valid UTF-8 ({e.reason} at byte "
+                                     f"{e.start})") from None
+                row += 1
+        raise
+
+
 def read_row_group(rg: RowGroup) -> tuple[list[str], list[str]]:
     """(texts, ids) of one row group; a null text or id is an error naming file and row."""
     pf = open_checked(Path(rg.path), rg.name)
     table = pf.read_row_group(rg.index, columns=["text", "id"])
-    texts = table.column("text").to_pylist()
-    ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
     first_row = sum(pf.metadata.row_group(i).num_rows for i in range(rg.index))
+    texts = column_strings(table.column("text"), rg.name, "text", first_row)
+    ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
     for j, (t, d) in enumerate(zip(texts, ids)):
         if t is None:
             raise StageError(f"{rg.name}: row {first_row + j}: field 'text' is null")

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from ..stage import StageError, StageOutput
 from ..storage import Store
 from ..tokenizer import Tokenizer, load_tokenizer
-from .docs import RowGroup, open_checked, row_groups
+from .docs import RowGroup, column_strings, open_checked, row_groups
 from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, token_dtype
 
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
@@ -77,7 +77,7 @@ def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: n
         col, name = (text_col, "text") if text_col.null_count else (id_col, "id")
         row = int(pc.index(pc.is_null(col), True).as_py())
         raise StageError(f"{rg.name}: row {first_row + row}: field {name!r} is null")
-    texts: list[str] = text_col.to_pylist()
+    texts: list[str] = column_strings(text_col, rg.name, "text", first_row)
     ids = [str(v) for v in id_col.to_pylist()]
     nbytes = pc.binary_length(text_col).to_numpy(zero_copy_only=False)
     by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
