@@ -39,7 +39,7 @@ def _texts(shared_data: Path, n_docs: int, n_chats: int) -> list[str]:
 
 
 def publish_tokenizer(root: Path, shared_data: Path, vocab: int) -> str:
-    tok, _ = train_tokenizer(_texts(shared_data, 300, 1500), vocab)
+    tok, _ = train_tokenizer(_texts(shared_data, 120, 600), vocab)
 
     def fn(out, inputs):
         tok.save(out.workdir)
@@ -80,25 +80,29 @@ def heldout_chat_loss(model: GPT, tok, convs: list) -> float:
 
 
 def test_midtrain_and_sft_on_tiny_preset(shared_data: Path, artifact_root: Path) -> None:
+    # The tiny preset's model and data settings; only the batch and step counts are cut so three
+    # torchrun stages fit in well under two minutes of two shared CPU cores.
+    small = "device_batch_size=4", "total_batch_tokens=1024", "eval_tokens=2048", "sample_prompts=[]"
     cfg = load_config("tiny", [
-        f"run.artifact_root={artifact_root}", "chat_data.max_rows=600",
-        "pretrain.steps=40", "pretrain.eval_every=40", "pretrain.ckpt_every=40", "pretrain.sample_prompts=[]",
-        "midtrain.steps=12", "midtrain.eval_every=12", "midtrain.ckpt_every=12", "midtrain.eval_tokens=8192",
-        "midtrain.sample_prompts=[]",
-        "sft.steps=30", "sft.eval_every=30", "sft.ckpt_every=30", "sft.eval_tokens=8192", "sft.sample_prompts=[]",
-        "sft.chat_sample_tokens=16",
+        f"run.artifact_root={artifact_root}", "chat_data.max_rows=400", "sft.chat_sample_tokens=12",
+        *(f"{stage}.{kv}" for stage in ("pretrain", "midtrain", "sft") for kv in small),
+        "pretrain.steps=4", "pretrain.eval_every=4", "pretrain.ckpt_every=4", "pretrain.warmup_steps=0",
+        "midtrain.steps=6", "midtrain.eval_every=6", "midtrain.ckpt_every=6", "midtrain.log_every=1",
+        "sft.steps=16", "sft.eval_every=16", "sft.ckpt_every=16", "sft.lr=0.006",
     ])
     tok_uri = publish_tokenizer(artifact_root, shared_data, cfg.tokenizer.vocab_size)
-    tokens_uri = publish_tokens(artifact_root, shared_data, tok_uri, 250)
+    tokens_uri = publish_tokens(artifact_root, shared_data, tok_uri, 120)
     pre = execute("pretrain", cfg, {"tokens": tokens_uri, "tokenizer": tok_uri}, progress=False)
     mid = execute("midtrain", cfg, {"model": pre.uri, "tokens": tokens_uri, "tokenizer": tok_uri}, progress=False)
 
     mc = mid.manifest["counts"]
     by_src = mc["tokens_by_source"]
     assert set(by_src) == {"pretrain", "chat"}
-    assert sum(by_src.values()) == mc["tokens"] == 12 * cfg.midtrain.total_batch_tokens
-    assert abs(mc["chat_ratio_realised"] - cfg.midtrain.chat_ratio) < 0.01
-    assert mid.manifest["chat_data"]["train"]["rows_in"] == 600
+    assert sum(by_src.values()) == mc["tokens"] == cfg.midtrain.steps * cfg.midtrain.total_batch_tokens
+    # 8K tokens is too few for the 1% bound (one cropped document is 256 tokens = 3%); the
+    # 1% property is tested at the tiny preset's real budget in test_chat_data.py.
+    assert abs(mc["chat_ratio_realised"] - cfg.midtrain.chat_ratio) < 256 / sum(by_src.values()) + 0.005
+    assert mid.manifest["chat_data"]["train"]["rows_in"] == 400
     assert mid.manifest["chat_data"]["train"]["schema"] == "smoltalk"
     lrs = [r["lr"] for r in map(json.loads, (Path(mid.uri) / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     assert lrs[-1] < 0.1 * lrs[0]  # decays towards zero (the last logged step's LR is 1/steps of the peak)
@@ -114,7 +118,7 @@ def test_midtrain_and_sft_on_tiny_preset(shared_data: Path, artifact_root: Path)
     from llm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_uri)
-    convs, _, _ = load_conversations(str(shared_data / "chat" / "val.parquet"), max_rows=120, max_chars=20_000, name="val")
+    convs, _, _ = load_conversations(str(shared_data / "chat" / "val.parquet"), max_rows=60, max_chars=20_000, name="val")
     before = heldout_chat_loss(load_model(mid.uri)[0], tok, convs)
     after = heldout_chat_loss(load_model(sft.uri)[0], tok, convs)
     assert after < before - 0.1, (before, after)
