@@ -130,8 +130,8 @@ def full_pipeline(
     print(f"[kiln] MLflow run: {tracker.url}")
     runner = _Runner(cfg, tracker, forced)
     uris: dict[str, str] = {}
+    pending: list[tuple[str, str, PrefectFuture]] = []
     try:
-        pending = []
         for name in CHAIN:
             inputs = {role: uris[up] for role, up in STAGES[name].inputs.items()}
             uris[name] = runner.run(name, name, inputs)["uri"]
@@ -140,7 +140,8 @@ def full_pipeline(
         for model_stage in cfg.eval.stages:
             if not runner.remote:
                 uris[f"eval_{model_stage}"] = runner.run("eval", f"eval_{model_stage}", _eval_inputs(uris, model_stage))["uri"]
-        for p in pending:
+        while pending:
+            p = pending.pop(0)
             uris[p[1]] = runner.collect(p)["uri"]
         uris["report"] = runner.run("report", "report", dict(uris))["uri"]
         markdown = tracker.log_report(uris["report"])
@@ -149,6 +150,13 @@ def full_pipeline(
                                      description=f"Kiln report, preset {cfg.preset}, output {uris['report']}")
         tracker.finish(ok=True)
     except BaseException as e:
+        # Evals already running finish (and are cached) before this run fails, so a retry of
+        # this run does not redo them; their own errors are recorded on their child runs.
+        for p in pending:
+            try:
+                runner.collect(p)
+            except BaseException:  # noqa: BLE001, S110 - the first error is the one to report
+                pass
         tracker.finish(ok=False, error=f"{type(e).__name__}: {e}")
         raise
     print("[kiln] " + ", ".join(f"{k}={v}" for k, v in runner.status.items()))

@@ -130,8 +130,9 @@ def stack(tmp_path_factory, shared_data):
         yield {"home": home, "base": base, "env": env, "api": Api(info["env"]["PREFECT_API_URL"]),
                "mlflow": info["mlflow_ui"], "prefect_ui": info["prefect_ui"]}
     finally:
-        subprocess.run([str(BIN / "kiln"), "stack", "down", "--home", str(home)], cwd=REPO, env=env,
-                       capture_output=True, timeout=120)
+        if os.environ.get("KILN_E2E_KEEP_STACK") != "1":  # keep it to look around (kiln stack down --home ...)
+            subprocess.run([str(BIN / "kiln"), "stack", "down", "--home", str(home)], cwd=REPO, env=env,
+                           capture_output=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
