@@ -230,6 +230,8 @@ class TrainConfig(Section):
 class MidtrainConfig(TrainConfig):
     # Fraction of tokens from chat data; the rest comes from the pretraining shards.
     chat_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    # Defaults repeated here (not only in KilnConfig) because a preset section rebuilds the class.
+    lr: float = 1e-3
     # Scales lr (and embedding_lr): one knob to start below the pretraining preset's LR.
     init_lr_frac: float = Field(1.0, gt=0.0)
     # The LR decays linearly to zero over the whole stage (a preset that names only lr keeps this).
@@ -242,6 +244,7 @@ class MidtrainConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     # Passes over the chat set; used to size the run when `steps` is null (steps wins when set).
     epochs: int = Field(1, ge=1)
+    lr: float = 5e-4
     # Longer conversations are truncated (their kept prefix must still hold an assistant token).
     max_conversation_tokens: int = 2048
     init_lr_frac: float = Field(1.0, gt=0.0)
