@@ -463,7 +463,7 @@ class Trainer:
         if d.main:
             (self.out / "plan.json").write_text(json.dumps(plan, indent=2, default=str))
             self._log0(_plan_text(plan, self.mcfg))
-            if self.step == 0:
+            if self.step == 0 or self.tracker.run_id != self.mlflow_run_id:  # a new run (maybe a resume)
                 self.tracker.log_params({"model": {**self.mcfg.to_dict(), "model_dim": self.mcfg.model_dim,
                                                    "n_heads": self.mcfg.n_heads, "params": self.n_params},
                                          "train": tr.model_dump(mode="json"),
