@@ -114,6 +114,13 @@ def test_midtrain_and_sft_on_tiny_preset(shared_data: Path, artifact_root: Path)
     samples = json.loads((Path(sft.uri) / "chat_samples.json").read_text())
     assert [s["prompt"] for s in samples] == cfg.sft.chat_prompts
 
+    # The stage's own results land in the trainer's MLflow run.
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient().get_run(sft.manifest["mlflow_run_id"])
+    assert run.data.metrics["heldout_loss_after"] == pytest.approx(sc["heldout_loss_after"])
+    assert "tokens_by_source/chat" in run.data.metrics
+
     # Independent check on the offline kit's held-out conversations, with this test's own loss code.
     from llm.tokenizer import load_tokenizer
 
