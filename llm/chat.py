@@ -93,6 +93,7 @@ class DropReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 3
     truncated: int = 0  # kept, but cut to the token limit
+    last_row: int = -1  # source row index of the conversation most recently yielded by normalize_rows
 
     def drop(self, where: int | str, exc: DropRow) -> None:
         """Count one dropped row; ``where`` is a row index or a label such as "conversation 7"."""
@@ -260,6 +261,7 @@ def normalize_rows(rows: Iterable[dict[str, Any]], max_chars: int, report: DropR
             report.drop(i, e)
             continue
         report.rows_kept += 1
+        report.last_row = i  # lets a consumer (render_many) name the source row of a later drop
         yield msgs
 
 
@@ -378,7 +380,7 @@ def render_many(
     max_tokens: int | None = None,
     report: DropReport | None = None,
     batch: int = 512,
-    num_threads: int = 2,
+    num_threads: int | None = None,
 ) -> RenderedChats:
     """Render validated conversations in batches (one ``encode_batch`` call per batch).
 
@@ -386,19 +388,19 @@ def render_many(
     supervised token survives the cut the conversation is dropped as ``no_supervised_tokens``.
     """
     sp = ChatSpecials.of(tok)
+    num_threads = num_threads or min(8, os.cpu_count() or 1)
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     ids_parts: list[np.ndarray] = []
     mask_parts: list[np.ndarray] = []
     lengths: list[int] = []
-    pending: list[list[Message]] = []
+    pending: list[tuple[list[Message], int | str]] = []
     index = 0
 
     def flush() -> None:
-        nonlocal index
-        texts = [m["content"] for conv in pending for m in conv]
+        texts = [m["content"] for conv, _ in pending for m in conv]
         enc = tok.encode_batch(texts, num_threads=num_threads) if texts else []
         k = 0
-        for conv in pending:
+        for conv, where in pending:
             ids, mask = _assemble(sp, [m["role"] for m in conv], enc[k:k + len(conv)])
             k += len(conv)
             if max_tokens is not None and len(ids) > max_tokens:
@@ -408,17 +410,18 @@ def render_many(
                 if not any(mask):
                     if report is not None:
                         report.rows_kept -= 1
-                        report.drop(f"conversation {index}", DropRow("no_supervised_tokens", f"{max_tokens}-token limit"))
-                    index += 1
+                        report.drop(where, DropRow("no_supervised_tokens", f"{max_tokens}-token limit"))
                     continue
             ids_parts.append(np.asarray(ids, dtype=dtype))
             mask_parts.append(np.asarray(mask, dtype=np.uint8))
             lengths.append(len(ids))
-            index += 1
         pending.clear()
 
     for conv in conversations:
-        pending.append(conv)
+        # Name drops by source row when the conversations come from normalize_rows, else by position.
+        where: int | str = report.last_row if report is not None and report.last_row >= 0 else f"conversation {index}"
+        index += 1
+        pending.append((conv, where))
         if len(pending) >= batch:
             flush()
     flush()
@@ -472,9 +475,12 @@ def iter_rows(uri: str, max_rows: int | None = None, *, s3_endpoint: str = "") -
         yield row
 
 
-def load_conversations(uri: str, *, max_rows: int | None, max_chars: int, name: str,
-                       s3_endpoint: str = "") -> tuple[list[list[Message]], DropReport, str]:
-    """Validated conversations from a chat dataset, the drop report, and the detected schema name."""
+def iter_conversations(uri: str, *, max_rows: int | None, max_chars: int, name: str,
+                       s3_endpoint: str = "") -> tuple[Iterator[list[Message]], DropReport, str]:
+    """Stream validated conversations (the report fills in as the iterator is consumed) and the schema name.
+
+    The schema is detected from the first row, so an unknown schema fails here, before any work.
+    """
     report = DropReport(name=name)
     rows = iter_rows(uri, max_rows, s3_endpoint=s3_endpoint)
     first = next(rows, None)
@@ -489,5 +495,14 @@ def load_conversations(uri: str, *, max_rows: int | None, max_chars: int, name: 
         yield first
         yield from rows
 
-    convs = list(normalize_rows(chained(), max_chars, report, adapter))
+    return normalize_rows(chained(), max_chars, report, adapter), report, schema
+
+
+def load_conversations(uri: str, *, max_rows: int | None, max_chars: int, name: str,
+                       s3_endpoint: str = "") -> tuple[list[list[Message]], DropReport, str]:
+    """Validated conversations from a chat dataset (in memory), the drop report, and the detected schema name."""
+    it, report, schema = iter_conversations(uri, max_rows=max_rows, max_chars=max_chars, name=name,
+                                            s3_endpoint=s3_endpoint)
+    convs = list(it)
+    report.last_row = -1  # materialised: later drops are named by list position, not a stale row
     return convs, report, schema

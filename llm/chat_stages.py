@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .chat import DropReport, load_conversations, render_many, render_prompt
+from .chat import DropReport, iter_conversations, render_many, render_prompt
 from .chat_data import SFTLoader, SFTStream
 from .config import KilnConfig
 from .sources import resolve_source
@@ -40,7 +40,8 @@ def prepare_chats(cfg: KilnConfig, tok: Any, chat_dir: Path, *, max_tokens: int 
     cd = cfg.chat_data
     for split, kind, uri in (("train", "chat_train", cd.train), ("val", "chat_val", cd.val)):
         src = resolve_source(uri, kind, cfg.run.data_mirror)
-        convs, report, schema = load_conversations(src, max_rows=cd.max_rows, max_chars=cd.max_chars_per_message,
+        # Streamed: rows are read, validated and rendered batch by batch, never all held as text.
+        convs, report, schema = iter_conversations(src, max_rows=cd.max_rows, max_chars=cd.max_chars_per_message,
                                                    name=f"chat {split}", s3_endpoint=cfg.run.s3_endpoint)
         rendered = render_many(tok, convs, vocab_size=tok.vocab_size, max_tokens=max_tokens, report=report)
         if len(rendered) == 0:

@@ -167,6 +167,12 @@ def test_every_bad_row_is_counted_with_its_reason() -> None:
     r = render_many(TOK, [long_user, short], vocab_size=TOK.vocab_size, max_tokens=20, report=rep2)
     assert len(r) == 1 and rep2.dropped["no_supervised_tokens"] == 1 and rep2.truncated == 1
     assert rep2.rows_kept == 1
+    # Streamed through normalize_rows, a drop at render time names its source row.
+    rep3 = DropReport()
+    rows = [{"messages": short}, {"messages": [{"role": "user", "content": ""}]}, {"messages": long_user}]
+    r = render_many(TOK, normalize_rows(iter(rows), 100, rep3), vocab_size=TOK.vocab_size, max_tokens=20, report=rep3)
+    assert len(r) == 1 and rep3.rows_kept == 1 and rep3.rows_dropped == 2
+    assert rep3.examples["no_supervised_tokens"][0].startswith("row 2")
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> Path:
