@@ -28,7 +28,6 @@ from .chat_data import SFTLoader, SFTStream
 from .config import KilnConfig
 from .sources import resolve_source
 from .stage import StageError, StageOutput
-from .storage import Store
 
 CHAT_DIR = "chat"
 
