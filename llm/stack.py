@@ -45,8 +45,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the servers bind to (default 127.0.0.1)")
     p.add_argument("--prefect-port", type=int, default=4200, help="0 picks a free port")
     p.add_argument("--mlflow-port", type=int, default=5000, help="0 picks a free port")
-    p.add_argument("--cpu-pool", default="cpu")
-    p.add_argument("--gpu-pool", default="gpu")
     p.add_argument("--gpu-limit", type=int, default=1, help="concurrent flow runs on the gpu pool (default 1)")
     p.add_argument("--poll-seconds", type=float, default=5.0, help="how often workers ask for new runs")
     p.add_argument("--deploy", default="all",
@@ -260,7 +258,8 @@ def up(args: argparse.Namespace) -> int:
         print(f"kiln stack: already running under {home} (kiln stack status / down)", file=sys.stderr)
         return 1
     pick = lambda p: p or free_port(args.host)  # noqa: E731
-    stack = Stack(home=home, host=args.host, pools={"cpu": args.cpu_pool, "gpu": args.gpu_pool},
+    # Pool names match deployments/prefect.yaml and orchestration.{cpu,gpu}_pool.
+    stack = Stack(home=home, host=args.host, pools={"cpu": "cpu", "gpu": "gpu"},
                   ports={"prefect": pick(args.prefect_port), "mlflow": pick(args.mlflow_port),
                          "worker-cpu": free_port(args.host), "worker-gpu": free_port(args.host)})
     stack.save()

@@ -69,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         browser = pw.chromium.launch(executable_path=a.chromium, args=CHROMIUM_ARGS, headless=True)
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         # Prefect: the flow run page shows its graph (tasks and child flow runs) on top.
-        page.goto(f"{a.prefect_ui.rstrip('/')}/runs/flow-run/{flow_run_id}", wait_until="networkidle")
+        page.goto(f"{a.prefect_ui.rstrip('/')}/runs/flow-run/{flow_run_id}", wait_until="load")
         page.wait_for_timeout(a.wait_ms)
         shots.append(out / "prefect_flow_run_graph.png")
         page.screenshot(path=str(shots[-1]))
         # MLflow: the experiment's runs table groups child runs under their parent.
-        page.goto(mlflow_experiment_url(a.mlflow.rstrip("/"), a.experiment), wait_until="networkidle")
+        page.goto(mlflow_experiment_url(a.mlflow.rstrip("/"), a.experiment), wait_until="load")
         page.wait_for_timeout(a.wait_ms)
         for label in ("Expand all", "Expand rows"):  # MLflow versions name the control differently
             btn = page.get_by_role("button", name=label)

@@ -306,6 +306,10 @@ def stage_deployment_task(
         tags=["kiln", f"stage:{stage}"] + ([f"label:{label}"] if label else []),
         flow_run_name=f"{label or stage}-{cfg.preset}",
     )
+    pool = getattr(flow_run, "work_pool_name", None)
+    if pool and pool != cfg.orchestration.gpu_pool:
+        logger.warning("%s ran on work pool %r, not orchestration.gpu_pool=%r: check deployments/prefect.yaml",
+                       name, pool, cfg.orchestration.gpu_pool)
     raise_for_child(flow_run, name, stage)
     _, uri = stage_key(stage, cfg, inputs)
     manifest = require_manifest(Store(cfg.run.artifact_root, cfg.run.s3_endpoint), uri, f"{stage} output of {name}")
