@@ -267,7 +267,10 @@ def up(args: argparse.Namespace) -> int:
     prefect_home = str(home / "prefect")
     server_env = {**quiet, "PREFECT_HOME": prefect_home,
                   "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}",
-                  "PREFECT_UI_API_URL": stack.api_url}
+                  "PREFECT_UI_API_URL": stack.api_url,
+                  # SQLite serialises writes; under load (workers registering, a burst of task runs) give
+                  # a writer longer than the default before the API answers 503.
+                  "PREFECT_SERVER_DATABASE_TIMEOUT": "60"}
     try:
         t0 = time.time()
         spawn(stack, "prefect", [str(BIN / "prefect"), "server", "start", "--host", args.host,
@@ -288,17 +291,16 @@ def up(args: argparse.Namespace) -> int:
         if args.data_mirror:
             worker_env["KILN_DATA_MIRROR"] = str(Path(args.data_mirror).resolve())
         # A process worker creates its pool (type process, default job template) when missing.
+        # One at a time: two workers creating their pools at once contend for SQLite's write lock.
         for kind in ("cpu", "gpu"):
             name = f"worker-{kind}"
             spawn(stack, name, [str(BIN / "prefect"), "worker", "start", "--pool", stack.pools[kind], "--type", "process",
                                 "--name", f"kiln-{kind}-{socket.gethostname()}", "--with-healthcheck"],
                   worker_env | {"PREFECT_WORKER_WEBSERVER_PORT": str(stack.ports[name])}, f"--pool {stack.pools[kind]}")
-        for kind in ("cpu", "gpu"):
-            wait_healthy(stack, f"worker-{kind}", args.timeout)
+            wait_healthy(stack, name, args.timeout)
+            wait_pool(stack, stack.pools[kind], args.timeout)
         print(f"[stack] workers healthy, pools {stack.pools['cpu']} and {stack.pools['gpu']} exist "
               f"({time.time() - t0:.0f}s)", flush=True)
-        for kind in ("cpu", "gpu"):
-            wait_pool(stack, stack.pools[kind], args.timeout)
         prefect_cli(stack, "work-pool", "set-concurrency-limit", stack.pools["gpu"], str(args.gpu_limit))
         if args.deploy != "none":
             deploy(stack, args.deploy)

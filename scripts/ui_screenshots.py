@@ -41,7 +41,7 @@ def mlflow_experiment_url(mlflow: str, name: str) -> str:
     req = urllib.request.Request(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name={name}")
     with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310
         exp_id = json.loads(r.read())["experiment"]["experiment_id"]
-    return f"{mlflow}/#/experiments/{exp_id}"
+    return f"{mlflow}/#/experiments/{exp_id}/runs"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     api = a.prefect_api or f"{a.prefect_ui.rstrip('/')}/api"
     if not Path(a.chromium).exists():
         raise SystemExit(f"{a.chromium} not found: apt-get install -y chromium (or pass --chromium)")
-    flow_run_id = a.flow_run or newest_pipeline_run(api)["id"]
+    if a.flow_run:
+        with urllib.request.urlopen(f"{api}/flow_runs/{a.flow_run}", timeout=30) as r:  # noqa: S310
+            flow_run = json.loads(r.read())
+    else:
+        flow_run = newest_pipeline_run(api)
+    flow_run_id = flow_run["id"]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -76,12 +81,16 @@ def main(argv: list[str] | None = None) -> int:
         # MLflow: the experiment's runs table groups child runs under their parent.
         page.goto(mlflow_experiment_url(a.mlflow.rstrip("/"), a.experiment), wait_until="load")
         page.wait_for_timeout(a.wait_ms)
-        for label in ("Expand all", "Expand rows"):  # MLflow versions name the control differently
+        for label in ("Got it", "Close"):  # first-visit tips and side panels of newer MLflow UIs
             btn = page.get_by_role("button", name=label)
             if btn.count():
                 btn.first.click()
-                page.wait_for_timeout(1500)
-                break
+                page.wait_for_timeout(500)
+        # Expand this pipeline's parent run (named <preset>-<flow run name>) to show its stage runs.
+        row = page.get_by_role("row").filter(has_text=f"-{flow_run['name']}")
+        if row.count() and row.first.get_by_role("button").count():
+            row.first.get_by_role("button").first.click()
+            page.wait_for_timeout(2000)
         shots.append(out / "mlflow_run_tree.png")
         page.screenshot(path=str(shots[-1]), full_page=True)
         browser.close()

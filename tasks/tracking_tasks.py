@@ -107,6 +107,8 @@ class PipelineTracker:
         self.flow_run_id = flow_run_id
         self.uri = tracking_uri(cfg)
         self.children: dict[str, str] = {}
+        # Stages whose child run finished in an earlier attempt of this (retried) flow run.
+        self.done_before: set[str] = set()
 
     # ------------------------------------------------------------------ parent
     @classmethod
@@ -167,7 +169,10 @@ class PipelineTracker:
             max_results=1)
         if found:
             run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if found[0].info.status == "FINISHED":  # finished in an earlier attempt: keep its record as is
+                self.done_before.add(label)
+            else:
+                self.client.update_run(run_id, status="RUNNING")
         else:
             run = self.client.create_run(self.experiment_id, tags={
                 "mlflow.parentRunId": self.run_id, "mlflow.runName": label, PIPELINE_TAG: "stage",
@@ -183,6 +188,8 @@ class PipelineTracker:
     def stage_done(self, label: str, stage: str, summary: dict[str, Any], prefect_cached: bool) -> None:
         """Counts as metrics, URIs as tags, the manifest as an artifact; lineage for reuse."""
         run_id = self.children[label]
+        if label in self.done_before:
+            return
         cached = prefect_cached or bool(summary.get("reused"))
         tags = {
             "kiln.cached": "true" if cached else "false",

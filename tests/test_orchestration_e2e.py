@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,22 @@ class Api:
         self.url = url.rstrip("/")
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One API call; 503 (SQLite busy) and connection errors are retried, like Prefect's own client."""
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            raw = r.read()
-        return json.loads(raw) if raw else None
+        for attempt in range(6):
+            req = urllib.request.Request(f"{self.url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    raw = r.read()
+                return json.loads(raw) if raw else None
+            except urllib.error.HTTPError as e:
+                if e.code != 503 or attempt == 5:
+                    raise
+            except urllib.error.URLError:
+                if attempt == 5:
+                    raise
+            time.sleep(2 ** attempt)
 
     def flow_run(self, fid: str) -> dict:
         return self.call("GET", f"/flow_runs/{fid}")
