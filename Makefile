@@ -26,5 +26,7 @@ test: .venv/.installed
 bench: .venv/.installed
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+include deployments/stack.mk
+
 clean:
 	rm -rf artifacts .kiln mlruns .stack

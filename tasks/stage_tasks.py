@@ -236,7 +236,10 @@ def stage_task(
         maybe_inject_failure(cfg, stage, key)
     from tasks.tracking_tasks import tracking_uri  # local: keeps the module import light
 
-    with stage_environment(mlflow_run_id, tracking_uri(cfg)):
+    from llm.train_stage import line_sink
+
+    # torchrun's output lines (plan, steps, evals, failures) go into this task's Prefect log.
+    with stage_environment(mlflow_run_id, tracking_uri(cfg)), line_sink(logger.info):
         res = execute(stage, cfg, inputs, force=force, progress=False)
     logger.info("%s %s -> %s", stage, "reused" if res.cached else "computed", res.uri)
     return _summary(stage, res.manifest, reused=res.cached, mlflow_run_id=mlflow_run_id)

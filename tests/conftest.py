@@ -34,6 +34,8 @@ def _isolate_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep every test's caches, MLflow store and Prefect home inside its tmp dir."""
     monkeypatch.setenv("KILN_CACHE", str(tmp_path / "kiln-cache"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path / 'mlruns'}")
+    # MLflow >= 3.7 refuses file stores unless opted in; a throwaway per-test store is what we want here.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.setenv("KILN_DATA_MIRROR", str(shared_data_dir()))
