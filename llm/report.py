@@ -52,6 +52,11 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+def _rounded(v: Any) -> Any:
+    """Throughputs read better as whole numbers."""
+    return round(v) if isinstance(v, float) and not math.isnan(v) else v
+
+
 def _table(headers: list[str], rows: Iterable[Iterable[Any]]) -> list[str]:
     out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
@@ -263,7 +268,7 @@ def training_section(cfg: KilnConfig, inputs: dict[str, dict], reader: _Reader, 
         c = m.get("counts", {})
         metrics = reader.jsonl(m, "metrics.jsonl")
         rows.append([name, c.get("params"), c.get("tokens"), c.get("steps"), _seconds(c.get("wall_s")),
-                     c.get("tokens_per_s"), c.get("mfu"),
+                     _rounded(c.get("tokens_per_s")), c.get("mfu"),
                      c.get("final_train_loss", _final_metric(metrics, "loss")),
                      c.get("final_val_loss", _final_metric(metrics, "val_loss")),
                      c.get("val_bpb", _final_metric(metrics, "val_bpb")), ""])

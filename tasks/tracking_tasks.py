@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import KilnConfig
+from llm.tracking import tracking_uri as llm_tracking_uri
 from llm.stages import STAGES
 from llm.storage import Store, join
 
@@ -35,18 +36,8 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 
 
 def tracking_uri(cfg: KilnConfig) -> str:
-    """llm/tracking.py's order: config, then MLFLOW_TRACKING_URI, then ./mlruns (made absolute).
-
-    MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE=true; the local default is a
-    file store, so choosing it opts in (for this process and the torchrun jobs it starts).
-    Use a server (`kiln stack up`) or sqlite:/// for anything beyond a laptop run.
-    """
-    uri = cfg.run.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        uri = (Path.cwd() / "mlruns").resolve().as_uri()
-    if uri.startswith("file:") or "://" not in uri:
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return uri
+    """The tracking URI for this config, resolved exactly as the torchrun jobs resolve it."""
+    return llm_tracking_uri(cfg.run.mlflow_tracking_uri)
 
 
 def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str:
