@@ -19,7 +19,6 @@ A training stage output dir holds ``checkpoints/step_*/`` and ``final/`` (the on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .storage import sha256_file
 
 FORMAT = "kiln-ckpt-1"
 MODEL_FILE = "model.safetensors"
@@ -42,12 +43,6 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupt, or does not fit the model being built."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def step_dir_name(step: int) -> str:
@@ -88,7 +83,7 @@ def save_checkpoint(
             torch.save(rng_state, tmp / RNG_FILE)
         if loader_state is not None:
             (tmp / LOADER_FILE).write_text(json.dumps(loader_state))
-        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
         full = {"format": FORMAT, **meta, "files": files}
         (tmp / META_FILE).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
         if ckpt_dir.exists():
@@ -131,7 +126,7 @@ def verify_checkpoint(ckpt_dir: str | Path, *, deep: bool = True) -> dict[str, A
             raise CheckpointError(f"{ckpt_dir}: missing {name}")
         if p.stat().st_size != info["size"]:
             raise CheckpointError(f"{p}: size {p.stat().st_size} != recorded {info['size']} (truncated or replaced)")
-        if deep and _sha256(p) != info["sha256"]:
+        if deep and sha256_file(p) != info["sha256"]:
             raise CheckpointError(f"{p}: SHA-256 mismatch (corrupt file)")
     if MODEL_FILE not in meta.get("files", {}):
         raise CheckpointError(f"{ckpt_dir}: checkpoint has no {MODEL_FILE}")

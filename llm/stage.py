@@ -109,9 +109,17 @@ class StageOutput:
     def publish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(self.workdir.rglob("*")):
-            if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp"):
-                rel = p.relative_to(self.workdir).as_posix()
+            rel = p.relative_to(self.workdir).as_posix()
+            # Dot-prefixed paths are scratch (half-written checkpoints, temp files from a killed
+            # writer): never part of a published output.
+            hidden = any(part.startswith(".") for part in Path(rel).parts)
+            if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp") and not hidden:
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(self.workdir.rglob(".*")):  # leftover scratch from a killed writer
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists():
+                p.unlink()
         manifest = {**manifest, "files": files}
         manifest["hash"] = manifest_hash(manifest)
         body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()

@@ -23,6 +23,16 @@ from .stage import StageOutput, StageResult, run_stage
 from .storage import Store
 
 
+# Fields that change how a stage runs, never what it produces: changing them must find the same
+# output (and, for training, resume the same .partial run rather than start over). nproc stays in
+# the key on purpose: a checkpoint's loader state is laid out per rank.
+OPERATIONAL_FIELDS = frozenset({"workers", "nccl_env", "log_every", "ckpt_every", "keep_last", "compile"})
+
+
+def without_operational(section: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in section.items() if k not in OPERATIONAL_FIELDS}
+
+
 @dataclass(frozen=True)
 class StageDef:
     name: str
@@ -45,7 +55,7 @@ class StageDef:
         custom = getattr(mod, "key_config", None)
         if custom is not None:
             return custom(cfg)
-        return {s: cfg.section(s) for s in self.sections} | {"seed": cfg.run.seed}
+        return {s: without_operational(cfg.section(s)) for s in self.sections} | {"seed": cfg.run.seed}
 
 
 STAGES: dict[str, StageDef] = {

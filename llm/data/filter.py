@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from ..config import FilterConfig, KilnConfig
 from ..stage import StageError, StageOutput
 from ..storage import Store, join
-from .filters import FilterChain, UrlBlocklist
+from .filters import FilterChain
 
 BATCH_ROWS = 1024
 EXAMPLE_CHARS = 200
@@ -36,7 +36,9 @@ EXAMPLE_CHARS = 200
 
 def key_config(cfg: KilnConfig) -> dict[str, Any]:
     """The filter config plus the block list's content, so editing that file invalidates the cache."""
-    key: dict[str, Any] = {"filter": cfg.section("filter")}
+    from llm.stages import without_operational
+
+    key: dict[str, Any] = {"filter": without_operational(cfg.section("filter"))}
     if cfg.filter.url_blocklist:
         path = Path(cfg.filter.url_blocklist)
         if not path.is_file():

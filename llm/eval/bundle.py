@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..storage import sha256_file
+
 import yaml
 
 # The 22 tasks of the DCLM CORE metric as nanochat runs it (the labels of its core.yaml), in order.
@@ -130,12 +132,6 @@ def _download(url: str, dest: Path, *, attempts: int = 5, timeout: float = 60.0)
         time.sleep(0.5 * 2**i)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _find_root(d: Path) -> Path:
@@ -176,7 +172,7 @@ def fetch_bundle(source: str, *, sha256: str = "", cache_dir: Path | None = None
                 raise BundleError(f"CORE bundle {source}: no such file")
             shutil.copyfile(source, zpath)
         if sha256:
-            got = _sha256(zpath)
+            got = sha256_file(zpath)
             if got != sha256.lower():
                 zpath.unlink(missing_ok=True)
                 raise BundleError(f"CORE bundle {source}: sha256 mismatch (expected {sha256}, got {got})")

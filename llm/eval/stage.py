@@ -25,7 +25,6 @@ from typing import Any
 
 from ..config import KilnConfig, config_from_json
 from ..stage import StageError, StageOutput
-from ..storage import Store
 
 RESULT_FILES = ("core.json", "core.csv", "bpb.json", "samples.json")
 
@@ -33,11 +32,12 @@ RESULT_FILES = ("core.json", "core.csv", "bpb.json", "samples.json")
 def key_config(cfg: KilnConfig) -> dict[str, Any]:
     """What the output depends on: the eval section minus knobs that cannot change results.
 
-    ``nproc`` only changes speed (results are rank-count independent); ``stages`` says which
+    ``nproc`` and ``batch_tokens`` only change speed (results are rank-count and packing
+    independent, which the tests check); ``stages`` says which
     checkpoints a pipeline evaluates, not how one is evaluated.
     """
     section = cfg.section("eval")
-    for k in ("nproc", "stages"):
+    for k in ("nproc", "stages", "batch_tokens"):
         section.pop(k, None)
     return {"eval": section, "seed": cfg.run.seed}
 
