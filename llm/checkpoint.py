@@ -251,6 +251,21 @@ def resolve_checkpoint_dir(uri: str, *, endpoint_url: str = "") -> Path:
     raise CheckpointError(f"{uri}: no checkpoint found (no meta.json, final/ or checkpoints/step_*)")
 
 
+def as_stage_input(uri: str, *, endpoint_url: str = "") -> dict[str, Any] | None:
+    """A bare checkpoint directory as a stage input (``kiln eval --checkpoint .../step_000500``).
+
+    Its identity is the hash of its ``meta.json``, which lists every file's sha256, so the
+    downstream cache key still follows the exact weights. None when ``uri`` holds no checkpoint.
+    """
+    try:
+        ckpt = resolve_checkpoint_dir(uri, endpoint_url=endpoint_url)
+    except (CheckpointError, FileNotFoundError):
+        return None
+    verify_checkpoint(ckpt, deep=False)  # a checkpoint that is there but damaged: say which file
+    meta_hash = sha256_file(ckpt / META_FILE)[:20]
+    return {"uri": str(ckpt), "hash": meta_hash, "stage": "checkpoint", "counts": {}}
+
+
 def _download_dir(store: Any, uri: str) -> Path:
     from .storage import join
 

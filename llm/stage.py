@@ -155,6 +155,18 @@ class StageResult:
 
 
 StageFn = Callable[[StageOutput, dict[str, dict[str, Any]]], dict[str, Any]]
+# Identifies an input that is not a stage output (e.g. a bare checkpoint directory): returns a
+# manifest-like dict with at least "uri" and "hash", or None when it does not recognise the URI.
+ExternalInput = Callable[[str, str], "dict[str, Any] | None"]
+
+
+def input_manifest(store: Store, stage: str, role: str, uri: str, external: ExternalInput | None = None) -> dict[str, Any]:
+    m = verify_output(store, uri)
+    if m is None and external is not None:
+        m = external(role, uri)
+    if m is None:
+        raise StageError(f"{stage} input {role!r}: {uri} is not a finished stage output (no verifying {MANIFEST})")
+    return m
 
 
 def run_stage(
@@ -166,6 +178,7 @@ def run_stage(
     fn: StageFn,
     *,
     force: bool = False,
+    external: ExternalInput | None = None,
 ) -> StageResult:
     """Run ``fn`` unless an identical, verified output exists; publish it with its manifest.
 
@@ -173,7 +186,7 @@ def run_stage(
     their hashes enter the key. ``fn(out, input_manifests)`` returns a dict whose ``counts``
     and other keys are merged into the manifest.
     """
-    in_manifests = {name: require_manifest(store, uri, f"{stage} input {name!r}") for name, uri in inputs.items()}
+    in_manifests = {name: input_manifest(store, stage, name, uri, external) for name, uri in inputs.items()}
     key = content_key(stage, config, {n: m["hash"] for n, m in in_manifests.items()}, code_version)
     uri = store.uri(stage, key)
     if not force:

@@ -98,4 +98,10 @@ def execute(
     def body(out: StageOutput, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return fn(cfg, out, manifests, progress=progress)
 
-    return run_stage(store, name, sd.key_config(cfg), inputs, sd.version, body, force=force)
+    external = None
+    if "model" in sd.inputs:
+        from .checkpoint import as_stage_input
+
+        # A model input may also be a bare checkpoint dir (a step of a running or unpublished run).
+        external = lambda role, uri: as_stage_input(uri, endpoint_url=cfg.run.s3_endpoint) if role == "model" else None  # noqa: E731
+    return run_stage(store, name, sd.key_config(cfg), inputs, sd.version, body, force=force, external=external)

@@ -137,3 +137,24 @@ def test_kiln_eval_checkpoint_resolves_only_the_missing_inputs():
     assert inputs == {"model": "/some/pretrain/output"}
     assert _upstream_until("eval", ["tokenizer", "tokens"]) == "tokenize"
     assert _upstream_until("eval") == "sft"
+
+
+def test_kiln_eval_on_a_bare_checkpoint_dir(upstream, capsys, tmp_path):
+    """A checkpoint directory (no stage manifest) is evaluated too; its meta.json is its identity."""
+    import shutil
+
+    from llm.cli import main
+
+    ckpt = tmp_path / "step_000007"
+    shutil.copytree(Path(upstream["model"]) / "final", ckpt)
+    args = ["eval", "--checkpoint", str(ckpt), "--input", f"tokenizer={upstream['tokenizer']}",
+            "--input", f"tokens={upstream['tokens']}", "--output", upstream["root"], "--quiet",
+            "--set", "eval.tasks=[copa]", "--set", "eval.max_per_task=2", "--set", "eval.bpb_tokens=4096",
+            "--set", "eval.sample_max_tokens=2", "--set", "eval.device=cpu"]
+    assert main(args) == 0
+    assert "core=" in capsys.readouterr().out
+    # A damaged checkpoint is refused with the file named, not evaluated.
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert main(args) == 1
+    assert "model.safetensors" in capsys.readouterr().err
