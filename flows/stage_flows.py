@@ -45,6 +45,7 @@ def run_one(stage: str, *, preset: str, overrides: dict[str, Any] | list[str] | 
     inputs = dict(inputs or {})
     if not inputs and (STAGES[stage].inputs or stage == "report"):
         inputs = _upstream_inputs(stage, cfg, model_stage)
+    label = f"eval_{model_stage}" if stage == "eval" else stage
     if mlflow_run_id is None:  # alone: a small tree of its own (this flow run -> the stage)
         from prefect.context import FlowRunContext
 
@@ -53,7 +54,6 @@ def run_one(stage: str, *, preset: str, overrides: dict[str, Any] | list[str] | 
         ctx = FlowRunContext.get()
         tracker = PipelineTracker.start(cfg, params={"stage": stage, "inputs": inputs, "force": force},
                                         flow_run=ctx.flow_run if ctx else None)
-        label = f"eval_{model_stage}" if stage == "eval" else stage
         try:
             run_id = tracker.stage_start(label, stage)
             summary, cached = run_stage_task(stage, cfg, inputs, force=force, mlflow_run_id=run_id, label=label)
@@ -64,7 +64,7 @@ def run_one(stage: str, *, preset: str, overrides: dict[str, Any] | list[str] | 
         tracker.stage_done(label, stage, summary, cached)
         tracker.finish(ok=True)
     else:
-        summary, cached = run_stage_task(stage, cfg, inputs, force=force, mlflow_run_id=mlflow_run_id)
+        summary, cached = run_stage_task(stage, cfg, inputs, force=force, mlflow_run_id=mlflow_run_id, label=label)
     print(f"[kiln] {stage}: {'cached' if cached else ('reused' if summary['reused'] else 'computed')} -> {summary['uri']}")
     return summary
 

@@ -107,7 +107,7 @@ def _lost_training_job(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "run again to resume" in str(e)
 
 
-def _retry_on_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+def retry_on_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
     """Prefect retry condition: retry only what :func:`is_transient` accepts."""
     try:
         state.result()
@@ -217,7 +217,7 @@ def _summary(stage: str, manifest: dict[str, Any], *, reused: bool, mlflow_run_i
     retries=2,
     retry_delay_seconds=[10, 60],
     retry_jitter_factor=0.2,
-    retry_condition_fn=_retry_on_transient,
+    retry_condition_fn=retry_on_transient,
     task_run_name="{stage}",
 )
 def stage_task(
@@ -277,7 +277,7 @@ def raise_for_child(flow_run: Any, name: str, stage: str) -> None:
     retries=2,
     retry_delay_seconds=[10, 60],
     retry_jitter_factor=0.2,
-    retry_condition_fn=_retry_on_transient,
+    retry_condition_fn=retry_on_transient,
     task_run_name="{stage}",
 )
 def stage_deployment_task(
@@ -300,6 +300,8 @@ def stage_deployment_task(
     logger = get_run_logger()
     name = deployment_name(stage, cfg)
     params = {"config": config, "inputs": inputs, "force": force, "mlflow_run_id": mlflow_run_id}
+    if stage == "eval" and label and label.startswith("eval_"):
+        params["model_stage"] = label[len("eval_"):]  # names the child's task eval_<stage>
     flow_run = run_deployment(
         name,
         parameters=params,

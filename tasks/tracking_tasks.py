@@ -170,7 +170,8 @@ class PipelineTracker:
             } | ({FLOW_RUN_TAG: self.flow_run_id} if self.flow_run_id else {}))
             run_id = run.info.run_id
             self.children[label] = run_id
-            config = STAGES[stage].key_config(self.cfg)
+            # The full sections (operational knobs included), not just what the cache key hashes.
+            config = {sec: self.cfg.section(sec) for sec in STAGES[stage].sections}
             _log_params(self.client, run_id, {f"cfg.{k}": v for k, v in _flatten("", config, {}).items()})
         self.children[label] = run_id
         return run_id
