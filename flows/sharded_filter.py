@@ -17,8 +17,6 @@ NFS/Lustre); with an ``s3://`` artifact root use a local cluster.
 from __future__ import annotations
 
 import argparse
-from collections import Counter
-from dataclasses import asdict
 from typing import Any
 
 from prefect import flow, task
@@ -26,52 +24,25 @@ from prefect_dask import DaskTaskRunner
 
 from flows.settings import flow_config
 from llm.config import FilterConfig, KilnConfig
-from llm.data.filter import _input_shards, filter_shard, open_shard
+from llm.data.filter import ShardReport, filter_shard, input_shards, summarize
 from llm.stage import StageOutput, run_stage
 from llm.stages import STAGES
 from llm.storage import Store
-from tasks.stage_tasks import _retry_on_transient
+from tasks.stage_tasks import retry_on_transient
 
 
-@task(name="filter-shard", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_on_transient,
+@task(name="filter-shard", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=retry_on_transient,
       task_run_name="filter {name}")
-def filter_shard_task(src: str, name: str, dst: str, fcfg: dict[str, Any], examples_per_rule: int) -> dict[str, Any]:
-    report = filter_shard(src, name, dst, FilterConfig.model_validate(fcfg), examples_per_rule)
-    return asdict(report) | {"removed": dict(report.removed)}
-
-
-def summarize(reports: list[dict[str, Any]], examples_per_rule: int) -> dict[str, Any]:
-    """The filter stage's manifest fields from per-shard reports (shard order), as llm/data/filter.py writes them."""
-    removed: Counter = Counter()
-    examples: dict[str, list[dict[str, Any]]] = {}
-    for r in reports:
-        removed.update(r["removed"])
-        for rule, exs in r["examples"].items():
-            slot = examples.setdefault(rule, [])
-            slot.extend({"shard": r["name"], **e} for e in exs[: examples_per_rule - len(slot)])
-    docs_in = sum(r["docs_in"] for r in reports)
-    docs_out = sum(r["docs_out"] for r in reports)
-    return {
-        "counts": {
-            "docs_in": docs_in, "docs_out": docs_out, "removed": docs_in - docs_out,
-            "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0,
-            "chars_in": sum(r["chars_in"] for r in reports), "chars_out": sum(r["chars_out"] for r in reports),
-            "shards": len(reports),
-        },
-        "removed_by_rule": dict(sorted(removed.items())),
-        "examples_per_rule": dict(sorted(examples.items())),
-        "shards": {r["name"]: {"docs_in": r["docs_in"], "docs_out": r["docs_out"]} for r in reports},
-    }
+def filter_shard_task(src: str, name: str, dst: str, fcfg: dict[str, Any], examples_per_rule: int) -> ShardReport:
+    return filter_shard(src, name, dst, FilterConfig.model_validate(fcfg), examples_per_rule)
 
 
 def _body(cfg: KilnConfig):
     def body(out: StageOutput, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        shards = _input_shards(cfg, manifests)
-        for rel, path in shards:
-            open_shard(path, f"data/{rel}")  # validate every shard before spending time on any
+        shards = input_shards(cfg, manifests)  # validates every shard before spending time on any
         fcfg = cfg.filter.model_dump(mode="json")
-        futures = [filter_shard_task.submit(str(path), f"data/{rel}", str(out.path(f"data/{rel}")), fcfg,
-                                            cfg.filter.examples_per_rule) for rel, path in shards]
+        futures = [filter_shard_task.submit(str(path), name, str(out.path(name)), fcfg, cfg.filter.examples_per_rule)
+                   for name, path in shards]
         return summarize([f.result() for f in futures], cfg.filter.examples_per_rule)
 
     return body

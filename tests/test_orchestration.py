@@ -56,10 +56,10 @@ def test_retry_condition_reads_the_failed_states_exception():
     from prefect.states import Failed
 
     from llm.stage import StageError
-    from tasks.stage_tasks import _retry_on_transient
+    from tasks.stage_tasks import retry_on_transient
 
-    assert _retry_on_transient(None, None, Failed(data=ConnectionResetError("peer"))) is True
-    assert _retry_on_transient(None, None, Failed(data=StageError("bad row"))) is False
+    assert retry_on_transient(None, None, Failed(data=ConnectionResetError("peer"))) is True
+    assert retry_on_transient(None, None, Failed(data=StageError("bad row"))) is False
 
 
 def test_a_child_flow_run_failure_becomes_the_parents_error():

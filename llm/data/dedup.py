@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from ..config import KilnConfig
 from ..stage import StageError, StageOutput
 from ..storage import Store
-from .docs import list_doc_files, open_checked
+from .docs import column_strings, iter_row_groups, list_doc_files, open_checked
 from .minhash import (
     SCHEME,
     Signer,
@@ -119,24 +119,6 @@ class SignTask:
     partitions: int
 
 
-def _texts(batch: pa.Table, name: str, first_row: int) -> list[str]:
-    """The text column as Python strings; a null or non-UTF-8 value is an error naming its row."""
-    col = batch.column("text")
-    try:
-        texts = col.to_pylist()
-    except Exception:  # noqa: BLE001 - pinpoint the bad row below
-        for j in range(len(col)):
-            try:
-                col[j].as_py()
-            except Exception as e:  # noqa: BLE001
-                raise StageError(f"{name}: row {first_row + j}: field 'text' is not valid UTF-8 ({e})") from None
-        raise
-    for j, t in enumerate(texts):
-        if t is None:
-            raise StageError(f"{name}: row {first_row + j}: field 'text' is null")
-    return texts
-
-
 def sign_shard(task: SignTask) -> dict[str, Any]:
     """Phase 1 for one shard: stream row groups, write signatures and per-band bucket tables."""
     t0 = time.time()
@@ -159,11 +141,8 @@ def sign_shard(task: SignTask) -> dict[str, Any]:
     rows = 0
     no_words = 0
     with pq.ParquetWriter(sig_path, sig_schema, compression="none") as sig_writer:
-        # One row group at a time, read explicitly: iter_batches reads ahead and its memory
-        # grew with the shard in bench_dedup_memory; read_row_group is bounded by one group.
-        for rg in range(pf.num_row_groups):
-            batch = pf.read_row_group(rg, columns=["text"], use_threads=False)
-            texts = _texts(batch, task.name, rows)
+        for first_row, batch in iter_row_groups(pf, columns=["text"]):  # one row group in memory at a time
+            texts = column_strings(batch.column("text"), task.name, "text", first_row)
             norms = [normalize(t) for t in texts]
             shingle_lists = [shingles(n, task.ngram) for n in norms]
             sigs = signer.sign(shingle_lists)
@@ -282,8 +261,7 @@ def filter_shard(task: FilterTask) -> dict[str, Any]:
         buffer, buffered = [], 0
 
     try:
-        for rg in range(pf.num_row_groups):
-            batch = pf.read_row_group(rg, use_threads=False)
+        for _, batch in iter_row_groups(pf):
             n = batch.num_rows
             if want:
                 hit = [r for r in range(row, row + n) if r in want]
@@ -355,9 +333,7 @@ def _input_files(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Pa
     if len(files) >= 1 << 31:
         raise StageError(f"dedup: {len(files)} input shards; at most 2^31 are supported")
     for name, path in files:
-        pf = open_checked(path, name, columns=("text",))
-        if pf.metadata.num_rows == 0:
-            raise StageError(f"{name}: empty shard (0 rows)")
+        pf = open_checked(path, name, columns=("text",), nonempty=True)
         if pf.metadata.num_rows >= 1 << 32:
             raise StageError(f"{name}: {pf.metadata.num_rows} rows; at most 2^32 per shard are supported")
     return files

@@ -36,8 +36,19 @@ def list_doc_files(store: Store, uri: str) -> list[tuple[str, Path]]:
     return [(f"data/{rel}", store.cache_path(u)) for rel, u in sorted(files)]
 
 
-def open_checked(path: Path, name: str, columns: tuple[str, ...] = ("text", "id")) -> pq.ParquetFile:
-    """Open a parquet file and check the columns we need exist with usable types."""
+def _is_text_type(t: pa.DataType, binary: bool) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return True
+    return binary and (pa.types.is_binary(t) or pa.types.is_large_binary(t))
+
+
+def open_checked(path: Path | str, name: str, columns: tuple[str, ...] = ("text", "id"), *,
+                 binary_text: bool = False, nonempty: bool = False) -> pq.ParquetFile:
+    """Open a parquet file and check the columns we need exist with usable types.
+
+    ``binary_text`` also accepts a binary ``text`` column (decoded as UTF-8 by :func:`column_strings`);
+    ``nonempty`` makes a file with no rows an error.
+    """
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a broken file
@@ -48,9 +59,24 @@ def open_checked(path: Path, name: str, columns: tuple[str, ...] = ("text", "id"
             raise StageError(f"{name}: no {col!r} column (columns: {', '.join(schema.names)})")
     if "text" in columns:
         t = schema.field("text").type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        if not _is_text_type(t, binary_text):
             raise StageError(f"{name}: column 'text' has type {t}, expected a string column")
+    if nonempty and pf.metadata.num_rows == 0:
+        raise StageError(f"{name}: empty shard (0 rows)")
     return pf
+
+
+def iter_row_groups(pf: pq.ParquetFile, columns: list[str] | None = None) -> Iterator[tuple[int, pa.Table]]:
+    """(first row, table) for each row group of ``pf``, read ONE group at a time.
+
+    Read explicitly, without threads: ``iter_batches`` reads ahead and its memory grew with the
+    shard in bench_dedup_memory; ``read_row_group`` is bounded by one group.
+    """
+    first_row = 0
+    for i in range(pf.num_row_groups):
+        table = pf.read_row_group(i, columns=columns, use_threads=False)
+        yield first_row, table
+        first_row += table.num_rows
 
 
 def row_groups(store: Store, uri: str) -> list[RowGroup]:
@@ -63,24 +89,40 @@ def row_groups(store: Store, uri: str) -> list[RowGroup]:
     return out
 
 
-def column_strings(col: pa.ChunkedArray, name: str, field: str, first_row: int) -> list[str]:
-    """A string column as Python strs; invalid UTF-8 is an error naming the file, row and field.
+def column_strings(col: pa.ChunkedArray | pa.Array, name: str, field: str, first_row: int) -> list[str]:
+    """A string (or binary) column as Python strs; a null or invalid UTF-8 value is an error naming the
+    file, row and field.
 
     Arrow does not validate UTF-8 when reading parquet, so bad bytes surface only on conversion.
     """
-    try:
-        return col.to_pylist()
-    except UnicodeDecodeError:
-        row = first_row
-        for chunk in col.chunks:
-            for v in chunk:
-                try:
-                    v.as_py()
-                except UnicodeDecodeError as e:
-                    raise StageError(f"{name}: row {row}: field {field!r} is not valid UTF-8 ({e.reason} at byte "
-                                     f"{e.start})") from None
-                row += 1
-        raise
+    def bad_utf8(row: int, e: Exception) -> StageError:
+        why = f"{e.reason} at byte {e.start}" if isinstance(e, UnicodeDecodeError) else str(e)
+        return StageError(f"{name}: row {row}: field {field!r} is not valid UTF-8 ({why})")
+
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        values = []
+        for j, v in enumerate(col.to_pylist()):
+            try:
+                values.append(None if v is None else v.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise bad_utf8(first_row + j, e) from None
+    else:
+        try:
+            values = col.to_pylist()
+        except (UnicodeDecodeError, pa.ArrowInvalid):
+            row = first_row
+            for chunk in (col.chunks if isinstance(col, pa.ChunkedArray) else [col]):
+                for v in chunk:
+                    try:
+                        v.as_py()
+                    except (UnicodeDecodeError, pa.ArrowInvalid) as e:
+                        raise bad_utf8(row, e) from None
+                    row += 1
+            raise
+    for j, v in enumerate(values):
+        if v is None:
+            raise StageError(f"{name}: row {first_row + j}: field {field!r} is null")
+    return values
 
 
 def read_row_group(rg: RowGroup) -> tuple[list[str], list[str]]:
@@ -90,9 +132,7 @@ def read_row_group(rg: RowGroup) -> tuple[list[str], list[str]]:
     first_row = sum(pf.metadata.row_group(i).num_rows for i in range(rg.index))
     texts = column_strings(table.column("text"), rg.name, "text", first_row)
     ids = [None if v is None else str(v) for v in table.column("id").to_pylist()]
-    for j, (t, d) in enumerate(zip(texts, ids)):
-        if t is None:
-            raise StageError(f"{rg.name}: row {first_row + j}: field 'text' is null")
+    for j, d in enumerate(ids):
         if d is None:
             raise StageError(f"{rg.name}: row {first_row + j}: field 'id' is null")
     return texts, ids  # type: ignore[return-value]

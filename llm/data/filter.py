@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 
 from ..config import FilterConfig, KilnConfig
 from ..stage import StageError, StageOutput
-from ..storage import Store, join
+from ..storage import Store
+from .docs import column_strings, list_doc_files, open_checked
 from .filters import FilterChain
 
 BATCH_ROWS = 1024
@@ -58,50 +59,9 @@ class ShardReport:
     examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def _text_values(column: pa.ChunkedArray | pa.Array, name: str, first_row: int) -> list[str]:
-    """The text column as Python strings; null or non-UTF-8 values are errors naming the row."""
-    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-        raw = column.to_pylist()
-        out = []
-        for i, v in enumerate(raw):
-            if v is None:
-                raise StageError(f"{name}: row {first_row + i}: field 'text' is null")
-            try:
-                out.append(v.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise StageError(f"{name}: row {first_row + i}: field 'text' is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        return out
-    try:
-        values = column.to_pylist()
-    except (UnicodeDecodeError, pa.ArrowInvalid):
-        # find the offending row: decode each value's bytes ourselves
-        for i in range(len(column)):
-            try:
-                column[i].as_py()
-            except (UnicodeDecodeError, pa.ArrowInvalid) as e:
-                raise StageError(f"{name}: row {first_row + i}: field 'text' is not valid UTF-8 ({e})") from None
-        raise
-    for i, v in enumerate(values):
-        if v is None:
-            raise StageError(f"{name}: row {first_row + i}: field 'text' is null")
-    return values
-
-
 def open_shard(path: str | Path, name: str) -> pq.ParquetFile:
-    """Open one input shard and check it can be filtered: readable, a text column, not empty."""
-    try:
-        pf = pq.ParquetFile(path)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a broken file
-        raise StageError(f"{name}: not a readable parquet file ({e})") from e
-    schema = pf.schema_arrow
-    if "text" not in schema.names:
-        raise StageError(f"{name}: no 'text' column (columns: {', '.join(schema.names)})")
-    t = schema.field("text").type
-    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)):
-        raise StageError(f"{name}: column 'text' has type {t}, expected strings")
-    if pf.metadata.num_rows == 0:
-        raise StageError(f"{name}: empty shard (0 rows)")
-    return pf
+    """Open one input shard and check it can be filtered: readable, a string or binary text column, not empty."""
+    return open_checked(path, name, ("text",), binary_text=True, nonempty=True)
 
 
 def _output_schema(schema: pa.Schema) -> pa.Schema:
@@ -133,7 +93,7 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
     row = 0
     with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
         for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-            texts = _text_values(batch.column(text_idx), name, row)
+            texts = column_strings(batch.column(text_idx), name, "text", row)
             urls = batch.column("url").to_pylist() if has_url else [None] * len(texts)
             ids = batch.column("id").to_pylist() if has_id else [None] * len(texts)
             keep_mask: list[bool] = []
@@ -166,15 +126,41 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
     return report
 
 
-def _input_shards(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
+def input_shards(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
+    """(name, local path) of every shard of the ``docs`` input, each validated before any is filtered."""
     if "docs" not in inputs:
         raise StageError("filter needs an input 'docs' (a download stage output)")
-    store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
-    uri = inputs["docs"]["uri"]
-    files = sorted((rel, u) for rel, u in store.iter_files(join(uri, "data")) if rel.endswith(".parquet"))
-    if not files:
-        raise StageError(f"{join(uri, 'data')}: no parquet files (expected data/<shard>.parquet)")
-    return [(rel, store.cache_path(u)) for rel, u in files]
+    shards = list_doc_files(Store(cfg.run.artifact_root, cfg.run.s3_endpoint), inputs["docs"]["uri"])
+    for name, path in shards:
+        open_shard(path, name)  # validate every shard before spending time on any
+    return shards
+
+
+def summarize(reports: list[ShardReport], examples_per_rule: int) -> dict[str, Any]:
+    """The stage's manifest fields from per-shard reports (in shard order, so the manifest is deterministic)."""
+    removed: Counter = Counter()
+    examples: dict[str, list[dict[str, Any]]] = {}
+    for r in reports:
+        removed.update(r.removed)
+        for rule, exs in r.examples.items():
+            slot = examples.setdefault(rule, [])
+            slot.extend({"shard": r.name, **e} for e in exs[: examples_per_rule - len(slot)])
+    docs_in = sum(r.docs_in for r in reports)
+    docs_out = sum(r.docs_out for r in reports)
+    return {
+        "counts": {
+            "docs_in": docs_in,
+            "docs_out": docs_out,
+            "removed": docs_in - docs_out,
+            "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0,
+            "chars_in": sum(r.chars_in for r in reports),
+            "chars_out": sum(r.chars_out for r in reports),
+            "shards": len(reports),
+        },
+        "removed_by_rule": dict(sorted(removed.items())),
+        "examples_per_rule": dict(sorted(examples.items())),
+        "shards": {r.name: {"docs_in": r.docs_in, "docs_out": r.docs_out} for r in reports},
+    }
 
 
 def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
@@ -185,11 +171,8 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
         FilterChain(fcfg)  # fail fast on a missing language model or unreadable block list
     except Exception as e:  # noqa: BLE001
         raise StageError(f"filter config: {e}") from e
-    shards = _input_shards(cfg, inputs)
-    for rel, path in shards:
-        open_shard(path, f"data/{rel}")  # validate every shard before spending time on any
-
-    jobs = [(str(path), f"data/{rel}", str(out.path(f"data/{rel}")), fcfg, fcfg.examples_per_rule) for rel, path in shards]
+    shards = input_shards(cfg, inputs)
+    jobs = [(str(path), name, str(out.path(name)), fcfg, fcfg.examples_per_rule) for name, path in shards]
     reports: list[ShardReport] = []
     total_docs = sum(pq.ParquetFile(path).metadata.num_rows for _, path in shards)
     bar = None
@@ -221,26 +204,4 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
     if bar is not None:
         bar.close()
 
-    removed: Counter = Counter()
-    examples: dict[str, list[dict[str, Any]]] = {}
-    for r in reports:
-        removed.update(r.removed)
-        for rule, exs in r.examples.items():
-            slot = examples.setdefault(rule, [])
-            slot.extend({"shard": r.name, **e} for e in exs[: fcfg.examples_per_rule - len(slot)])
-    docs_in = sum(r.docs_in for r in reports)
-    docs_out = sum(r.docs_out for r in reports)
-    return {
-        "counts": {
-            "docs_in": docs_in,
-            "docs_out": docs_out,
-            "removed": docs_in - docs_out,
-            "kept_fraction": round(docs_out / docs_in, 4) if docs_in else 0.0,
-            "chars_in": sum(r.chars_in for r in reports),
-            "chars_out": sum(r.chars_out for r in reports),
-            "shards": len(reports),
-        },
-        "removed_by_rule": dict(sorted(removed.items())),
-        "examples_per_rule": dict(sorted(examples.items())),
-        "shards": {r.name: {"docs_in": r.docs_in, "docs_out": r.docs_out} for r in reports},
-    }
+    return summarize(reports, fcfg.examples_per_rule)
