@@ -210,8 +210,8 @@ def _summary(stage: str, manifest: dict[str, Any], *, reused: bool, mlflow_run_i
     }
 
 
-@task(
-    name="stage",
+# Both stage tasks (in-process and as a deployment) cache on the content key and retry only transient failures.
+STAGE_TASK_OPTIONS: dict[str, Any] = dict(
     cache_key_fn=_cache_key,
     persist_result=True,
     retries=2,
@@ -220,6 +220,9 @@ def _summary(stage: str, manifest: dict[str, Any], *, reused: bool, mlflow_run_i
     retry_condition_fn=retry_on_transient,
     task_run_name="{stage}",
 )
+
+
+@task(name="stage", **STAGE_TASK_OPTIONS)
 def stage_task(
     stage: str,
     config: dict[str, Any],
@@ -270,16 +273,7 @@ def raise_for_child(flow_run: Any, name: str, stage: str) -> None:
     raise ChildRunFailed(msg)
 
 
-@task(
-    name="stage-deployment",
-    cache_key_fn=_cache_key,
-    persist_result=True,
-    retries=2,
-    retry_delay_seconds=[10, 60],
-    retry_jitter_factor=0.2,
-    retry_condition_fn=retry_on_transient,
-    task_run_name="{stage}",
-)
+@task(name="stage-deployment", **STAGE_TASK_OPTIONS)
 def stage_deployment_task(
     stage: str,
     config: dict[str, Any],
