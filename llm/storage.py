@@ -66,7 +66,8 @@ class TransientError(RuntimeError):
     """An error worth retrying (network, 5xx, throttling)."""
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
+    """A storage error worth retrying: connection trouble, timeouts, S3 5xx and throttling."""
     if isinstance(exc, TransientError):
         return True
     try:
@@ -82,19 +83,39 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def with_retries(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5, what: str = "") -> T:
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    attempts: int = 5,
+    base_delay: float = 0.5,
+    max_delay: float | None = None,
+    what: str = "",
+    classify: Callable[[BaseException], bool] = is_transient,
+    sleep: Callable[[float], Any] = time.sleep,
+    give_up: Callable[[BaseException], BaseException] | None = None,
+) -> T:
     """Run ``fn``, retrying with exponential backoff on transient errors only.
 
     Deterministic errors (missing key, access denied, bad data) are raised at once so the
-    user sees the real cause instead of a slow retry loop.
+    user sees the real cause instead of a slow retry loop. ``classify`` says which errors are
+    transient; the wait before retry ``i`` (from 0) is ``base_delay * 2**i``, capped at
+    ``max_delay``, spent in ``sleep`` (which may raise to abandon, e.g. on a stop event).
+    When every attempt failed transiently, ``give_up(last error)`` (if given) is raised from it;
+    otherwise the last error itself.
     """
+    attempts = max(1, attempts)
     for i in range(attempts):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
-            if not _is_transient(exc) or i == attempts - 1:
+            if not classify(exc):
                 raise
-            time.sleep(base_delay * (2**i))
+            if i == attempts - 1:
+                if give_up is None:
+                    raise
+                raise give_up(exc) from exc
+            delay = base_delay * (2**i)
+            sleep(delay if max_delay is None else min(max_delay, delay))
     raise AssertionError("unreachable")
 
 

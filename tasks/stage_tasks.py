@@ -38,7 +38,7 @@ from prefect.states import State
 from llm.config import ConfigError, KilnConfig
 from llm.stage import StageError, content_key, require_manifest, verify_output
 from llm.stages import STAGES, execute
-from llm.storage import Store, _is_transient, join
+from llm.storage import Store, is_transient as is_transient_storage_error, join
 from tasks.results import result_storage_for
 
 # --------------------------------------------------------------------------- errors / retries
@@ -73,7 +73,7 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, (StageError, ConfigError, ChildRunTimeout)):
             return False
-        if isinstance(e, ChildRunLost) or getattr(e, "transient", False) or _is_transient(e):
+        if isinstance(e, ChildRunLost) or getattr(e, "transient", False) or is_transient_storage_error(e):
             return True
         if _lost_training_job(e):
             return True

@@ -56,7 +56,7 @@ from urllib.parse import quote, unquote
 
 from ..sources import resolve_source
 from ..stage import StageError, StageOutput
-from ..storage import Store, is_s3, local_path, split_s3
+from ..storage import Store, is_s3, is_transient, local_path, split_s3, with_retries
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 PARQUET_MAGIC = b"PAR1"
@@ -353,36 +353,34 @@ def _is_retryable(exc: BaseException) -> bool:
     # Connection resets, timeouts and short bodies (urllib3 enforces Content-Length on raw reads).
     if isinstance(exc, (requests.RequestException, urllib3.exceptions.HTTPError)):
         return True
-    from ..storage import _is_transient
-
-    return _is_transient(exc)
+    return is_transient(exc)
 
 
 def _attempt(fn: Callable[[], Any], *, attempts: int, backoff_s: float, what: str,
              stop: threading.Event | None = None) -> Any:
-    """Run ``fn`` up to ``attempts`` times, backing off between retryable failures."""
-    last: BaseException | None = None
-    for i in range(max(1, attempts)):
+    """Run ``fn`` up to ``attempts`` times, backing off between retryable failures; a set ``stop``
+    abandons the retries (checked before each attempt and during each wait)."""
+
+    def guarded() -> Any:
         if stop is not None and stop.is_set():
             raise _Cancelled(what)
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not _is_retryable(exc):
-                raise
-            last = exc
-            if i < attempts - 1:
-                delay = min(_MAX_BACKOFF_S, backoff_s * (2**i))
-                if stop is not None:
-                    if stop.wait(delay):
-                        raise _Cancelled(what) from exc
-                else:
-                    time.sleep(delay)
-    detail = str(last)
-    if detail.startswith(f"{what}: "):
-        detail = detail[len(what) + 2 :]
-    kind = "" if isinstance(last, _Retryable) else f"{type(last).__name__}: "
-    raise DownloadError(f"{what}: failed after {attempts} attempts: {kind}{detail}") from last
+        return fn()
+
+    def wait(delay: float) -> None:
+        if stop is None:
+            time.sleep(delay)
+        elif stop.wait(delay):
+            raise _Cancelled(what)
+
+    def give_up(last: BaseException) -> DownloadError:
+        detail = str(last)
+        if detail.startswith(f"{what}: "):
+            detail = detail[len(what) + 2 :]
+        kind = "" if isinstance(last, _Retryable) else f"{type(last).__name__}: "
+        return DownloadError(f"{what}: failed after {attempts} attempts: {kind}{detail}")
+
+    return with_retries(guarded, attempts=attempts, base_delay=backoff_s, max_delay=_MAX_BACKOFF_S, what=what,
+                        classify=_is_retryable, sleep=wait, give_up=give_up)
 
 
 class _Fetcher:

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..storage import sha256_file
+from ..storage import sha256_file, with_retries
 
 import yaml
 
@@ -115,23 +114,28 @@ def _cache_dir() -> Path:
 def _download(url: str, dest: Path, *, attempts: int = 5, timeout: float = 60.0) -> None:
     """Download ``url`` to ``dest`` atomically; retry connection errors, timeouts and 5xx only."""
     tmp = dest.with_name(dest.name + f".{os.getpid()}.tmp")
-    for i in range(attempts):
+
+    def fetch() -> None:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
                 shutil.copyfileobj(resp, f, length=1 << 20)
-            os.replace(tmp, dest)
-            return
         except urllib.error.HTTPError as e:
             tmp.unlink(missing_ok=True)
-            if e.code < 500 or i == attempts - 1:
+            if e.code < 500:
                 raise BundleError(f"{url}: HTTP {e.code} {e.reason}") from e
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
             tmp.unlink(missing_ok=True)
-            if i == attempts - 1:
-                raise BundleError(f"{url}: download failed after {attempts} attempts ({e})") from e
-        time.sleep(0.5 * 2**i)
+            raise
+        os.replace(tmp, dest)
 
+    def give_up(e: BaseException) -> BundleError:
+        if isinstance(e, urllib.error.HTTPError):
+            return BundleError(f"{url}: HTTP {e.code} {e.reason}")
+        return BundleError(f"{url}: download failed after {attempts} attempts ({e})")
 
+    with_retries(fetch, attempts=attempts, base_delay=0.5, what=url, give_up=give_up,
+                 classify=lambda e: isinstance(e, (urllib.error.URLError, TimeoutError, ConnectionError)))
 
 
 def _find_root(d: Path) -> Path:
