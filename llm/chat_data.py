@@ -26,12 +26,12 @@ of the row is padding. Every row therefore starts with ``<|bos|>``; only assista
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .chat import RenderedChats
+from .data.shards import DocTable, open_split
 
 WEB, CHAT = 0, 1
 SOURCE_NAMES = {WEB: "web", CHAT: "chat"}
@@ -43,45 +43,6 @@ def _perm(n: int, seed: int, epoch: int, salt: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- documents
-
-
-@dataclass
-class DocTable:
-    """A flat index over documents in several token arrays (shards): doc i is ``arrays[shard[i]][start[i]:start[i]+length[i]]``."""
-
-    arrays: list[np.ndarray]
-    shard: np.ndarray
-    start: np.ndarray
-    length: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.start)
-
-    def doc(self, i: int, crop: int | None = None) -> np.ndarray:
-        n = int(self.length[i]) if crop is None else min(int(self.length[i]), crop)
-        a = int(self.start[i])
-        return np.asarray(self.arrays[int(self.shard[i])][a:a + n])
-
-    @classmethod
-    def from_shards(cls, shards: Sequence[Any]) -> "DocTable":
-        """From objects with ``tokens`` (1-D array) and ``doc_starts`` (int64 offsets), e.g. ``llm.data.shards.TokenShard``."""
-        arrays, shard_ids, starts, lengths = [], [], [], []
-        for k, sh in enumerate(shards):
-            toks, ds = sh.tokens, np.asarray(sh.doc_starts, dtype=np.int64)
-            ends = np.append(ds[1:], len(toks))
-            keep = ends > ds
-            arrays.append(toks)
-            shard_ids.append(np.full(int(keep.sum()), k, dtype=np.int32))
-            starts.append(ds[keep])
-            lengths.append((ends - ds)[keep])
-        if not arrays:
-            raise ValueError("no token shards given")
-        return cls(arrays, np.concatenate(shard_ids), np.concatenate(starts), np.concatenate(lengths))
-
-    @classmethod
-    def from_chats(cls, chats: RenderedChats) -> "DocTable":
-        off = np.asarray(chats.offsets, dtype=np.int64)
-        return cls([chats.ids], np.zeros(len(off) - 1, dtype=np.int32), off[:-1], np.diff(off))
 
 
 class _Cursor:
@@ -335,8 +296,6 @@ class MixtureLoader(_RankSlicer):
 
     def __init__(self, spec: dict[str, Any], *, batch_size: int, seq_len: int, rank: int, world_size: int,
                  seed: int, tokenizer: Any = None):
-        from .loaders import open_token_split
-
         self._check(batch_size, seq_len, rank, world_size)
         for k in ("tokens_uri", "chat_ratio"):
             if k not in spec:
@@ -344,7 +303,7 @@ class MixtureLoader(_RankSlicer):
         self.spec, self.seed = dict(spec), seed
         self.ratio = float(spec["chat_ratio"])
         self.crop = int(spec.get("crop") or seq_len)
-        web = DocTable.from_shards(open_token_split(spec["tokens_uri"], spec.get("split", "train")))
+        web = DocTable.from_shards(open_split(spec["tokens_uri"], spec.get("split", "train")))
         chat = DocTable.from_chats(_load_chats(spec, "chat_train"))
         self.n_docs = (len(web), len(chat))
         self.stream = MixtureStream(web, chat, chat_ratio=self.ratio, seq_len=seq_len, seed=seed, crop=self.crop)
@@ -396,9 +355,7 @@ class MixtureLoader(_RankSlicer):
         """Held-out pretraining documents and held-out conversations, mixed at the same ratio, fixed order."""
         import torch
 
-        from .loaders import open_token_split
-
-        web = DocTable.from_shards(open_token_split(self.spec["tokens_uri"], self.spec.get("val_split", "val")))
+        web = DocTable.from_shards(open_split(self.spec["tokens_uri"], self.spec.get("val_split", "val")))
         chat = DocTable.from_chats(_load_chats(self.spec, "chat_val"))
         stream = MixtureStream(web, chat, chat_ratio=self.ratio, seq_len=self.T, seed=self.seed + 1, crop=self.crop)
         group = self.W * self.B * self.T

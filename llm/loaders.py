@@ -45,15 +45,13 @@ builds one global stream of rows and hands rank ``r`` rows ``[(k·W + r)·B, (k�
 
 from __future__ import annotations
 
-import glob
 import importlib
-import json
-import os
-from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from .data.shards import DocTable, open_split
 
 LOADER_KINDS: dict[str, str] = {
     "pretrain": "llm.loaders:PretrainLoader",
@@ -91,78 +89,6 @@ def make_loader(kind: str, spec: dict[str, Any], *, batch_size: int, seq_len: in
                       seed=seed, tokenizer=tokenizer)
 
 
-# --------------------------------------------------------------------------- token shards
-
-
-class _ContractShard:
-    """Minimal reader for one token shard as HELPERS.md specifies it (used only when ``llm.data.shards``
-    is not importable, e.g. while the tokenizer helper's module is being written)."""
-
-    def __init__(self, bin_path: Path, dtype: str):
-        self.path = bin_path
-        self.tokens = np.memmap(bin_path, dtype=np.dtype(dtype), mode="r")
-        idx = bin_path.with_name(bin_path.name[: -len(".bin")] + ".idx.npy")
-        self.doc_starts = np.load(idx)
-
-
-def _open_split_contract(uri: str, split: str) -> list[Any]:
-    from .storage import Store, is_s3, join
-
-    store = Store(uri if not is_s3(uri) else uri)
-    meta = json.loads(store.get_bytes(join(uri, "meta.json")))
-    names = meta.get("splits", {}).get(split, {}).get("shards")
-    if names is None:
-        names = sorted(os.path.basename(p) for p in glob.glob(str(Path(uri) / split / "shard_*.bin")))
-    out = []
-    for name in names:
-        rel = name if "/" in name else f"{split}/{name}"
-        if not rel.endswith(".bin"):
-            rel += ".bin"
-        bin_path = store.cache_path(join(uri, rel))
-        store.cache_path(join(uri, rel[: -len(".bin")] + ".idx.npy"))
-        out.append(_ContractShard(Path(bin_path), meta["dtype"]))
-    return out
-
-
-def open_token_split(uri: str, split: str) -> list[Any]:
-    """Shards of one split via ``llm.data.shards.open_split`` (the tokenizer helper's reader)."""
-    try:
-        from .data.shards import open_split  # type: ignore[import-not-found]
-    except ImportError:
-        return _open_split_contract(uri, split)
-    return open_split(uri, split)
-
-
-class _DocTable:
-    """Every document of a split as (shard, start, length), global index = position in these arrays."""
-
-    def __init__(self, shards: list[Any], what: str):
-        shard_ids, starts, lens = [], [], []
-        for i, sh in enumerate(shards):
-            ds = np.asarray(sh.doc_starts, dtype=np.int64)
-            n = len(sh.tokens)
-            if len(ds) == 0:
-                continue
-            ends = np.append(ds[1:], n)
-            if (ds[0] != 0) or np.any(ends < ds) or ends[-1] > n:
-                raise ValueError(f"{what}: shard {i} has inconsistent document offsets")
-            shard_ids.append(np.full(len(ds), i, dtype=np.int32))
-            starts.append(ds)
-            lens.append(ends - ds)
-        if not starts:
-            raise ValueError(f"{what}: no documents")
-        self.shards = shards
-        self.shard = np.concatenate(shard_ids)
-        self.start = np.concatenate(starts)
-        self.length = np.concatenate(lens)
-        self.n_docs = len(self.start)
-        self.n_tokens = int(self.length.sum())
-
-    def read(self, doc: int, take: int) -> np.ndarray:
-        s = int(self.start[doc])
-        return np.asarray(self.shards[int(self.shard[doc])].tokens[s:s + take], dtype=np.int64)
-
-
 class _Packer:
     """Best-fit, BOS-aligned packing of documents into rows of ``row_len`` tokens, with no padding.
 
@@ -173,7 +99,7 @@ class _Packer:
     The state (epoch, cursor, buffer) is a few ints: cheap to checkpoint and exact to restore.
     """
 
-    def __init__(self, docs: _DocTable, row_len: int, order: Callable[[int], np.ndarray], buffer_docs: int):
+    def __init__(self, docs: DocTable, row_len: int, order: Callable[[int], np.ndarray], buffer_docs: int):
         self.docs, self.row_len, self.order, self.buffer_docs = docs, row_len, order, buffer_docs
         self.epoch, self.cursor, self.buffer = 0, 0, []  # buffer: global doc ids
         self.tokens_cropped = 0
@@ -245,7 +171,8 @@ class PretrainLoader:
         self.val_split = spec.get("val_split", "val")
         self.buffer_docs = int(spec.get("buffer_docs", 64))
         self.B, self.T, self.rank, self.W, self.seed = batch_size, seq_len, rank, world_size, seed
-        self.docs = _DocTable(open_token_split(self.uri, self.split), f"{self.uri} split {self.split!r}")
+        # The S3 endpoint, when there is one, reaches open_split through AWS_ENDPOINT_URL (set by llm.train_stage).
+        self.docs = DocTable.from_shards(open_split(self.uri, self.split), f"{self.uri} split {self.split!r}")
         n = self.docs.n_docs
         self.packer = _Packer(self.docs, seq_len + 1,
                               lambda e: np.random.default_rng([seed, e]).permutation(n), self.buffer_docs)
@@ -256,7 +183,7 @@ class PretrainLoader:
     def epoch(self) -> int:
         return self.packer.epoch
 
-    def _rows(self, packer: _Packer, docs: _DocTable) -> np.ndarray:
+    def _rows(self, packer: _Packer, docs: DocTable) -> np.ndarray:
         """Pack one global group of W·B rows; read tokens only for this rank's B rows."""
         out = np.empty((self.B, self.T + 1), dtype=np.int64)
         for g in range(self.W * self.B):
@@ -295,7 +222,7 @@ class PretrainLoader:
         return self.packer.tokens_cropped
 
     def val_batches(self, max_tokens: int) -> Iterator[Batch]:
-        docs = _DocTable(open_token_split(self.uri, self.val_split), f"{self.uri} split {self.val_split!r}")
+        docs = DocTable.from_shards(open_split(self.uri, self.val_split), f"{self.uri} split {self.val_split!r}")
         packer = _Packer(docs, self.T + 1, lambda e: np.arange(docs.n_docs), self.buffer_docs)
         group = self.W * self.B * self.T
         n = max(1, min(max_tokens, docs.n_tokens) // group)

@@ -222,3 +222,69 @@ def open_split(uri: str, split: str, endpoint_url: str = "") -> list[TokenShard]
             raise ShardError(f"{u}: listed in meta.json but missing") from None
         out.append(open_shard(local, meta["dtype"], meta["bos_id"], name=u))
     return out
+
+
+@dataclass
+class DocTable:
+    """A flat index over the documents of several token arrays: document ``i`` is
+    ``arrays[shard[i]][start[i]:start[i] + length[i]]``.
+
+    A document's position here is its global id, the id trainer loaders checkpoint, so the order is
+    fixed: shards in the order given, documents in offset order, empty documents left out.
+    """
+
+    arrays: list[np.ndarray]
+    shard: np.ndarray  # int32 index into arrays
+    start: np.ndarray  # int64 offset of the document's first token
+    length: np.ndarray  # int64 token count
+
+    def __len__(self) -> int:
+        return len(self.start)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.start)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.length.sum())
+
+    def doc(self, i: int, crop: int | None = None) -> np.ndarray:
+        """Tokens of document ``i`` (its first ``crop`` when given), in the array's own dtype."""
+        n = int(self.length[i]) if crop is None else min(int(self.length[i]), crop)
+        a = int(self.start[i])
+        return np.asarray(self.arrays[int(self.shard[i])][a:a + n])
+
+    def read(self, i: int, take: int) -> np.ndarray:
+        """The first ``take`` tokens of document ``i`` as int64 (what the trainer feeds to the model)."""
+        return np.asarray(self.doc(i, take), dtype=np.int64)
+
+    @classmethod
+    def from_shards(cls, shards: list[Any] | tuple[Any, ...], what: str = "token shards") -> "DocTable":
+        """From objects with ``tokens`` (1-D array) and ``doc_starts`` (int64 offsets), e.g. :class:`TokenShard`.
+
+        Offsets that do not start at 0, go backwards or run past the tokens are a ``ValueError``
+        naming ``what`` and the shard; so is a table with no documents at all.
+        """
+        arrays, shard_ids, starts, lengths = [], [], [], []
+        for k, sh in enumerate(shards):
+            toks, ds = sh.tokens, np.asarray(sh.doc_starts, dtype=np.int64)
+            arrays.append(toks)
+            if len(ds) == 0:
+                continue
+            ends = np.append(ds[1:], len(toks))
+            if ds[0] != 0 or np.any(ends < ds) or ends[-1] > len(toks):
+                raise ValueError(f"{what}: shard {k} has inconsistent document offsets")
+            keep = ends > ds
+            shard_ids.append(np.full(int(keep.sum()), k, dtype=np.int32))
+            starts.append(ds[keep])
+            lengths.append((ends - ds)[keep])
+        if not starts or not sum(len(s) for s in starts):
+            raise ValueError(f"{what}: no documents")
+        return cls(arrays, np.concatenate(shard_ids), np.concatenate(starts), np.concatenate(lengths))
+
+    @classmethod
+    def from_chats(cls, chats: Any) -> "DocTable":
+        """From one token array with document boundaries, e.g. ``llm.chat.RenderedChats`` (``ids``, ``offsets``)."""
+        off = np.asarray(chats.offsets, dtype=np.int64)
+        return cls([chats.ids], np.zeros(len(off) - 1, dtype=np.int32), off[:-1], np.diff(off))
