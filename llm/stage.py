@@ -44,9 +44,13 @@ def content_key(stage: str, config: dict[str, Any], input_hashes: dict[str, str]
 
 
 def manifest_hash(manifest: dict[str, Any]) -> str:
-    """Identity of a published output: its key and the exact bytes of every file."""
+    """Identity of a published output: the stage and the exact bytes of every file.
+
+    Not the key: two configs that produce byte-identical output (say, the same shards read from a
+    mirror mounted at another path) give downstream stages the same key, so their work is reused.
+    """
     files = {k: v["sha256"] for k, v in manifest["files"].items()}
-    return hashlib.sha256(canonical_json({"key": manifest["key"], "files": files}).encode()).hexdigest()[:20]
+    return hashlib.sha256(canonical_json({"stage": manifest["stage"], "files": files}).encode()).hexdigest()[:20]
 
 
 def read_manifest(store: Store, uri: str) -> dict[str, Any] | None:

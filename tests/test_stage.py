@@ -79,3 +79,14 @@ def test_missing_input_is_a_clear_error(artifact_root: Path) -> None:
     store = Store(str(artifact_root))
     with pytest.raises(StageError, match="input 'docs'.*not a finished stage output"):
         run_stage(store, "s", {}, {"docs": str(artifact_root / "nope")}, "1", _writer([]))
+
+
+def test_identical_output_from_another_config_reuses_downstream(artifact_root: Path) -> None:
+    """Content addressing: downstream keys follow the bytes an upstream stage produced, not its config."""
+    store = Store(str(artifact_root))
+    a = run_stage(store, "up", {"source": "/mnt/a/mirror"}, {}, "1", _writer([], "same"))
+    b = run_stage(store, "up", {"source": "/data/mirror"}, {}, "1", _writer([], "same"))
+    assert a.uri != b.uri and a.manifest["hash"] == b.manifest["hash"]
+    calls: list[int] = []
+    run_stage(store, "down", {}, {"docs": a.uri}, "1", _writer(calls))
+    assert run_stage(store, "down", {}, {"docs": b.uri}, "1", _writer(calls)).cached and len(calls) == 1
