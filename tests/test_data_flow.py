@@ -82,3 +82,13 @@ def test_data_flow_runs_then_reruns_from_cache(prefect_env: Path, tmp_path: Path
     assert sorted(states) == sorted(DATA_STAGES)
     assert set(states.values()) == {"Cached"}, states
     assert len(list(prefect_env.iterdir())) >= len(DATA_STAGES)  # the cache records are where we said
+
+    # force recomputes exactly the named stage; a stage downstream of identical bytes stays Cached.
+    filter_mtime = (Path(uris["filter"]) / "manifest.json").stat().st_mtime_ns
+    third = data_flow(preset="tiny", overrides=overrides, force=["filter"], return_state=True)
+    assert third.is_completed(), third
+    assert third.result() == uris  # deterministic stage: same key, same bytes
+    states = _task_states(third.state_details.flow_run_id)
+    assert states["filter"] != "Cached", states
+    assert {s for name, s in states.items() if name != "filter"} == {"Cached"}, states
+    assert (Path(uris["filter"]) / "manifest.json").stat().st_mtime_ns > filter_mtime  # really recomputed
