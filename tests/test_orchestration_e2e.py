@@ -282,3 +282,17 @@ def test_stage_deployment_runs_alone_from_the_cli(scenario, stack):
     fid = re.search(r"UUID: ([0-9a-f-]{36})", res.stdout).group(1)
     assert stack["api"].flow_run(fid)["state"]["type"] == "COMPLETED"
     assert stage_states(stack["api"], fid) == {"sft": "Cached"}
+
+
+@pytest.mark.timeout(3000)
+def test_changing_only_the_sft_config_recomputes_only_sft_and_what_follows(scenario, stack):
+    api: Api = stack["api"]
+    overrides = {k: v for k, v in scenario["overrides"].items() if k != "orchestration.fail_once"}
+    overrides["sft.lr"] = 1e-4  # the tiny preset's is 2e-3
+    fid = api.run_deployment("full-pipeline/tiny", {"preset": "tiny", "overrides": overrides})
+    final = api.wait(fid, 900)
+    assert final["state"]["type"] == "COMPLETED", final["state"]
+    states = stage_states(api, fid)
+    recomputed = {"sft", "eval_sft", "report"}
+    assert {label for label, s in states.items() if s != "Cached"} == recomputed, states
+    assert {states[label] for label in LABELS if label not in recomputed} == {"Cached"}, states
