@@ -27,9 +27,11 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from loopback import LoopbackHTTPServer
 
 
 @dataclass
@@ -44,7 +46,7 @@ class Fault:
 
 
 @dataclass
-class HubServer:
+class HubServer(LoopbackHTTPServer):
     root: Path
     repo: str = "kiln-test/pretrain"
     revision: str = "main"
@@ -57,7 +59,6 @@ class HubServer:
         self.root = Path(self.root)
         self._lock = threading.Lock()
         self._digests: dict[str, tuple[str, str]] = {}
-        self._httpd: ThreadingHTTPServer | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "HubServer":
@@ -66,27 +67,8 @@ class HubServer:
         class Handler(_Handler):
             hub = server
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True  # a stalled response must not block shutdown
-        threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True).start()
+        self._serve(Handler, "hub-server")
         return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> "HubServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
     def source(self, glob: str) -> str:
         """The hf:// URI for ``glob`` in this repo."""

@@ -28,11 +28,13 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
+
+from loopback import LoopbackHTTPServer
 
 CREDENTIAL_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -145,7 +147,7 @@ class ProxyFault:
 
 
 @dataclass
-class FaultProxy:
+class FaultProxy(LoopbackHTTPServer):
     """An HTTP reverse proxy to ``target`` that answers matching requests with injected errors."""
 
     target: str
@@ -154,7 +156,6 @@ class FaultProxy:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
-        self._httpd: ThreadingHTTPServer | None = None
 
     def add_fault(self, status: int, method: str = "*", match: str = "*", times: int | None = 1, code: str = "") -> ProxyFault:
         f = ProxyFault(status=status, method=method, match=match, times=times, code=code)
@@ -173,11 +174,6 @@ class FaultProxy:
     def count(self, method: str = "*", match: str = "*") -> int:
         with self._lock:
             return sum(1 for m, p, _ in self.log if fnmatch.fnmatch(m, method) and fnmatch.fnmatch(p, match))
-
-    @property
-    def url(self) -> str:
-        assert self._httpd is not None
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
     def start(self) -> "FaultProxy":
         proxy = self
@@ -242,22 +238,8 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        threading.Thread(target=self._httpd.serve_forever, name="s3-fault-proxy", daemon=True).start()
+        self._serve(Handler, "s3-fault-proxy")
         return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> "FaultProxy":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def env_for(endpoint: str) -> dict[str, str]:

@@ -155,29 +155,29 @@ def test_gopher_duplicate_ngram_rules(n: int) -> None:
     assert gopher_repetition(body, longer) == (True, None)
 
 
+def _reference_duplicate_ngram_chars(words: list[str], n: int) -> int:
+    """Gopher's duplicate n-gram characters by a plain walk: jump n words after a repeat."""
+    seen, rep, idx = set(), 0, 0
+    while idx < len(words) - n + 1:
+        g = tuple(words[idx : idx + n])
+        if g in seen:
+            rep += sum(map(len, g))
+            idx += n
+        else:
+            seen.add(g)
+            idx += 1
+    return rep
+
+
 def test_duplicate_ngram_greedy_scan_matches_reference() -> None:
     """Our hashed scan counts what a plain string walk counts (jump n words after a repeat)."""
     words = ("a b c d e a b c d e f a b c d e a b c d e " * 3).split()
-    text = " ".join(words)
-
-    def reference(n: int) -> int:
-        seen, rep, idx = set(), 0, 0
-        while idx < len(words) - n + 1:
-            g = tuple(words[idx : idx + n])
-            if g in seen:
-                rep += sum(map(len, g))
-                idx += n
-            else:
-                seen.add(g)
-                idx += 1
-        return rep
-
     from llm.data.filters.gopher import _duplicate_ngram_chars
 
-    doc = Doc(text)
+    doc = Doc(" ".join(words))
     for n in (2, 3, 5):
         got, _ = _duplicate_ngram_chars(doc, n, limit=0, bound=None)
-        assert got == reference(n)
+        assert got == _reference_duplicate_ngram_chars(words, n)
 
 
 def test_gopher_repetition_empty() -> None:
@@ -459,14 +459,5 @@ def test_hashed_ngram_statistics_match_plain_python(shard_slice: pa.Table) -> No
             gram, count = Counter(grams).most_common(1)[0]
             assert _top_ngram_chars(doc, n) == len(gram) * count
         for n in (5, 8):
-            seen, rep, idx = set(), 0, 0
-            while idx < len(words) - n + 1:
-                g = tuple(words[idx : idx + n])
-                if g in seen:
-                    rep += sum(map(len, g))
-                    idx += n
-                else:
-                    seen.add(g)
-                    idx += 1
             got, _ = _duplicate_ngram_chars(doc, n, limit=-1, bound=None)
-            assert got == rep
+            assert got == _reference_duplicate_ngram_chars(words, n)
