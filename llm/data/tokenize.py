@@ -1,11 +1,12 @@
 """The tokenize stage: documents -> BOS-prefixed token streams in binary shards (see llm/data/shards.py).
 
-Work is split by parquet row group. Worker processes (spawned, ``tokenize.workers`` of them; one
-in-process when 1) each read one row group, assign every document to train/val by its id hash,
-encode the texts with tiktoken (``encode_to_numpy``, or ``encode_ordinary_batch`` with
-``encode_method="batch"``; identical ids) and send back one flat token array per split. The parent consumes results strictly in input order and appends them
-to the shard writers, so the output is byte-identical whatever ``tokenize.workers`` is. At most
-``2 × workers`` row groups are in flight, so memory is bounded by a few row groups, never by the
+The parent reads parquet row groups (checking every text and id) and hands pieces of documents to
+worker processes (spawned, ``tokenize.workers`` of them; in-process when 1). A worker assigns each
+document to train/val by its id hash, encodes the texts with tiktoken (``encode_to_numpy``, or
+``encode_ordinary_batch`` with ``encode_method="batch"``; identical ids) and sends back one flat
+token array per split. The parent consumes results strictly in input order and appends them to the
+shard writers, so the output is byte-identical whatever ``tokenize.workers`` is. At most
+``2 × workers`` pieces are in flight, so memory is bounded by a few row groups, never by the
 corpus. Empty documents are skipped (a lone BOS teaches nothing) and counted.
 """
 
@@ -66,9 +67,11 @@ def encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype, method: str =
     return flat_arr.astype(dtype, copy=False), lens
 
 
-def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: np.dtype,
-                     batch_docs: int, method: str = "numpy") -> tuple[dict[str, EncodedSplit], int]:
-    """Encode one row group; returns ({split: (tokens, lens, bytes)}, empty docs skipped)."""
+Texts = tuple[list[str], list[str], np.ndarray]  # (texts, ids, UTF-8 byte length of each text)
+
+
+def read_row_group(rg: RowGroup) -> Texts:
+    """One row group's texts and ids, checked: a null or non-UTF-8 value names its file, row and field."""
     pf = open_checked(Path(rg.path), rg.name)
     table = pf.read_row_group(rg.index, columns=["text", "id"])
     first_row = sum(pf.metadata.row_group(i).num_rows for i in range(rg.index))
@@ -79,7 +82,13 @@ def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: n
         raise StageError(f"{rg.name}: row {first_row + row}: field {name!r} is null")
     texts: list[str] = column_strings(text_col, rg.name, "text", first_row)
     ids = [str(v) for v in id_col.to_pylist()]
-    nbytes = pc.binary_length(text_col).to_numpy(zero_copy_only=False)
+    return texts, ids, pc.binary_length(text_col).to_numpy(zero_copy_only=False)
+
+
+def encode_texts(tok: Tokenizer, docs: Texts, val_fraction: float, dtype: np.dtype, batch_docs: int,
+                 method: str = "numpy") -> tuple[dict[str, EncodedSplit], int]:
+    """Encode documents; returns ({split: (tokens, lens, bytes)}, empty docs skipped)."""
+    texts, ids, nbytes = docs
     by_split: dict[str, list[int]] = {s: [] for s in SPLITS}
     empty = 0
     for j, (t, d) in enumerate(zip(texts, ids)):
@@ -101,6 +110,24 @@ def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: n
     return out, empty
 
 
+def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: np.dtype,
+                     batch_docs: int, method: str = "numpy") -> tuple[dict[str, EncodedSplit], int]:
+    """Read and encode one row group in this process."""
+    return encode_texts(tok, read_row_group(rg), val_fraction, dtype, batch_docs, method)
+
+
+def text_pieces(rgs: list[RowGroup], max_docs: int) -> Iterator[Texts]:
+    """Every row group's documents, read once, in order, as pieces of at most ``max_docs``.
+
+    The parent reads (cheap: one decompression per row group) and workers only encode, so a few
+    workers share even a small corpus evenly instead of waiting on whole row groups.
+    """
+    for rg in rgs:
+        texts, ids, nbytes = read_row_group(rg)
+        for a in range(0, len(texts), max_docs):
+            yield texts[a : a + max_docs], ids[a : a + max_docs], nbytes[a : a + max_docs]
+
+
 # --------------------------------------------------------------------------- worker processes
 
 _WORKER_TOK: Tokenizer | None = None
@@ -111,9 +138,9 @@ def _init_worker(tokenizer_uri: str, endpoint_url: str) -> None:
     _WORKER_TOK = load_tokenizer(tokenizer_uri, endpoint_url)
 
 
-def _work(rg: RowGroup, val_fraction: float, dtype: str, batch_docs: int, method: str):
+def _work(docs: Texts, val_fraction: float, dtype: str, batch_docs: int, method: str):
     assert _WORKER_TOK is not None, "worker not initialised"
-    return encode_row_group(_WORKER_TOK, rg, val_fraction, np.dtype(dtype), batch_docs, method)
+    return encode_texts(_WORKER_TOK, docs, val_fraction, np.dtype(dtype), batch_docs, method)
 
 
 def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, workers: int,
@@ -158,19 +185,22 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
         results: Iterator[Any] = (encode_row_group(tok, rg, val_fraction, dtype, batch_docs, encode_method)
                                     for rg in rgs)
     else:
-        results = ordered_map(_work, rgs, args, workers, _init_worker, (tokenizer_uri, endpoint_url))
+        # Pieces small enough that every worker gets several; output order (so the bytes) is unchanged.
+        per_piece = max(64, min(batch_docs, -(-sum(rg.rows for rg in rgs) // (8 * workers))))
+        results = ordered_map(_work, text_pieces(rgs, per_piece), args, workers, _init_worker,
+                              (tokenizer_uri, endpoint_url))
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(rg.rows for rg in rgs), unit="doc", desc="tokenize")
-    for rg, (parts, n_empty) in zip(rgs, results):
+    for parts, n_empty in results:
         empty += n_empty
         for split, (tokens, lens, nb) in parts.items():
             writers[split].add(tokens, lens)
             bytes_[split] += nb
         if bar is not None:
-            bar.update(rg.rows)
+            bar.update(n_empty + sum(len(lens) for _, lens, _ in parts.values()))
     if bar is not None:
         bar.close()
     splits = {s: {**w.close(), "bytes": bytes_[s]} for s, w in writers.items()}
