@@ -745,10 +745,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = trainer.run()
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0 if summary["status"] in ("done", "interrupted") else 1
+        raise
+    from .distributed import finish
+
+    return finish(0 if summary["status"] in ("done", "interrupted") else 1)
 
 
 if __name__ == "__main__":

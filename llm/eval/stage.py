@@ -236,9 +236,12 @@ def _main(argv: list[str]) -> int:
     try:
         evaluate_checkpoint(spec, Path(argv[1]), progress="--progress" in argv)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
-    return 0
+        raise
+    from ..distributed import finish
+
+    return finish(0)
 
 
 if __name__ == "__main__":
