@@ -296,3 +296,40 @@ def test_docker_compose_config_is_valid_and_has_no_default_secrets(tmp_path):
     assert ":latest" not in services["s3"]["image"]
     missing = subprocess.run([*args, str(REPO / "docker" / ".env.example"), "config"], capture_output=True, text=True, env=env)
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in (missing.stderr + missing.stdout)
+
+
+def test_compose_file_structure_without_a_client():
+    """What `docker compose config` checks above, read from the file itself, so it runs everywhere.
+
+    Secrets are required (`${VAR:?...}`) and never defaulted, third-party images are pinned, the gpu
+    worker reserves an NVIDIA device, MLflow restricts its hosts, and every build names a Dockerfile
+    that exists.
+    """
+    import re
+
+    import yaml
+
+    path = REPO / "docker" / "docker-compose.yml"
+    text = path.read_text()
+    services = yaml.safe_load(text)["services"]
+    assert {"postgres", "prefect-server", "mlflow", "s3", "s3-init", "deploy", "worker-cpu", "worker-gpu"} <= set(services)
+    for secret in ("POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY"):
+        refs = re.findall(r"\$\{" + secret + r"(:[?-][^}]*)?\}", text)
+        assert refs, secret
+        assert not any(r.startswith(":-") for r in refs), f"{secret} has a default in {path}"
+        assert any(r.startswith(":?") for r in refs), f"{secret} is never required in {path}"
+    built = {str(svc.get("image")) for svc in services.values() if "build" in svc}
+    for name, svc in services.items():
+        image = str(svc.get("image", ""))
+        if "build" in svc:
+            build = svc["build"]
+            assert (path.parent / build["context"] / build["dockerfile"]).is_file(), name
+            continue
+        if image in built:  # our own image, built by another service of this file
+            continue
+        pinned = image.split(":-", 1)[-1].rstrip("}")  # ${VAR:-default} -> default
+        assert ":" in pinned and not pinned.endswith(":latest"), f"{name}: image {image!r} is not pinned"
+    gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert any(str(a).startswith("--allowed-hosts") for a in services["mlflow"]["command"])
+    assert "minio/minio" not in text  # the Docker Hub image is gone (2026)
