@@ -49,14 +49,11 @@ class FilterChain:
             if not keep:
                 return Decision(False, why, text)
         doc = Doc(text)
-        if cfg.gopher_repetition.enabled:
-            keep, why = gopher_repetition(doc, cfg.gopher_repetition)
-            if not keep:
-                return Decision(False, why, text)
-        if cfg.gopher_quality.enabled:
-            keep, why = gopher_quality(doc, cfg.gopher_quality)
-            if not keep:
-                return Decision(False, why, text)
+        for rule, rule_cfg in ((gopher_repetition, cfg.gopher_repetition), (gopher_quality, cfg.gopher_quality)):
+            if rule_cfg.enabled:
+                keep, why = rule(doc, rule_cfg)
+                if not keep:
+                    return Decision(False, why, text)
         if cfg.c4.enabled:
             r = c4_clean(doc, cfg.c4)
             if not r.keep:

@@ -136,19 +136,13 @@ def gopher_repetition(doc: Doc | str, cfg: GopherRepetitionConfig = GopherRepeti
         return False, "gopher_repetition.empty"
     size = len(text)
 
-    paragraphs = doc.paragraphs
-    n_dup, dup_chars = duplicate_stats(paragraphs)
-    if cfg.dup_para_frac and n_dup / len(paragraphs) > cfg.dup_para_frac:
-        return False, "gopher_repetition.dup_para_frac"
-    if cfg.dup_para_char_frac and dup_chars / size > cfg.dup_para_char_frac:
-        return False, "gopher_repetition.dup_para_char_frac"
-
-    lines = doc.nl_lines
-    n_dup, dup_chars = duplicate_stats(lines)
-    if cfg.dup_line_frac and n_dup / len(lines) > cfg.dup_line_frac:
-        return False, "gopher_repetition.dup_line_frac"
-    if cfg.dup_line_char_frac and dup_chars / size > cfg.dup_line_char_frac:
-        return False, "gopher_repetition.dup_line_char_frac"
+    for unit, parts, frac, char_frac in (("para", doc.paragraphs, cfg.dup_para_frac, cfg.dup_para_char_frac),
+                                         ("line", doc.nl_lines, cfg.dup_line_frac, cfg.dup_line_char_frac)):
+        n_dup, dup_chars = duplicate_stats(parts)
+        if frac and n_dup / len(parts) > frac:
+            return False, f"gopher_repetition.dup_{unit}_frac"
+        if char_frac and dup_chars / size > char_frac:
+            return False, f"gopher_repetition.dup_{unit}_char_frac"
 
     n_words = len(doc.words)
     for n, frac in cfg.top_n_grams:
