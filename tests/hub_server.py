@@ -121,10 +121,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        # Record before the client can see the response: a test that asserts on the log right
+        # after its request returns must never race the server thread.
+        self.hub.record(self.command, urlsplit(self.path).path, status)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.hub.record(self.command, urlsplit(self.path).path, status)
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, json.dumps({"error": message}).encode())
@@ -219,12 +221,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if fault is not None and fault.kind == "empty":
             self.send_header("Content-Length", "0")
-            self.end_headers()
             self.hub.record(self.command, urlsplit(self.path).path, status)
+            self.end_headers()
             return
         self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
         self.hub.record(self.command, urlsplit(self.path).path, status)
+        self.end_headers()
         if self.command == "HEAD":
             return
         if fault is not None and fault.kind == "truncate":
