@@ -218,10 +218,10 @@ def test_checkpoints_mirror_to_s3_and_resume_from_there(tokens, tmp_path, s3_buc
     from llm.storage import Store
 
     up = f"{s3_bucket.uri}/pretrain/abc.partial"
-    ref = tiny_job(tokens, tmp_path / "ref", steps=12, ckpt_every=4, eval_every=0, keep_last=2)
+    ref = tiny_job(tokens, tmp_path / "ref", steps=16, ckpt_every=4, eval_every=0, keep_last=2)
     _launch(ref)
 
-    job = tiny_job(tokens, tmp_path / "a", steps=12, ckpt_every=4, eval_every=0, keep_last=2)
+    job = tiny_job(tokens, tmp_path / "a", steps=16, ckpt_every=4, eval_every=0, keep_last=2)
     job["upload_uri"] = up
     job["step_sleep_s"] = 0.15
     proc = _run_job(job, tmp_path / "job.json")
@@ -232,19 +232,22 @@ def test_checkpoints_mirror_to_s3_and_resume_from_there(tokens, tmp_path, s3_buc
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert "step_000008" in {u.split("/")[-2] for u in store.list(f"{up}/checkpoints")}
+    # Under load a later checkpoint may land before the kill: resume must take the newest one.
+    mirrored = {u.split("/")[-2] for u in store.list(f"{up}/checkpoints") if u.endswith("/meta.json")}
+    newest = max(int(name.split("_")[1]) for name in mirrored)
+    assert 8 <= newest < 16, mirrored
 
     job2 = dict(job, out_dir=str(tmp_path / "b"), step_sleep_s=0.0)  # a fresh machine: nothing local
     _launch(job2)
     plan = json.loads((tmp_path / "b" / "plan.json").read_text())
-    assert plan["start_step"] == 8 and "step_000008" in plan["resumed_from"]
+    assert plan["start_step"] == newest and f"step_{newest:06d}" in plan["resumed_from"]
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the mirror was pruned to keep_last=2 and the final checkpoint is loadable straight from S3
-    assert {u.split("/")[-2] for u in store.list(f"{up}/checkpoints")} == {"step_000008", "step_000012"}
+    assert {u.split("/")[-2] for u in store.list(f"{up}/checkpoints")} == {"step_000012", "step_000016"}
     assert store.exists(f"{up}/final/model.safetensors")
     model, meta = load_model(up)
-    assert meta["step"] == 12
+    assert meta["step"] == 16
 
 
 def test_a_failing_job_reports_its_exit_code_and_last_lines(tokens, tmp_path):
