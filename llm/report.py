@@ -326,6 +326,13 @@ def eval_section(inputs: dict[str, dict], reader: _Reader) -> list[str]:
             lines += ["", f"**{core_label}**: {len(missing)} of the CORE tasks could not be evaluated "
                       f"({', '.join(missing)}; data missing), so this score is not comparable with published "
                       "22-task CORE numbers."]
+        prints = {c.get("bundle_fingerprint") for c in (cores[s] for s in have)} - {None}
+        if len(prints) == 1:
+            lines += ["", f"Bundle `{first.get('bundle', '')}`, content sha256 `{next(iter(prints))[:16]}`."]
+        elif len(prints) > 1:  # stages scored on different data: say so rather than compare them silently
+            lines += ["", "**Warning:** the stages were scored on different bundle contents ("
+                      + ", ".join(f"{s.removeprefix('eval_')}: `{(cores[s].get('bundle_fingerprint') or '?')[:16]}`"
+                                  for s in have) + "); their columns are not comparable."]
         lines.append("")
         lines += _table(head, rows)
         lines.append("")

@@ -117,6 +117,18 @@ def test_bundle_from_url_zip_with_checksum_retries_and_cache(tmp_path: Path):
     # extracted once, then served from the cache without the network
     again = load_bundle(url, sha256=digest, cache_dir=tmp_path / "cache")
     assert again.root == b.root
+    # The fingerprint names the content, not the place: the zip from the URL and the directory agree.
+    assert again.fingerprint() == load_bundle(str(src)).fingerprint()
+
+
+def test_fingerprint_changes_when_an_evaluated_file_changes(tmp_path: Path):
+    rows = [{"query": f"q{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(4)]
+    src = write_bundle(tmp_path / "src", [{"label": "copa", "type": "multiple_choice", "rows": rows}], {"copa": 50})
+    before = load_bundle(str(src)).fingerprint()
+    assert load_bundle(str(src)).fingerprint() == before  # stable
+    data = src / "eval_data" / "misc" / "copa.jsonl"
+    data.write_text(data.read_text().replace('"gold": 1', '"gold": 0', 1))
+    assert load_bundle(str(src)).fingerprint() != before
 
 
 def test_mirror_wins_over_url(shared_data):

@@ -100,3 +100,16 @@ def test_report_stage_writes_report_md(manifests, tmp_path: Path):
     res = run(cfg, out, manifests, progress=False)
     assert res["plots"] == ["loss_pretrain.png"] and res["counts"]["plots"] == 1
     assert (work / "report.md").read_text().startswith("# Kiln run report: tiny")
+
+
+def test_report_warns_when_stages_were_scored_on_different_bundles(manifests, tmp_path: Path):
+    core_path = Path(manifests["eval_pretrain"]["uri"]) / "core.json"
+    core = json.loads(core_path.read_text())
+    core_path.write_text(json.dumps({**core, "bundle": "/kit/core_eval", "bundle_fingerprint": "a" * 64}))
+    md = render_report(load_config("tiny"), manifests, tmp_path / "plots")
+    assert f"content sha256 `{'a' * 16}`" in md and "Warning" not in md
+
+    second = _stage(tmp_path / "art2", "eval_sft", {"core": 0.04, "wall_s": 60.0, "ranks": 1}, {
+        "core.json": json.dumps({**core, "bundle_fingerprint": "b" * 64}), "bpb.json": "{}"})
+    md = render_report(load_config("tiny"), {**manifests, "eval_sft": second}, tmp_path / "plots")
+    assert "**Warning:** the stages were scored on different bundle contents" in md

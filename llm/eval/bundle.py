@@ -94,6 +94,16 @@ class Bundle:
             return f"CORE-{n} ({', '.join(m.label for m in self.missing)} missing)"
         return f"CORE-{n} ({len(self.missing)} of the {len(CORE_TASKS)} CORE tasks missing)"
 
+    def fingerprint(self) -> str:
+        """sha256 over the files that decide the score: ``core.yaml``, the baselines CSV and every evaluated
+        task's data. Recorded with each result so two CORE numbers can be checked to come from the same
+        data, whatever URL or directory the bundle was read from (an unpinned URL can change under us)."""
+        h = hashlib.sha256()
+        rels = ["core.yaml", "eval_meta_data.csv"] + sorted(f"eval_data/{t.dataset_uri}" for t in self.tasks)
+        for rel in rels:
+            h.update(f"{rel}\0{sha256_file(self.root / rel)}\n".encode())
+        return h.hexdigest()
+
     def task(self, label: str) -> TaskSpec:
         for t in self.tasks:
             if t.label == label:

@@ -135,6 +135,7 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
 
     result = core.to_json()
     result["bundle"] = bundle_src
+    result["bundle_fingerprint"] = bundle.fingerprint()
     result["references"] = {m: {"core_22": bundle.reference_core.get(m)} for m in bundle.references}
     result["comparison"] = comparison_table(core, bundle)
     result["checkpoint"] = {"uri": spec["model"], "step": meta.get("step"), "tokens": meta.get("tokens")}
