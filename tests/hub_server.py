@@ -1,20 +1,31 @@
 """A local stand-in for the Hugging Face hub's dataset URLs, with fault injection (a test helper).
 
-It serves a directory as the dataset repo ``<owner>/<name>`` at one revision, on 127.0.0.1 and a
-random port, in the URL layout ``huggingface_hub`` and Kiln's downloader use:
+It serves a directory as the dataset repo ``<owner>/<name>`` at one revision (a branch name) whose
+head is one commit (``commit``, a fixed fake 40-hex sha), on 127.0.0.1 and a random port, in the URL
+layout ``huggingface_hub`` and Kiln's downloader use; ``<rev>`` below is the branch name or the sha:
 
-  GET  /api/datasets/<owner>/<name>/tree/<revision>[/<path>][?recursive=true]   JSON entries
+  GET  /api/datasets/<owner>/<name>/revision/<rev>   JSON ``{"id": repo, "sha": commit, ...}``
+       (404 with ``X-Error-Code: RevisionNotFound`` for any other revision)
+  GET  /api/datasets/<owner>/<name>/tree/<rev>[/<path>][?recursive=true]   JSON entries
        (``type``, ``path``, ``size``, ``oid`` and, for ``*.parquet``, ``lfs: {oid: sha256, size}``),
        paginated with a ``Link: <...>; rel="next"`` header past ``page_size`` entries
-  GET|HEAD /datasets/<owner>/<name>/resolve/<revision>/<path>   the file, with Content-Length
-       (and ``Range: bytes=a-b`` support)
+  GET|HEAD /datasets/<owner>/<name>/resolve/<rev>/<path>   the file, with Content-Length, ETag,
+       ``X-Repo-Commit`` and ``Accept-Ranges: bytes``; ``Range: bytes=a-b`` answers 206 with
+       ``Content-Range``. ``range_mode`` changes that: ``"ignore"`` still advertises ranges but
+       answers every Range with 200 and the whole file (a proxy that drops the header); ``"none"``
+       advertises nothing and ignores Range.
+
+Every request is logged as ``(method, path, status, range header)`` before its response headers
+are sent, so a test reading the log right after its call returns never races the server thread.
 
 Faults (``server.add_fault(...)``) apply to requests whose URL path matches a glob, for the first
 ``times`` matching requests (None = always):
   * ``"truncate"``: Content-Length says the full size, the body stops at ``fraction`` of it and the
-    connection closes;
+    connection closes; with ``corrupt=True`` one byte in the middle of what it does send is
+    inverted (silent corruption: the prefix still starts with ``PAR1``, only a hash can tell);
   * ``"status"``: an HTTP error (``status``, default 503) instead of the file;
-  * ``"stall"``: headers are sent, then nothing for ``seconds`` (longer than the client timeout);
+  * ``"stall"``: headers and ``fraction`` of the body are sent, then nothing for ``seconds``
+    (longer than the client timeout);
   * ``"empty"``: ``Content-Length: 0`` and no body (a zero-byte file where the tree lists more).
 With ``token`` set, any request without ``Authorization: Bearer <token>`` gets 401.
 """
@@ -29,6 +40,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from loopback import LoopbackHTTPServer
@@ -42,7 +54,15 @@ class Fault:
     status: int = 503
     fraction: float = 0.5
     seconds: float = 5.0
+    corrupt: bool = False  # truncate: invert one byte in the middle of what it sends
     hits: int = 0
+
+
+class Logged(NamedTuple):
+    method: str
+    path: str  # the URL path as sent (not unquoted)
+    status: int
+    range: str | None  # the request's Range header
 
 
 @dataclass
@@ -50,13 +70,16 @@ class HubServer(LoopbackHTTPServer):
     root: Path
     repo: str = "kiln-test/pretrain"
     revision: str = "main"
+    commit: str = ""  # the branch head's sha; default: a fixed fake one derived from repo and revision
     token: str | None = None
     page_size: int = 1000
+    range_mode: str = "honour"  # honour | ignore | none (see the module docstring)
     faults: list[Fault] = field(default_factory=list)
-    log: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, status)
+    log: list[Logged] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        self.commit = self.commit or hashlib.sha1(f"{self.repo}@{self.revision}".encode()).hexdigest()
         self._lock = threading.Lock()
         self._digests: dict[str, tuple[str, str]] = {}
 
@@ -75,7 +98,7 @@ class HubServer(LoopbackHTTPServer):
         return f"hf://datasets/{self.repo}@{quote(self.revision, safe='')}/{glob}"
 
     # ------------------------------------------------------------------ faults and bookkeeping
-    def add_fault(self, kind: str, match: str = "*", times: int | None = 1, **kw: float) -> Fault:
+    def add_fault(self, kind: str, match: str = "*", times: int | None = 1, **kw: float | bool) -> Fault:
         fault = Fault(kind=kind, match=match, times=times, **kw)  # type: ignore[arg-type]
         with self._lock:
             self.faults.append(fault)
@@ -89,14 +112,21 @@ class HubServer(LoopbackHTTPServer):
                     return f
         return None
 
-    def record(self, method: str, path: str, status: int) -> None:
+    def record(self, method: str, path: str, status: int, range_header: str | None = None) -> None:
         with self._lock:
-            self.log.append((method, path, status))
+            self.log.append(Logged(method, path, status, range_header))
 
     def requests_for(self, suffix: str, method: str = "GET") -> list[int]:
         """Statuses of the requests whose path ends with ``suffix``."""
+        return [e.status for e in self.logged(suffix, method)]
+
+    def ranges_for(self, suffix: str, method: str = "GET") -> list[str | None]:
+        """Range headers (None = none sent) of the requests whose path ends with ``suffix``."""
+        return [e.range for e in self.logged(suffix, method)]
+
+    def logged(self, suffix: str, method: str = "GET") -> list[Logged]:
         with self._lock:
-            return [s for m, p, s in self.log if m == method and p.endswith(suffix)]
+            return [e for e in self.log if e.method == method and e.path.endswith(suffix)]
 
     def digests(self, rel: str) -> tuple[str, str]:
         """(git-style sha1, sha256) of a file, cached."""
@@ -123,13 +153,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         # Record before the client can see the response: a test that asserts on the log right
         # after its request returns must never race the server thread.
-        self.hub.record(self.command, urlsplit(self.path).path, status)
+        self._record(status)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, json.dumps({"error": message}).encode())
+    def _record(self, status: int) -> None:
+        # Always before end_headers(): see the module docstring.
+        self.hub.record(self.command, urlsplit(self.path).path, status, self.headers.get("Range"))
+
+    def _error(self, status: int, message: str, code: str | None = None) -> None:
+        # The hub names the kind of 404 in X-Error-Code; huggingface_hub maps it to its exceptions.
+        self._send(status, json.dumps({"error": message}).encode(), headers={"X-Error-Code": code} if code else None)
 
     def _authorized(self) -> bool:
         if self.hub.token is None:
@@ -149,26 +184,38 @@ class _Handler(BaseHTTPRequestHandler):
             fault = self.hub.take_fault(path)
             if fault is not None and fault.kind == "status":
                 return self._error(fault.status, "injected failure")
+            revision = f"/api/datasets/{self.hub.repo}/revision/"
             tree = f"/api/datasets/{self.hub.repo}/tree/"
             resolve = f"/datasets/{self.hub.repo}/resolve/"
+            if path.startswith(revision):
+                return self._revision(path[len(revision):])
             if path.startswith(tree):
                 return self._tree(path[len(tree):], parse_qs(url.query))
             if path.startswith(resolve):
                 return self._resolve(path[len(resolve):], fault)
-            return self._error(404, "Repository not found")
+            return self._error(404, "Repository not found", "RepoNotFound")
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
             self.close_connection = True
 
     def _split_revision(self, rest: str) -> tuple[str, str] | None:
-        rev = self.hub.revision
-        if rest == rev or rest.startswith(rev + "/"):
-            return rev, rest[len(rev):].strip("/")
+        """``(revision, path)`` when ``rest`` starts with the branch name or its commit sha."""
+        for rev in (self.hub.revision, self.hub.commit):
+            if rest == rev or rest.startswith(rev + "/"):
+                return rev, rest[len(rev):].strip("/")
         return None
+
+    def _revision(self, rev: str) -> None:
+        if rev not in (self.hub.revision, self.hub.commit):
+            return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        info = {"id": self.hub.repo, "sha": self.hub.commit, "private": self.hub.token is not None,
+                "siblings": [{"rfilename": p.relative_to(self.hub.root).as_posix()}
+                             for p in sorted(self.hub.root.rglob("*")) if p.is_file()]}
+        self._send(200, json.dumps(info).encode())
 
     def _tree(self, rest: str, query: dict[str, list[str]]) -> None:
         split = self._split_revision(rest)
         if split is None:
-            return self._error(404, "Revision not found")
+            return self._error(404, "Revision not found", "RevisionNotFound")
         _, sub = split
         base = self.hub.root / sub if sub else self.hub.root
         if not base.is_dir():
@@ -197,7 +244,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self, rest: str, fault: Fault | None) -> None:
         split = self._split_revision(rest)
         if split is None:
-            return self._error(404, "Revision not found")
+            return self._error(404, "Revision not found", "RevisionNotFound")
         _, rel = split
         p = self.hub.root / rel
         if not rel or not p.is_file():
@@ -205,15 +252,19 @@ class _Handler(BaseHTTPRequestHandler):
         data = p.read_bytes()
         status, start, end = 200, 0, len(data)
         rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes="):
+        if rng and rng.startswith("bytes=") and self.hub.range_mode == "honour":
             a, _, b = rng[len("bytes="):].partition("-")
             start = int(a) if a else max(0, len(data) - int(b))
             end = min(len(data), int(b) + 1) if a and b else len(data)
+            if start >= len(data):
+                return self._send(416, headers={"Content-Range": f"bytes */{len(data)}"})
             status = 206
         body = data[start:end]
         sha1, sha256 = self.hub.digests(rel)
-        headers = {"ETag": f'"{sha256 if rel.endswith(".parquet") else sha1}"', "X-Repo-Commit": "0" * 40,
-                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {"ETag": f'"{sha256 if rel.endswith(".parquet") else sha1}"', "X-Repo-Commit": self.hub.commit,
+                   "Content-Type": "application/octet-stream"}
+        if self.hub.range_mode != "none":
+            headers["Accept-Ranges"] = "bytes"
         if status == 206:
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         self.send_response(status)
@@ -221,21 +272,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         if fault is not None and fault.kind == "empty":
             self.send_header("Content-Length", "0")
-            self.hub.record(self.command, urlsplit(self.path).path, status)
+            self._record(status)
             self.end_headers()
             return
         self.send_header("Content-Length", str(len(body)))
-        self.hub.record(self.command, urlsplit(self.path).path, status)
+        self._record(status)
         self.end_headers()
         if self.command == "HEAD":
             return
         if fault is not None and fault.kind == "truncate":
-            self.wfile.write(body[: int(len(body) * fault.fraction)])
+            sent = body[: int(len(body) * fault.fraction)]
+            if fault.corrupt and sent:
+                mid = len(sent) // 2
+                sent = sent[:mid] + bytes([sent[mid] ^ 0xFF]) + sent[mid + 1 :]
+            self.wfile.write(sent)
             self.wfile.flush()
             self.close_connection = True  # the rest never comes
             return
         if fault is not None and fault.kind == "stall":
-            self.wfile.write(body[: min(len(body), 64 * 1024)])
+            self.wfile.write(body[: int(len(body) * fault.fraction)])
             self.wfile.flush()
             time.sleep(fault.seconds)
             self.close_connection = True
