@@ -13,7 +13,7 @@ from hub_server import HubServer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 from llm.config import load_config
-from llm.data.download import fetch_files, glob_regex, list_files, verify_parquet
+from llm.data.download import fetch_files, glob_regex, list_files, pin_source, verify_parquet
 from llm.stage import MANIFEST, StageError, verify_output
 from llm.stages import execute
 from llm.storage import Store
@@ -44,6 +44,11 @@ def run_download(cfg):
     return execute("download", cfg, {}, progress=False)
 
 
+def resolved(hub: HubServer, name: str) -> str:
+    """The resolve URL path of a file at the commit the downloader pins."""
+    return f"/resolve/{hub.commit}/{name}"
+
+
 def no_manifest_under(root: Path) -> bool:
     return not list(root.rglob(MANIFEST))
 
@@ -66,11 +71,17 @@ def test_hub_download_happy_path(hub: HubServer, shared_data: Path, artifact_roo
     assert m["source"] == hub.source("*.parquet")
     assert set(m["files"]) == {"data/shard_00000.parquet", "data/shard_00001.parquet"}
     assert m["shards"]["shard_00001.parquet"]["rows"] == 2885
-    assert m["shards"]["shard_00001.parquet"]["source"].endswith("@main/shard_00001.parquet")
+    # the branch was resolved once, and everything after it named that commit, not the branch
+    assert m["source_revision"] == "main" and m["source_commit"] == hub.commit
+    assert m["pinned_source"] == f"hf://datasets/{hub.repo}@{hub.commit}/*.parquet"
+    assert hub.requests_for("/revision/main") == [200]
+    assert not [e for e in hub.log if "/tree/main" in e.path or "/resolve/main/" in e.path]
+    assert m["shards"]["shard_00001.parquet"]["source"].endswith(f"@{hub.commit}/shard_00001.parquet")
     for name in ("shard_00000.parquet", "shard_00001.parquet"):  # the hub's bytes, unchanged
         assert sha256(Path(res.uri) / "data" / name) == sha256(shared_data / "pretrain" / name)
-    assert hub.requests_for("/tree/main")  # listed through the tree API
-    assert hub.requests_for("/resolve/main/shard_00002.parquet") == []  # max_files respected
+    assert hub.requests_for(f"/tree/{hub.commit}")  # listed through the tree API
+    assert hub.requests_for(resolved(hub, "shard_00002.parquet")) == []  # max_files respected
+    assert m["counts"]["transferred_bytes"] == m["counts"]["bytes"]  # a clean fetch: each byte once
     assert not (Path(res.uri) / "_raw").exists()
 
     again = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 2}))
@@ -86,22 +97,67 @@ def test_hub_requires_token_and_names_the_problem(hub: HubServer, artifact_root:
 
 def test_unknown_revision_is_an_immediate_error(hub: HubServer, artifact_root: Path) -> None:
     src = f"hf://datasets/{hub.repo}@nope/*.parquet"
-    with pytest.raises(StageError, match="HTTP 404"):
+    with pytest.raises(StageError, match="revision 'nope' of dataset kiln-test/fineweb: HTTP 404"):
         run_download(config(artifact_root, src, **{"download.max_files": 1}))
-    assert len(hub.requests_for("/tree/nope")) == 1  # not retried
+    assert hub.requests_for("/revision/nope") == [404]  # not retried
+    assert not [e for e in hub.log if "/tree/" in e.path]  # nothing listed
+    assert no_manifest_under(artifact_root)
 
 
-def test_truncated_body_is_retried(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+def test_pin_source_resolves_a_branch_once_and_keeps_a_commit(hub: HubServer) -> None:
+    pinned, commit = pin_source(hub.source("sub/*.parquet"))
+    assert commit == hub.commit and pinned == f"hf://datasets/{hub.repo}@{hub.commit}/sub/*.parquet"
+    assert pin_source(pinned) == (pinned, hub.commit)  # already a commit: no second request
+    assert hub.requests_for(f"/revision/{hub.commit}") == [] and len(hub.requests_for("/revision/main")) == 1
+    assert pin_source("/some/local/*.parquet") == ("/some/local/*.parquet", None)
+
+
+def test_truncated_transfer_resumes_with_a_range_request(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+    src = shared_data / "pretrain/shard_00000.parquet"
+    size = src.stat().st_size  # ~12.5 MB
     hub.add_fault("truncate", match="*/shard_00000.parquet", times=2, fraction=0.3)
     res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
-    assert hub.requests_for("/resolve/main/shard_00000.parquet") == [200, 200, 200]
-    assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(shared_data / "pretrain/shard_00000.parquet")
+    name = resolved(hub, "shard_00000.parquet")
+    first = int(size * 0.3)  # what the first, cut, response delivered
+    second = first + int((size - first) * 0.3)  # plus 30% of the remainder from the second
+    assert hub.requests_for(name) == [200, 206, 206]
+    assert hub.ranges_for(name) == [None, f"bytes={first}-", f"bytes={second}-"]  # only the missing bytes
+    assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(src)
+    assert res.manifest["counts"]["transferred_bytes"] == size  # before ranged resume: 1.6x size
+
+
+@pytest.mark.parametrize("mode", ["ignore", "none"])
+def test_server_without_ranges_gets_the_whole_file_again(hub: HubServer, shared_data: Path, tmp_path: Path,
+                                                         mode: str) -> None:
+    # "ignore": advertises Accept-Ranges but answers a Range with 200 and the whole file;
+    # "none": advertises nothing, so no Range is sent at all.
+    hub.range_mode = mode
+    src = shared_data / "pretrain/shard_00002.parquet"
+    hub.add_fault("truncate", match="*/shard_00002.parquet", times=1, fraction=0.5)
+    got = fetch_files(hub.source("shard_00002.parquet"), tmp_path / "dl", retries=2, backoff_s=0.01, timeout_s=2)
+    name = resolved(hub, "shard_00002.parquet")
+    assert hub.requests_for(name) == [200, 200]
+    assert hub.ranges_for(name) == [None, f"bytes={src.stat().st_size // 2}-" if mode == "ignore" else None]
+    assert got[0].path.read_bytes() == src.read_bytes()
+    assert got[0].transferred == src.stat().st_size // 2 + src.stat().st_size
+
+
+def test_bad_prefix_after_a_resume_restarts_from_zero_once(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    # The first response is cut short AND has a flipped byte: the ranged remainder is fine, but the
+    # joined file fails the hub's sha256, so the prefix is thrown away and the file fetched whole.
+    src = shared_data / "pretrain/shard_00003.parquet"
+    hub.add_fault("truncate", match="*/shard_00003.parquet", times=1, fraction=0.3, corrupt=True)
+    got = fetch_files(hub.source("shard_00003.parquet"), tmp_path / "dl", retries=3, backoff_s=0.01, timeout_s=2)
+    name = resolved(hub, "shard_00003.parquet")
+    assert hub.requests_for(name) == [200, 206, 200]
+    assert hub.ranges_for(name) == [None, f"bytes={int(src.stat().st_size * 0.3)}-", None]
+    assert got[0].path.read_bytes() == src.read_bytes()
 
 
 def test_zero_byte_body_is_retried(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
     hub.add_fault("empty", match="*/shard_00001.parquet", times=1)
     got = fetch_files(hub.source("shard_00001.parquet"), tmp_path / "dl", retries=2, backoff_s=0.01, timeout_s=2)
-    assert len(hub.requests_for("/resolve/main/shard_00001.parquet")) == 2
+    assert len(hub.requests_for(resolved(hub, "shard_00001.parquet"))) == 2
     assert got[0].rows == 2885 and sha256(got[0].path) == sha256(shared_data / "pretrain/shard_00001.parquet")
 
 
@@ -111,7 +167,7 @@ def test_persistent_truncation_fails_and_publishes_nothing(hub: HubServer, artif
         run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 2}))
     msg = str(err.value)
     assert "shard_00001.parquet" in msg and "4 attempts" in msg
-    assert len(hub.requests_for("/resolve/main/shard_00001.parquet")) == 4  # 1 + retries
+    assert len(hub.requests_for(resolved(hub, "shard_00001.parquet"))) == 4  # 1 + retries
     assert no_manifest_under(artifact_root)
     # the truncated bytes never appear under the file's real name
     assert not list(artifact_root.rglob("shard_00001.parquet"))
@@ -119,11 +175,13 @@ def test_persistent_truncation_fails_and_publishes_nothing(hub: HubServer, artif
 
 
 def test_server_errors_are_retried(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
+    hub.add_fault("status", match="*/revision/*", times=1, status=500)
     hub.add_fault("status", match="*/tree/*", times=1, status=502)
     hub.add_fault("status", match="*/shard_00000.parquet", times=2, status=503)
     res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
-    assert hub.requests_for("/resolve/main/shard_00000.parquet") == [503, 503, 200]
-    assert hub.requests_for("/tree/main") == [502, 200]
+    assert hub.requests_for(resolved(hub, "shard_00000.parquet")) == [503, 503, 200]
+    assert hub.requests_for(f"/tree/{hub.commit}") == [502, 200]
+    assert hub.requests_for("/revision/main") == [500, 200]
     assert res.manifest["counts"]["rows"] == 2885
 
 
@@ -132,7 +190,11 @@ def test_stall_times_out_and_is_retried(hub: HubServer, shared_data: Path, artif
     t0 = time.monotonic()
     res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
     assert time.monotonic() - t0 < 7  # gave up on the stall after ~timeout_s (1 s), did not wait it out
-    assert len(hub.requests_for("/resolve/main/shard_00000.parquet")) == 2
+    # the retry continues from what had arrived before the stall (at most the half that was sent;
+    # a read cut by the timeout may lose its last partial block)
+    first, retry = hub.ranges_for(resolved(hub, "shard_00000.parquet"))
+    size = (shared_data / "pretrain/shard_00000.parquet").stat().st_size
+    assert first is None and retry.startswith("bytes=") and 0 < int(retry[6:-1]) <= size // 2
     assert sha256(Path(res.uri) / "data/shard_00000.parquet") == sha256(shared_data / "pretrain/shard_00000.parquet")
 
 
@@ -153,7 +215,7 @@ def test_paginated_tree_listing(hub: HubServer) -> None:
     files = list_files(hub.source("*.parquet"))
     assert [f.rel for f in files] == [f"shard_0000{i}.parquet" for i in range(4)]
     assert all(f.sha256 and f.size for f in files)
-    assert len(hub.requests_for("/tree/main")) == 3  # README + 4 shards, 2 per page
+    assert len(hub.requests_for(f"/tree/{hub.commit}")) == 3  # README + 4 shards, 2 per page
 
 
 def test_hub_server_speaks_the_real_client_protocol(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
@@ -164,8 +226,13 @@ def test_hub_server_speaks_the_real_client_protocol(hub: HubServer, shared_data:
     api = HfApi(endpoint=hub.url, token=TOKEN)
     listed = {e.path: e.size for e in api.list_repo_tree(hub.repo, repo_type="dataset", recursive=True)}
     assert listed == {p.name: p.stat().st_size for p in (shared_data / "pretrain").iterdir()}
+    assert api.dataset_info(hub.repo, revision="main").sha == hub.commit  # the revision endpoint's shape
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    with pytest.raises(RevisionNotFoundError):
+        api.dataset_info(hub.repo, revision="nope")
     got = hf_hub_download(hub.repo, "shard_00003.parquet", repo_type="dataset", endpoint=hub.url, token=TOKEN,
-                          cache_dir=tmp_path / "hf-cache")
+                          revision=hub.commit, cache_dir=tmp_path / "hf-cache")
     assert sha256(Path(got)) == sha256(shared_data / "pretrain/shard_00003.parquet")
 
 
@@ -182,7 +249,7 @@ def test_resume_skips_verified_files(hub: HubServer, artifact_root: Path) -> Non
     assert no_manifest_under(artifact_root)
     fault.times = 0  # the hub recovers
     res = run_download(cfg)
-    assert len(hub.requests_for("/resolve/main/shard_00000.parquet")) == 1  # not fetched again
+    assert len(hub.requests_for(resolved(hub, "shard_00000.parquet"))) == 1  # not fetched again
     assert res.manifest["counts"]["resumed_files"] == 1 and res.manifest["counts"]["files"] == 2
     assert res.manifest["shards"]["shard_00000.parquet"]["resumed"] is True
 
@@ -196,8 +263,17 @@ def test_resume_refetches_a_corrupt_leftover(hub: HubServer, shared_data: Path, 
     (dest / "shard_00001.parquet").write_bytes(good.read_bytes()[: 1000])
     second = fetch_files(hub.source("*.parquet"), dest, max_files=2, workers=2)
     assert [f.resumed for f in second] == [True, False]
-    assert len(hub.requests_for("/resolve/main/shard_00000.parquet")) == 1
-    assert len(hub.requests_for("/resolve/main/shard_00001.parquet")) == 2
+    assert len(hub.requests_for(resolved(hub, "shard_00000.parquet"))) == 1
+    assert len(hub.requests_for(resolved(hub, "shard_00001.parquet"))) == 2
+    assert sha256(dest / "shard_00001.parquet") == sha256(good)
+    # same size, still valid parquet, other bytes (e.g. fetched at an older commit of the branch):
+    # the listing's sha256 tells, so it is fetched again rather than kept
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (dest / "shard_00001.parquet").write_bytes(bytes(data))
+    assert verify_parquet(dest / "shard_00001.parquet") == 2885
+    third = fetch_files(hub.source("*.parquet"), dest, max_files=2, workers=2)
+    assert [f.resumed for f in third] == [True, False]
     assert sha256(dest / "shard_00001.parquet") == sha256(good)
 
 
@@ -206,7 +282,7 @@ def test_max_rows_budget_is_exact(hub: HubServer, shared_data: Path, artifact_ro
                                                              "download.workers": 1})
     res = run_download(cfg)
     assert res.manifest["counts"]["rows"] == 3000 and res.manifest["counts"]["files"] == 2
-    assert hub.requests_for("/resolve/main/shard_00002.parquet") == []  # stopped at the budget
+    assert hub.requests_for(resolved(hub, "shard_00002.parquet")) == []  # stopped at the budget
     cut = pq.read_table(Path(res.uri) / "data/shard_00001.parquet")
     original = pq.read_table(shared_data / "pretrain/shard_00001.parquet")
     assert cut.num_rows == 115
@@ -241,6 +317,7 @@ def test_mirror_replaces_hub_source(shared_data: Path, artifact_root: Path) -> N
     res = run_download(cfg)
     assert res.manifest["resolved_source"].startswith(str(shared_data.resolve()))
     assert res.manifest["counts"]["rows"] == 2885
+    assert res.manifest["source_commit"] is None and res.manifest["source_revision"] is None  # no hub asked
 
 
 def test_s3_source(s3_bucket: S3Bucket, shared_data: Path, artifact_root: Path) -> None:

@@ -10,13 +10,16 @@ Reusable API (the chat-data and CORE-eval helpers fetch their files with it too)
         glob's fixed prefix), verified, in parallel, resuming: a file already in ``dest_dir`` that
         verifies is not fetched again. Returns them in listing order (sorted by path).
     list_files(source, *, ...same connection keywords...) -> list[RemoteFile]
+    pin_source(source, *, ...) -> (source at a commit, commit sha | None)
     verify_parquet(path, expected_size=None) -> int          row count, or DownloadError
 
 ``source`` is one of
   * ``hf://datasets/<owner>/<repo>@<revision>/<glob>`` (revision defaults to ``main``; a revision
-    with a slash is written URL-encoded, e.g. ``refs%2Fconvert%2Fparquet``). Files are listed with the
-    hub's tree API and fetched from its resolve URLs at ``HF_ENDPOINT`` (default huggingface.co),
-    with ``HF_TOKEN`` as a bearer token when set;
+    with a slash is written URL-encoded, e.g. ``refs%2Fconvert%2Fparquet``). The revision is first
+    resolved to its commit sha (the hub's revision API), and files are listed with the tree API and
+    fetched from the resolve URLs at that commit, so a branch that moves mid-download cannot mix
+    two snapshots; all at ``HF_ENDPOINT`` (default huggingface.co), with ``HF_TOKEN`` as a bearer
+    token when set;
   * ``s3://bucket/prefix/<glob>`` through :class:`llm.storage.Store` (endpoint from the caller or
     ``AWS_ENDPOINT_URL``);
   * ``http(s)://host/path/file`` (one file, e.g. the CORE eval bundle zip; no glob, no token sent);
@@ -30,8 +33,12 @@ oid when the hub gives one; and a ``.parquet`` file has the ``PAR1`` magic at bo
 whose metadata parses and whose row groups add up to its row count. A short, stalled or failed
 transfer (connection error, timeout, 5xx/429, size or hash mismatch) is retried with exponential
 backoff; a file is written to a ``.tmp`` name and renamed only once it verifies, so a truncated
-file is never visible under its real name. Deterministic failures (401/403/404, a file that is
-complete but is not parquet, a zero-byte file the source itself lists as empty) fail at once.
+file is never visible under its real name. An HTTP retry continues from the bytes already received
+(``Range: bytes=<n>-``) when the server advertises ``Accept-Ranges: bytes``; it falls back to the
+whole file when the server answers 200, and when a continued file fails its hash (or, without a
+hash, its parquet checks) it is discarded and fetched once more from byte 0, never continued
+again. Deterministic failures (401/403/404, a file that is complete but is not parquet, a
+zero-byte file the source itself lists as empty) fail at once.
 Every failure is a :class:`DownloadError` (a :class:`llm.stage.StageError`) naming the file.
 
 Budgets: ``max_files`` takes the first N files in path order. ``max_rows`` fetches files in path
@@ -56,7 +63,7 @@ from urllib.parse import quote, unquote
 
 from ..sources import resolve_source
 from ..stage import StageError, StageOutput
-from ..storage import Store, is_s3, is_transient, local_path, split_s3, with_retries
+from ..storage import Store, is_s3, is_transient, local_path, sha256_file, split_s3, with_retries
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 PARQUET_MAGIC = b"PAR1"
@@ -97,6 +104,7 @@ class FetchedFile:
     size: int
     rows: int | None  # parquet row count; None for other files
     resumed: bool  # already present and verified: not fetched again
+    transferred: int = 0  # bytes received over every attempt (== size for a clean fetch, 0 when resumed)
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -218,8 +226,72 @@ def _http_status_error(status: int, what: str, body: str = "") -> Exception:
     return DownloadError(f"{what}: HTTP {status}{hint} {body[:200]}".rstrip())
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}\Z")
+
+
+def is_commit(revision: str) -> bool:
+    """A full 40-hex git sha: immutable, so it needs no resolving (the hub reads it as a commit too)."""
+    return bool(_COMMIT.match(revision))
+
+
+def resolve_hf_revision(repo: str, revision: str, *, endpoint: str, token: str | None, timeout_s: float = 60.0,
+                        attempts: int = 6, backoff_s: float = 0.5, what: str = "") -> str:
+    """The commit sha that ``revision`` (a branch, tag or sha) of dataset ``repo`` points at now.
+
+    One call to the hub's ``GET /api/datasets/<repo>/revision/<rev>`` (the endpoint behind
+    ``HfApi.dataset_info(revision=...)``), whose JSON carries the commit in ``sha``. A 404 (no such
+    revision or repo) and 401/403 fail at once, naming the revision; 5xx/429 and connection errors retry.
+    """
+    what = what or f"hf://datasets/{repo}@{quote(revision, safe='')}"
+    url = f"{endpoint}/api/datasets/{repo}/revision/{quote(revision, safe='')}"
+    label = f"{what}: revision {revision!r} of dataset {repo}"
+
+    def ask() -> Any:
+        r = _session().get(url, headers=_auth_headers(token), timeout=timeout_s)
+        if r.status_code != 200:
+            raise _http_status_error(r.status_code, label, r.text)
+        return r
+
+    resp = _attempt(ask, attempts=attempts, backoff_s=backoff_s, what=label)
+    try:
+        sha = resp.json().get("sha")
+    except ValueError as e:
+        raise DownloadError(f"{label}: the hub answered {url} with something that is not JSON") from e
+    if not isinstance(sha, str) or not is_commit(sha):
+        raise DownloadError(f"{label}: the hub's answer at {url} has no commit sha (sha={sha!r})")
+    return sha
+
+
+def pin_source(
+    source: str,
+    *,
+    hf_endpoint: str | None = None,
+    hf_token: str | None = None,
+    timeout_s: float = 60.0,
+    retries: int = 5,
+    backoff_s: float = 0.5,
+) -> tuple[str, str | None]:
+    """``(source at a fixed commit, that commit)`` for an hf:// source; ``(source, None)`` for others.
+
+    A branch such as ``main`` can move while files are listed and fetched, or between a crashed
+    run and its resume; every later request names the commit instead, so all files come from one
+    snapshot of the repo. A source already naming a 40-hex commit is returned as is (no request).
+    """
+    if not source.startswith("hf://"):
+        return source, None
+    repo, revision, path = parse_hf(source)
+    if is_commit(revision):
+        return source, revision
+    sha = resolve_hf_revision(repo, revision, endpoint=resolve_hf_endpoint(hf_endpoint), token=resolve_hf_token(hf_token),
+                              timeout_s=timeout_s, attempts=retries + 1, backoff_s=backoff_s, what=source)
+    return f"hf://datasets/{repo}@{sha}/{path}", sha
+
+
 def _hf_list(uri: str, endpoint: str, token: str | None, timeout_s: float, attempts: int, backoff_s: float) -> list[RemoteFile]:
     repo, revision, path = parse_hf(uri)
+    if not is_commit(revision):  # pin once: the listing and every file come from the same commit
+        revision = resolve_hf_revision(repo, revision, endpoint=endpoint, token=token, timeout_s=timeout_s,
+                                       attempts=attempts, backoff_s=backoff_s, what=uri)
     base, pattern = split_glob(path)
     # List the glob's fixed prefix; for a plain path, its parent (it may be a file or a directory).
     list_dir = base if pattern is not None else base.rsplit("/", 1)[0] if "/" in base else ""
@@ -383,6 +455,69 @@ def _attempt(fn: Callable[[], Any], *, attempts: int, backoff_s: float, what: st
                         classify=_is_retryable, sleep=wait, give_up=give_up)
 
 
+class _Partial:
+    """The temp file of one HTTP download across its attempts: what is in it and whether a retry may
+    continue it with a Range request instead of starting over.
+
+    Invariant: the file holds exactly ``have`` bytes, and ``sha`` is the sha256 of them, so a
+    continued transfer ends with the whole file's hash without reading the prefix again.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.sha = hashlib.sha256()
+        self.have = 0
+        self.total: int | None = None  # the full size, from the last 200 (or the listing)
+        self.etag: str | None = None  # strong validator of those bytes, sent as If-Range
+        self.ranges = False  # the server advertised Accept-Ranges: bytes
+        self.may_resume = True  # off once a continued transfer failed its final check
+        self.continued = False  # the last transfer continued a prefix
+        self.transferred = 0  # bytes received, every attempt
+
+    def reset(self) -> None:
+        """Forget the prefix: the next bytes written start the file."""
+        self.path.unlink(missing_ok=True)
+        self.sha = hashlib.sha256()
+        self.have = 0
+        self.continued = False
+
+    def resume_offset(self, expected: int | None, is_parquet: bool) -> int:
+        """Where a retry may start: ``have`` when the prefix can be trusted and continued, else 0."""
+        if not (self.may_resume and self.ranges and self.have > 0):
+            return 0
+        total = expected if expected is not None else self.total
+        if total is None or self.have >= total:  # nothing to ask for, or a length we cannot check
+            return 0
+        try:
+            if self.path.stat().st_size != self.have:  # something else touched the file
+                return 0
+            if is_parquet and self.have >= len(PARQUET_MAGIC):
+                with open(self.path, "rb") as f:
+                    if f.read(len(PARQUET_MAGIC)) != PARQUET_MAGIC:  # cheap early sign of a bad prefix
+                        return 0
+        except OSError:
+            return 0
+        return self.have
+
+    def distrust(self) -> None:
+        """A continued transfer ended wrong: the prefix may be the bad part, so start over once and
+        do not continue this file again."""
+        if self.continued:
+            self.may_resume = False
+        self.reset()
+
+
+def _content_range(value: str | None) -> tuple[int, int, int] | None:
+    """``bytes a-b/total`` -> (a, b, total); None when absent, unparsable or the total is unknown."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+)\s*", value or "")
+    return (int(m[1]), int(m[2]), int(m[3])) if m else None
+
+
+def _strong_etag(value: str | None) -> str | None:
+    # If-Range only takes a strong validator; a weak one (W/"...") cannot vouch for bytes.
+    return value if value and not value.startswith("W/") else None
+
+
 class _Fetcher:
     """Downloads one file per call, verified, into ``dest_dir``; shared by the worker threads."""
 
@@ -403,6 +538,9 @@ class _Fetcher:
         if dest.is_file():  # resume: keep what an earlier run fetched if it still verifies
             try:
                 rows = self._verify(dest, rf, is_parquet)
+                if rf.sha256 and sha256_file(dest) != rf.sha256:
+                    # same size, other bytes: e.g. fetched before the branch moved to another commit
+                    raise DownloadError(f"{rf.uri}: the file on disk is not the one listed")
                 self.on_bytes(dest.stat().st_size)
                 return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=True)
             except DownloadError:
@@ -412,14 +550,28 @@ class _Fetcher:
             raise DownloadError(f"{rf.uri}: zero-byte file at the source")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.tmp")
+        part = _Partial(tmp)
+        tmp.unlink(missing_ok=True)
         try:
             def one_attempt() -> int | None:
-                tmp.unlink(missing_ok=True)
-                self._transfer(rf, tmp)
+                if rf.kind in ("hf", "http"):
+                    self._http(rf, part, is_parquet)  # continues part's prefix when it can
+                else:
+                    tmp.unlink(missing_ok=True)
+                    try:
+                        self._transfer(rf, tmp)
+                    finally:
+                        part.transferred += tmp.stat().st_size if tmp.exists() else 0
                 try:
                     return self._verify(tmp, rf, is_parquet)
                 except DownloadError as e:
+                    if part.continued and not rf.sha256:
+                        # No hash vouched for the joined bytes, so the old prefix may be what is
+                        # broken: one more try from byte 0 before calling the file bad.
+                        part.distrust()
+                        raise _Retryable(f"{e} (after a resumed transfer; starting over)") from e
                     if rf.size is None:  # no independent length: a short body looks like corruption
+                        part.reset()
                         raise _Retryable(str(e)) from e
                     raise
 
@@ -427,7 +579,7 @@ class _Fetcher:
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
-        return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=False)
+        return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=False, transferred=part.transferred)
 
     @staticmethod
     def _verify(path: Path, rf: RemoteFile, is_parquet: bool) -> int | None:
@@ -438,9 +590,8 @@ class _Fetcher:
         return None
 
     def _transfer(self, rf: RemoteFile, tmp: Path) -> None:
-        if rf.kind in ("hf", "http"):
-            self._http(rf, tmp)
-        elif rf.kind == "s3":
+        """S3 and local files: whole-file copies (boto3 runs its own ranged parts for S3)."""
+        if rf.kind == "s3":
             Store(rf.uri.rsplit("/", 1)[0], self.s3_endpoint).get(rf.uri, tmp)
             self.on_bytes(tmp.stat().st_size)
             self._check_length(rf, tmp.stat().st_size, rf.size)
@@ -457,32 +608,67 @@ class _Fetcher:
         if expected is not None and got != expected:
             raise _Retryable(f"{rf.uri}: got {got} of {expected} bytes (truncated transfer)")
 
-    def _http(self, rf: RemoteFile, tmp: Path) -> None:
-        sha = hashlib.sha256()
-        got = 0
+    def _http(self, rf: RemoteFile, part: _Partial, is_parquet: bool) -> None:
+        """One GET into ``part``: from byte 0, or for the rest of the file when a retry may continue.
+
+        A retry continues (``Range: bytes=<have>-``) only when the server advertised byte ranges and
+        the prefix is intact; the answer must be a 206 whose ``Content-Range`` starts at ``have``
+        and whose total is the expected size. A 200 means the server ignored the range (or the
+        ``If-Range`` validator no longer matched): the body is the whole file, written from 0.
+        """
         # The hub token goes to the hub only (requests drops it on redirects to another host).
-        token = self.token if rf.kind == "hf" else None
-        r = _session().get(rf.url, headers=_auth_headers(token), stream=True,
-                           timeout=(self.timeout_s, self.timeout_s))
+        headers = _auth_headers(self.token if rf.kind == "hf" else None)
+        offset = part.resume_offset(rf.size, is_parquet)
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if part.etag:
+                headers["If-Range"] = part.etag
+        else:
+            part.reset()
+        r = _session().get(rf.url, headers=headers, stream=True, timeout=(self.timeout_s, self.timeout_s))
         with r:
-            if r.status_code != 200:
+            if offset and r.status_code == 206:
+                span = _content_range(r.headers.get("Content-Range"))
+                total = rf.size if rf.size is not None else part.total
+                if span is None or span[0] != offset or span[1] != span[2] - 1 or span[2] != total:
+                    part.reset()
+                    raise _Retryable(f"{rf.uri}: asked for bytes {offset}- of {total}, the server sent "
+                                     f"Content-Range {r.headers.get('Content-Range')!r}")
+                part.continued = True
+            elif r.status_code == 200:
+                if offset:  # the range was not honoured: this body is the whole file
+                    part.reset()
+                length = r.headers.get("Content-Length")
+                if length is not None and rf.size is not None and int(length) != rf.size:
+                    raise _Retryable(f"{rf.uri}: server says {length} bytes, the hub listing says {rf.size}")
+                part.total = int(length) if length is not None else rf.size
+                part.etag = _strong_etag(r.headers.get("ETag"))
+                part.ranges = r.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
+            elif r.status_code == 416 and offset:  # the server thinks the prefix is already the whole file
+                part.distrust()
+                raise _Retryable(f"{rf.uri}: HTTP 416 for bytes {offset}-")
+            else:
                 raise _http_status_error(r.status_code, rf.uri, r.text if r.status_code < 500 else "")
-            length = r.headers.get("Content-Length")
-            if length is not None and rf.size is not None and int(length) != rf.size:
-                raise _Retryable(f"{rf.uri}: server says {length} bytes, the hub listing says {rf.size}")
-            with open(tmp, "wb") as f:
+            with open(part.path, "r+b" if part.have else "wb") as f:
+                f.seek(part.have)
+                f.truncate()
                 # decode_content=False: bytes as sent, so counts compare with Content-Length.
                 for block in r.raw.stream(_READ_CHUNK, decode_content=False):
                     if self.stop.is_set():
                         raise _Cancelled(rf.uri)
                     f.write(block)
-                    sha.update(block)
-                    got += len(block)
+                    part.sha.update(block)
+                    part.have += len(block)
+                    part.transferred += len(block)
                     self.on_bytes(len(block))
-        self._check_length(rf, got, int(length) if length is not None else rf.size)
-        self._check_length(rf, got, rf.size)
-        if rf.sha256 and sha.hexdigest() != rf.sha256:
-            raise _Retryable(f"{rf.uri}: sha256 {sha.hexdigest()} does not match the hub's {rf.sha256}")
+        self._check_length(rf, part.have, part.total)
+        self._check_length(rf, part.have, rf.size)
+        if rf.sha256 and part.sha.hexdigest() != rf.sha256:
+            got = part.sha.hexdigest()
+            continued = part.continued
+            part.distrust()  # whole but wrong: never continue these bytes
+            raise _Retryable(f"{rf.uri}: sha256 {got} does not match the hub's {rf.sha256}"
+                             + (" (after a resumed transfer; starting over)" if continued else ""))
 
 
 def fetch_files(
@@ -596,7 +782,16 @@ def _stage_source(cfg: Any) -> str:
 
 
 def key_config(cfg: Any) -> dict[str, Any]:
-    """What the output depends on: the source actually read and the budgets, not workers or timeouts."""
+    """What the output depends on: the source actually read and the budgets, not workers or timeouts.
+
+    The hub commit a branch points at is NOT in the key: the key must be computable without the
+    network (the orchestrator checks its cache before the stage runs), so ``...@main/...`` keeps
+    one key while ``main`` moves, and a finished output is reused as is. To take a newer commit,
+    name it (``@<sha>`` is part of the source string, hence of the key) or force the stage. What
+    each output holds is still exact: its manifest records the requested revision and the resolved
+    ``source_commit``, and downstream keys hash the files' sha256 (the manifest hash), so new bytes
+    under the same key still change every key after it.
+    """
     d = cfg.download
     return {
         "download": {"source": d.source, "max_files": d.max_files, "max_rows": d.max_rows, "text_column": d.text_column},
@@ -714,8 +909,12 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     """The download stage (no inputs): fetch, verify and publish ``data/<name>.parquet``."""
     d = cfg.download
     source = _stage_source(cfg)
+    # Pin a hub branch to its commit once, before listing: every file then comes from one snapshot.
+    # A resume after a crash may pin a newer commit; files left in _raw from the older one are
+    # refetched when their sha256 no longer matches the listing (see _Fetcher), so no mix survives.
+    pinned, commit = pin_source(source, retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s)
     raw_dir = out.workdir / "_raw"  # verified downloads; kept across crashes for resume, removed before publishing
-    fetched = fetch_files(source, raw_dir, max_files=d.max_files, max_rows=d.max_rows, workers=d.workers,
+    fetched = fetch_files(pinned, raw_dir, max_files=d.max_files, max_rows=d.max_rows, workers=d.workers,
                           retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s,
                           s3_endpoint=cfg.run.s3_endpoint, validate=_check_shard(d.text_column), progress=progress)
     if not fetched:
@@ -731,15 +930,21 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
         dest = out.path(f"data/{name}")
         rows = finalize_shard(f.path, dest, label=f.uri, text_column=d.text_column, keep_rows=remaining, id_prefix=name)
         shards[name] = {"rows": rows, "bytes": dest.stat().st_size, "source": f.uri, "source_rows": f.rows,
-                        "source_bytes": f.size, "resumed": f.resumed}
+                        "source_bytes": f.size, "resumed": f.resumed, "transferred_bytes": f.transferred}
         if remaining is not None:
             remaining -= rows
     shutil.rmtree(raw_dir, ignore_errors=True)
     rows = sum(s["rows"] for s in shards.values())
     return {
         "counts": {"files": len(shards), "rows": rows, "docs_out": rows, "bytes": sum(s["bytes"] for s in shards.values()),
-                   "resumed_files": sum(1 for s in shards.values() if s["resumed"])},
+                   "resumed_files": sum(1 for s in shards.values() if s["resumed"]),
+                   # bytes received, retries included (a ranged resume only adds the missing part)
+                   "transferred_bytes": sum(f.transferred for f in fetched)},
         "source": d.source,
         "resolved_source": source,
+        # hub sources: the revision asked for and the commit it was read at (None for other sources)
+        "source_revision": parse_hf(source)[1] if source.startswith("hf://") else None,
+        "source_commit": commit,
+        "pinned_source": pinned,
         "shards": shards,
     }
