@@ -14,7 +14,7 @@ from hub_server import HubServer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 from test_chat_format import ByteTokenizer
 
-from llm.chat import chat_cache_dir, load_conversations, render_many
+from llm.chat import RenderedChats, chat_cache_dir, load_conversations, render_many
 from llm.chat_stages import prepare_chats
 from llm.config import load_config
 from llm.stage import StageError
@@ -169,10 +169,10 @@ def test_s3_object_and_prefix_glob(s3_bucket: S3Bucket, repo_dir: Path) -> None:
 def _prepare(tmp: Path, train: str, val: str, max_rows: int | None = None) -> tuple[dict, dict[str, list[np.ndarray]]]:
     cfg = load_config("tiny", {"chat_data.train": train, "chat_data.val": val, "chat_data.max_rows": max_rows})
     reports = prepare_chats(cfg, TOK, tmp, max_tokens=512, progress=False)
-    from llm.chat import RenderedChats
-
-    arrays = {s: [np.asarray(a) for a in (lambda r: (r.ids, r.mask, r.offsets))(RenderedChats.load(tmp, s))]
-              for s in ("train", "val")}
+    arrays = {}
+    for split in ("train", "val"):
+        r = RenderedChats.load(tmp, split, mmap=False)
+        arrays[split] = [r.ids, r.mask, r.offsets]
     return {k: r.as_dict() for k, r in reports.items()}, arrays
 
 
