@@ -13,7 +13,8 @@ layout ``huggingface_hub`` and Kiln's downloader use; ``<rev>`` below is the bra
        ``X-Repo-Commit`` and ``Accept-Ranges: bytes``; ``Range: bytes=a-b`` answers 206 with
        ``Content-Range``. ``range_mode`` changes that: ``"ignore"`` still advertises ranges but
        answers every Range with 200 and the whole file (a proxy that drops the header); ``"none"``
-       advertises nothing and ignores Range.
+       advertises nothing and ignores Range; ``"wrong_total"`` answers 206 with the asked-for bytes
+       but a ``Content-Range`` total one byte too large (a server describing another object).
 
 Every request is logged as ``(method, path, status, range header)`` before its response headers
 are sent, so a test reading the log right after its call returns never races the server thread.
@@ -73,7 +74,7 @@ class HubServer(LoopbackHTTPServer):
     commit: str = ""  # the branch head's sha; default: a fixed fake one derived from repo and revision
     token: str | None = None
     page_size: int = 1000
-    range_mode: str = "honour"  # honour | ignore | none (see the module docstring)
+    range_mode: str = "honour"  # honour | ignore | none | wrong_total (see the module docstring)
     faults: list[Fault] = field(default_factory=list)
     log: list[Logged] = field(default_factory=list)
 
@@ -252,7 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
         data = p.read_bytes()
         status, start, end = 200, 0, len(data)
         rng = self.headers.get("Range")
-        if rng and rng.startswith("bytes=") and self.hub.range_mode == "honour":
+        if rng and rng.startswith("bytes=") and self.hub.range_mode in ("honour", "wrong_total"):
             a, _, b = rng[len("bytes="):].partition("-")
             start = int(a) if a else max(0, len(data) - int(b))
             end = min(len(data), int(b) + 1) if a and b else len(data)
@@ -266,7 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.hub.range_mode != "none":
             headers["Accept-Ranges"] = "bytes"
         if status == 206:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+            total = len(data) + (self.hub.range_mode == "wrong_total")
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)

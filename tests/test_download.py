@@ -142,6 +142,19 @@ def test_server_without_ranges_gets_the_whole_file_again(hub: HubServer, shared_
     assert got[0].transferred == src.stat().st_size // 2 + src.stat().st_size
 
 
+def test_partial_answer_for_another_object_is_not_spliced_in(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    # A 206 whose Content-Range total is not the listed size describes some other object: its
+    # bytes are not appended; the prefix is dropped and the file fetched whole.
+    hub.range_mode = "wrong_total"
+    src = shared_data / "pretrain/shard_00001.parquet"
+    hub.add_fault("truncate", match="*/shard_00001.parquet", times=1, fraction=0.5)
+    got = fetch_files(hub.source("shard_00001.parquet"), tmp_path / "dl", retries=3, backoff_s=0.01, timeout_s=2)
+    name = resolved(hub, "shard_00001.parquet")
+    assert hub.requests_for(name) == [200, 206, 200]
+    assert hub.ranges_for(name) == [None, f"bytes={src.stat().st_size // 2}-", None]
+    assert got[0].path.read_bytes() == src.read_bytes()
+
+
 def test_bad_prefix_after_a_resume_restarts_from_zero_once(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
     # The first response is cut short AND has a flipped byte: the ranged remainder is fine, but the
     # joined file fails the hub's sha256, so the prefix is thrown away and the file fetched whole.
