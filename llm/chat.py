@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from .stage import StageError
+from .storage import cache_root
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
@@ -457,7 +458,7 @@ def _local_files(uri: str) -> list[str]:
 def chat_cache_dir() -> Path:
     """Where remote chat files are kept: ``$KILN_CACHE/chat`` (the KILN_CACHE convention of
     ``Store.cache_path``, default ``~/.cache/kiln``)."""
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "chat"
+    return cache_root("chat")
 
 
 def _content_key(rf: Any) -> str:

@@ -41,7 +41,8 @@ def prepare_chats(cfg: KilnConfig, tok: Any, chat_dir: Path, *, max_tokens: int 
         src = resolve_source(uri, kind, cfg.run.data_mirror)
         # Streamed: rows are read, validated and rendered batch by batch, never all held as text.
         convs, report, schema = iter_conversations(src, max_rows=cd.max_rows, max_chars=cd.max_chars_per_message,
-                                                   name=f"chat {split}", s3_endpoint=cfg.run.s3_endpoint)
+                                                   name=f"chat {split}", s3_endpoint=cfg.run.s3_endpoint,
+                                                   progress=progress)
         rendered = render_many(tok, convs, vocab_size=tok.vocab_size, max_tokens=max_tokens, report=report)
         if len(rendered) == 0:
             raise StageError(f"chat {split} source {src}: no usable conversations ({report.summary()})")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .storage import sha256_file
+from .storage import cache_root, sha256_file
 
 FORMAT = "kiln-ckpt-1"
 MODEL_FILE = "model.safetensors"
@@ -269,7 +269,7 @@ def as_stage_input(uri: str, *, endpoint_url: str = "") -> dict[str, Any] | None
 def _download_dir(store: Any, uri: str) -> Path:
     from .storage import join
 
-    cache = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "s3" / uri[len("s3://"):]
+    cache = cache_root("s3", uri[len("s3://"):])
     meta = json.loads(store.get_bytes(join(uri, META_FILE)))
     for name in meta.get("files", {}):
         dest = cache / name

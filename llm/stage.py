@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .storage import Store, is_s3, join, local_path, sha256_file
+from .storage import Store, cache_root, is_s3, join, local_path, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -146,7 +146,7 @@ class StageOutput:
 def workdir_for(store: Store, stage: str, key: str) -> Path:
     """Local scratch for a stage. Kept across crashes so training can resume from it."""
     if is_s3(store.root):
-        base = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "work"
+        base = cache_root("work")
         return base / store.root.replace("s3://", "").replace("/", "_") / stage / f"{key}.partial"
     return local_path(store.uri(stage, f"{key}.partial"))
 

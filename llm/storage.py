@@ -119,6 +119,15 @@ def with_retries(
     raise AssertionError("unreachable")
 
 
+def cache_root(*parts: str) -> Path:
+    """Kiln's local cache, ``$KILN_CACHE`` (default ``~/.cache/kiln``), joined with ``parts``.
+
+    One rule for every cached download (S3 objects, checkpoints, the CORE bundle, chat files, stage
+    scratch) so that pointing KILN_CACHE at a big or shared disk moves all of them at once.
+    """
+    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")).joinpath(*parts)
+
+
 @dataclass
 class Store:
     """Artifact store rooted at ``root`` (a directory or ``s3://bucket/prefix``)."""
@@ -293,7 +302,7 @@ class Store:
         """A local path holding the content of ``uri``: the file itself when local, else a cached download."""
         if not is_s3(uri):
             return local_path(uri)
-        cache = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "s3" / uri[len("s3://"):]
+        cache = cache_root("s3", uri[len("s3://"):])
         if not cache.exists():
             self.get(uri, cache)
         return cache

@@ -17,7 +17,9 @@ class LoopbackHTTPServer:
     def _serve(self, handler: type[BaseHTTPRequestHandler], name: str) -> None:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True  # a stalled response must not block shutdown
-        threading.Thread(target=self._httpd.serve_forever, name=name, daemon=True).start()
+        # A short poll so shutdown() returns at once instead of after the default 0.5 s.
+        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=name,
+                         daemon=True).start()
 
     def stop(self) -> None:
         if self._httpd is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..storage import sha256_file, with_retries
+from ..storage import cache_root, sha256_file, with_retries
 
 import yaml
 
@@ -118,7 +118,7 @@ class Bundle:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "eval_bundle"
+    return cache_root("eval_bundle")
 
 
 def _download(url: str, dest: Path, *, attempts: int = 5, timeout: float = 60.0) -> None:
