@@ -27,6 +27,7 @@ from .stages import STAGES
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("llm.chat_cli:add_arguments", "llm.chat_cli:main"),
     "stack": ("llm.stack:add_arguments", "llm.stack:main"),
+    "ls": ("llm.catalog:add_arguments", "llm.catalog:main"),
 }
 
 

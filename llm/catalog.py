@@ -1,0 +1,232 @@
+"""`kiln ls`: what is in an artifact root, whether it is intact, and where each output came from.
+
+Every stage writes to ``<root>/<stage>/<key>/`` and publishes ``manifest.json`` last, so the root
+itself is the catalogue: no database to drift from the files. This module reads it back so nobody
+has to juggle checkpoint directories by hand. It answers three questions:
+
+* what is there (stage, key, when, size, headline counts), newest first;
+* is it intact (``--verify`` re-hashes every file against its manifest; a ``.partial`` directory
+  is a stage that crashed or is still running, and it resumes on the next run with the same key);
+* where did it come from (``--lineage URI`` walks the manifests' inputs back to the download).
+
+Nothing here deletes anything: outputs are immutable and shared between runs by their key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .stage import MANIFEST, read_manifest, verify_output
+from .storage import Store, is_s3, join, local_path
+
+# The counts worth a column, per stage: a glance tells a user which output is which.
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "download": ("files", "rows"),
+    "filter": ("docs_in", "docs_out"),
+    "dedup": ("docs_in", "docs_out"),
+    "tokenizer": ("vocab_size", "chars_per_token"),
+    "tokenize": ("tokens", "docs"),
+    "pretrain": ("steps", "tokens", "final_val_loss"),
+    "midtrain": ("steps", "tokens", "final_val_loss"),
+    "sft": ("steps", "tokens", "final_val_loss"),
+    "eval": ("core",),
+}
+
+
+@dataclass
+class Entry:
+    """One output directory under the root."""
+
+    stage: str
+    key: str
+    uri: str
+    status: str  # "ok", "corrupt" (a file is missing or differs), "partial" (unfinished), "broken" (bad manifest)
+    bytes: int = 0
+    started: float | None = None
+    seconds: float | None = None
+    counts: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)  # role -> upstream URI
+    problem: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def _scan(store: Store, root: str) -> dict[tuple[str, str], dict[str, int]]:
+    """``{(stage, key dir): {relative file: size}}`` for every output directory under ``root``."""
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    base = None if is_s3(root) else local_path(root)
+    prefix = root.rstrip("/") + "/"
+    for uri, size in store.list_sizes(root).items():
+        if base is not None:
+            rel_path = Path(uri).relative_to(base).as_posix()
+        elif uri.startswith(prefix):
+            rel_path = uri[len(prefix):]
+        else:
+            continue
+        parts = rel_path.split("/", 2)
+        if len(parts) < 3:  # not <stage>/<key>/<file>: something else lives in the root
+            continue
+        stage, key, rel = parts
+        out.setdefault((stage, key), {})[rel] = size
+    return out
+
+
+def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: bool = False) -> list[Entry]:
+    """Every output under ``root`` (optionally one stage's), newest first; unfinished ones last.
+
+    Without ``verify`` an output is "ok" when its manifest lists files that all exist with their
+    recorded sizes (what a run checks before reusing it); ``verify`` also re-hashes local files.
+    """
+    entries: list[Entry] = []
+    for (st, keydir), files in sorted(_scan(store, root).items()):
+        if stage is not None and st != stage:
+            continue
+        uri = join(join(root, st), keydir)
+        size = sum(files.values())
+        if keydir.endswith(".partial"):
+            entries.append(Entry(st, keydir.removesuffix(".partial"), uri, "partial", size,
+                                 problem="unfinished: crashed or still running; the next run with this key resumes it"))
+            continue
+        if MANIFEST not in files:
+            entries.append(Entry(st, keydir, uri, "partial", size, problem=f"no {MANIFEST}: never published"))
+            continue
+        try:
+            manifest = read_manifest(store, uri) or {}
+        except Exception as e:  # noqa: BLE001 - a corrupt manifest is reported, not fatal to the listing
+            entries.append(Entry(st, keydir, uri, "broken", size, problem=str(e)))
+            continue
+        ok = verify_output(store, uri, deep=verify) is not None
+        timings = manifest.get("timings", {})
+        entries.append(Entry(
+            st, keydir, uri, "ok" if ok else "corrupt", size,
+            started=timings.get("started"), seconds=timings.get("seconds"),
+            counts={k: manifest.get("counts", {}).get(k) for k in HEADLINE.get(st, ())
+                    if manifest.get("counts", {}).get(k) is not None},
+            inputs={role: v.get("uri", "") for role, v in (manifest.get("inputs") or {}).items()},
+            problem="" if ok else ("a file differs from its recorded sha256" if verify
+                                   else "a listed file is missing or has the wrong size"),
+        ))
+    entries.sort(key=lambda e: (e.status == "partial", -(e.started or 0.0)))
+    return entries
+
+
+def _locate(store: Store, root: str | None, uri: str) -> tuple[str, dict[str, Any] | None]:
+    """The manifest of ``uri``, or of the same ``<stage>/<key>`` under ``root``.
+
+    Manifests record inputs as the run spelled them (often a relative ``./artifacts/...``, or a root
+    since moved or synced to S3); the key names the content, so the copy under this root is the same.
+    """
+    m = read_manifest(store, uri)
+    if m is None and root is not None:
+        stage_key = uri.rstrip("/").split("/")[-2:]
+        if len(stage_key) == 2:
+            alt = join(root, *stage_key)
+            if alt != uri:
+                m2 = read_manifest(store, alt)
+                if m2 is not None:
+                    return alt, m2
+    return uri, m
+
+
+def lineage(store: Store, uri: str, *, root: str | None = None,
+            max_depth: int = 32) -> list[tuple[int, str, dict[str, Any] | None]]:
+    """``(depth, role/stage label, manifest)`` from ``uri`` back through its inputs, depth first.
+
+    Shared upstreams (tokenizer and tokens both lead to the same dedup output) are printed once in
+    full and then by reference, so the tree stays readable.
+    """
+    seen: set[str] = set()
+    out: list[tuple[int, str, dict[str, Any] | None]] = []
+
+    def walk(u: str, label: str, depth: int) -> None:
+        u, m = _locate(store, root, u)
+        name = f"{label}: {u}" if label else u
+        if u in seen:
+            out.append((depth, f"{name} (above)", None))
+            return
+        seen.add(u)
+        out.append((depth, name, m))
+        if m is None or depth >= max_depth:
+            return
+        for role, inp in sorted((m.get("inputs") or {}).items()):
+            walk(inp.get("uri", ""), role, depth + 1)
+
+    walk(uri.rstrip("/"), "", 0)
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _fmt_counts(counts: dict[str, Any]) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) >= 1e-6 else "0"  # a mean of centred scores can be 1e-18, i.e. zero
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    return " ".join(f"{k}={one(v)}" for k, v in counts.items())
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = "List the stage outputs under an artifact root, check them, and show where one came from."
+    p.add_argument("--root", default=None, help="artifact root (default: run.artifact_root of the preset)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--stage", default=None, help="only this stage's outputs")
+    p.add_argument("--verify", action="store_true", help="re-hash every local file against its manifest")
+    p.add_argument("--lineage", metavar="URI", default=None, help="print the inputs of this output, back to the source")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+
+
+def main(args: argparse.Namespace) -> int:
+    root = args.root
+    if root is None:
+        from .config import load_config
+
+        root = load_config(args.preset).run.artifact_root
+    store = Store(root, args.s3_endpoint)
+    if args.lineage:
+        chain = lineage(store, args.lineage, root=root)
+        if chain[0][2] is None:
+            print(f"{args.lineage}: no {MANIFEST} (not a published stage output)")
+            return 1
+        if args.json:
+            print(json.dumps([{"depth": d, "label": label, "stage": (m or {}).get("stage"),
+                               "counts": (m or {}).get("counts")} for d, label, m in chain], indent=2))
+            return 0
+        for depth, label, m in chain:
+            extra = f"  [{m['stage']}] {_fmt_counts({k: m.get('counts', {}).get(k) for k in HEADLINE.get(m['stage'], ()) if m.get('counts', {}).get(k) is not None})}" if m else ""
+            print("  " * depth + ("└ " if depth else "") + label + extra)
+        return 0
+    entries = list_outputs(store, root, stage=args.stage, verify=args.verify)
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+    elif not entries:
+        print(f"{root}: no stage outputs" + (f" for {args.stage}" if args.stage else ""))
+    else:
+        print(f"{'stage':<10} {'key':<20} {'status':<8} {'size':>9}  {'finished':<16} counts")
+        for e in entries:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.started + (e.seconds or 0))) if e.started else "-"
+            print(f"{e.stage:<10} {e.key:<20} {e.status:<8} {_human_bytes(e.bytes):>9}  {when:<16} "
+                  f"{_fmt_counts(e.counts) or e.problem}")
+        bad = [e for e in entries if e.status in ("corrupt", "broken")]
+        print(f"\n{len(entries)} outputs under {root}; {sum(e.status == 'ok' for e in entries)} ok, "
+              f"{sum(e.status == 'partial' for e in entries)} unfinished, {len(bad)} damaged")
+        for e in bad:
+            print(f"  {e.uri}: {e.problem}")
+    return 1 if any(e.status in ("corrupt", "broken") for e in entries) else 0
