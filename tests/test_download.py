@@ -19,7 +19,13 @@ from llm.stages import execute
 from llm.storage import Store
 
 TOKEN = "hf_test_token"
-FAST = {"download.retries": 3, "download.backoff_s": 0.05, "download.timeout_s": 1.0}
+# Short backoff keeps the fault tests quick. The timeout is NOT short: a request that times out is
+# retried, and every test here counts the requests the server saw. The hub server's first listing
+# hashes ~50 MB of shards (~0.2 s idle, several times that on a loaded 2-core box), so a 1 s timeout
+# turned a slow answer into an extra request. Only the stall test wants a short one, and sets it.
+FAST = {"download.retries": 3, "download.backoff_s": 0.05, "download.timeout_s": 60.0}
+# fetch_files' timeout in the tests that call it directly, for the same reason.
+TIMEOUT_S = 60.0
 
 
 def sha256(path: Path) -> str:
@@ -134,7 +140,7 @@ def test_server_without_ranges_gets_the_whole_file_again(hub: HubServer, shared_
     hub.range_mode = mode
     src = shared_data / "pretrain/shard_00002.parquet"
     hub.add_fault("truncate", match="*/shard_00002.parquet", times=1, fraction=0.5)
-    got = fetch_files(hub.source("shard_00002.parquet"), tmp_path / "dl", retries=2, backoff_s=0.01, timeout_s=2)
+    got = fetch_files(hub.source("shard_00002.parquet"), tmp_path / "dl", retries=2, backoff_s=0.01, timeout_s=TIMEOUT_S)
     name = resolved(hub, "shard_00002.parquet")
     assert hub.requests_for(name) == [200, 200]
     assert hub.ranges_for(name) == [None, f"bytes={src.stat().st_size // 2}-" if mode == "ignore" else None]
@@ -148,7 +154,7 @@ def test_partial_answer_for_another_object_is_not_spliced_in(hub: HubServer, sha
     hub.range_mode = "wrong_total"
     src = shared_data / "pretrain/shard_00001.parquet"
     hub.add_fault("truncate", match="*/shard_00001.parquet", times=1, fraction=0.5)
-    got = fetch_files(hub.source("shard_00001.parquet"), tmp_path / "dl", retries=3, backoff_s=0.01, timeout_s=2)
+    got = fetch_files(hub.source("shard_00001.parquet"), tmp_path / "dl", retries=3, backoff_s=0.01, timeout_s=TIMEOUT_S)
     name = resolved(hub, "shard_00001.parquet")
     assert hub.requests_for(name) == [200, 206, 200]
     assert hub.ranges_for(name) == [None, f"bytes={src.stat().st_size // 2}-", None]
@@ -160,7 +166,7 @@ def test_bad_prefix_after_a_resume_restarts_from_zero_once(hub: HubServer, share
     # joined file fails the hub's sha256, so the prefix is thrown away and the file fetched whole.
     src = shared_data / "pretrain/shard_00003.parquet"
     hub.add_fault("truncate", match="*/shard_00003.parquet", times=1, fraction=0.3, corrupt=True)
-    got = fetch_files(hub.source("shard_00003.parquet"), tmp_path / "dl", retries=3, backoff_s=0.01, timeout_s=2)
+    got = fetch_files(hub.source("shard_00003.parquet"), tmp_path / "dl", retries=3, backoff_s=0.01, timeout_s=TIMEOUT_S)
     name = resolved(hub, "shard_00003.parquet")
     assert hub.requests_for(name) == [200, 206, 200]
     assert hub.ranges_for(name) == [None, f"bytes={int(src.stat().st_size * 0.3)}-", None]
@@ -169,7 +175,7 @@ def test_bad_prefix_after_a_resume_restarts_from_zero_once(hub: HubServer, share
 
 def test_zero_byte_body_is_retried(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
     hub.add_fault("empty", match="*/shard_00001.parquet", times=1)
-    got = fetch_files(hub.source("shard_00001.parquet"), tmp_path / "dl", retries=2, backoff_s=0.01, timeout_s=2)
+    got = fetch_files(hub.source("shard_00001.parquet"), tmp_path / "dl", retries=2, backoff_s=0.01, timeout_s=TIMEOUT_S)
     assert len(hub.requests_for(resolved(hub, "shard_00001.parquet"))) == 2
     assert got[0].rows == 2885 and sha256(got[0].path) == sha256(shared_data / "pretrain/shard_00001.parquet")
 
@@ -199,10 +205,14 @@ def test_server_errors_are_retried(hub: HubServer, shared_data: Path, artifact_r
 
 
 def test_stall_times_out_and_is_retried(hub: HubServer, shared_data: Path, artifact_root: Path) -> None:
-    hub.add_fault("stall", match="*/shard_00000.parquet", times=1, seconds=10)
+    # A 3 s timeout against a 60 s stall: the gap between them, not a tight bound on the loaded box's
+    # speed, is what shows the client gave up on the stall instead of waiting it out. (3 s is far
+    # above any pause in a healthy loopback transfer, so only the stall times out.)
+    hub.add_fault("stall", match="*/shard_00000.parquet", times=1, seconds=60)
     t0 = time.monotonic()
-    res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
-    assert time.monotonic() - t0 < 7  # gave up on the stall after ~timeout_s (1 s), did not wait it out
+    res = run_download(config(artifact_root, hub.source("*.parquet"),
+                              **{"download.max_files": 1, "download.timeout_s": 3.0}))
+    assert time.monotonic() - t0 < 30  # gave up after ~timeout_s; waiting the stall out takes > 60 s
     # the retry continues from what had arrived before the stall (at most the half that was sent;
     # a read cut by the timeout may lose its last partial block)
     first, retry = hub.ranges_for(resolved(hub, "shard_00000.parquet"))
