@@ -263,7 +263,7 @@ def training_section(cfg: KilnConfig, inputs: dict[str, dict], reader: _Reader, 
     for name in TRAIN_STAGES:
         m = inputs.get(name)
         if m is None:
-            rows.append([name] + [None] * 9 + [NOT_RUN])
+            rows.append([name, NOT_RUN] + [None] * 8)
             continue
         c = m.get("counts", {})
         metrics = reader.jsonl(m, "metrics.jsonl")
@@ -271,13 +271,13 @@ def training_section(cfg: KilnConfig, inputs: dict[str, dict], reader: _Reader, 
                      _rounded(c.get("tokens_per_s")), c.get("mfu"),
                      c.get("final_train_loss", _final_metric(metrics, "loss")),
                      c.get("final_val_loss", _final_metric(metrics, "val_loss")),
-                     c.get("val_bpb", _final_metric(metrics, "val_bpb")), ""])
+                     c.get("val_bpb", _final_metric(metrics, "val_bpb"))])
         if plot_dir is not None and plot_losses(name, metrics, plot_dir / f"loss_{name}.png"):
             pngs.append(f"loss_{name}.png")
         if isinstance(c.get("tokens_by_source"), dict):
             extra += [f"{name} tokens by source: " + ", ".join(f"{k} {_fmt(v)}" for k, v in c["tokens_by_source"].items())]
     lines += _table(["stage", "params", "tokens", "steps", "wall time", "tokens/s", "MFU", "final train loss",
-                     "final val loss", "val bpb", ""], rows)
+                     "final val loss", "val bpb"], rows)
     lines.append("")
     if extra:
         lines += [f"- {e}" for e in extra] + [""]

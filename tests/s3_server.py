@@ -7,13 +7,15 @@ Use from a test module (importing the fixtures registers them there; conftest.py
     def test_x(s3_bucket):          # a fresh bucket; AWS_* env points boto3 at the server
         Store(f"s3://{s3_bucket.name}/root").put_bytes(b"x", ...)
 
-``moto_server`` (session scope) yields the endpoint URL of one ``python -m moto.server`` process
-on 127.0.0.1. ``s3_bucket`` (function scope) sets AWS_ENDPOINT_URL, dummy credentials and the
-region in the environment, creates a uniquely named bucket and yields an :class:`S3Bucket`.
+``moto_server`` (session scope) yields the endpoint URL of one moto server process on 127.0.0.1
+(the port is bound by that process itself: no free-port guess that another process could take
+first). ``s3_bucket`` (function scope) sets AWS_ENDPOINT_URL, dummy credentials and the region in
+the environment, creates a uniquely named bucket and yields an :class:`S3Bucket`.
 
 :class:`FaultProxy` sits between boto3 and moto and answers the first N matching requests with
 an HTTP error (e.g. 500 or 403) before forwarding the rest, so retry policy is tested against
-real HTTP responses, not an in-process mock.
+real HTTP responses, not an in-process mock. :meth:`FaultProxy.add_hang` holds matching requests
+unanswered instead (an upload in flight when its machine dies), and tells the test when one came.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from __future__ import annotations
 import fnmatch
 import http.client
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
@@ -44,42 +47,55 @@ CREDENTIAL_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with code {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+# Runs in the server process: bind port 0 (the kernel picks a free port and it is ours at once), then
+# publish the port through a file, renamed into place so the parent never reads half of it.
+_MOTO_MAIN = """
+import os, sys, threading
+from moto.server import ThreadedMotoServer
+server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+server.start()
+path = sys.argv[1]
+with open(path + ".tmp", "w") as f:
+    f.write(str(server.get_host_and_port()[1]))
+os.replace(path + ".tmp", path)
+threading.Event().wait()
+"""
 
 
 class MotoServer:
-    """``python -m moto.server`` on a free loopback port, stopped by its own process handle."""
+    """A moto S3 server in its own process on a loopback port it bound itself; stopped by its process handle.
+
+    (Picking a free port here and passing it to ``python -m moto.server`` left a window in which
+    another process could take the port, and a health check would then have found that process.)
+    """
 
     def __init__(self) -> None:
-        self.port = free_port()
+        self.port: int | None = None
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
     @property
     def url(self) -> str:
+        assert self.port is not None, "server not started"
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "MotoServer":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, proc=self.proc)
+    def start(self, timeout: float = 120.0) -> "MotoServer":
+        with tempfile.TemporaryDirectory(prefix="kiln-moto-") as tmp:
+            port_file = Path(tmp) / "port"
+            log = self._log = tempfile.TemporaryFile()  # its stderr, shown if it fails to start
+            self.proc = subprocess.Popen([sys.executable, "-c", _MOTO_MAIN, str(port_file)],
+                                         stdout=subprocess.DEVNULL, stderr=log)
+            deadline = time.monotonic() + timeout
+            while not port_file.exists():
+                if self.proc.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"moto server exited with code {self.proc.returncode}:\n"
+                                       f"{log.read().decode(errors='replace')[-3000:]}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"moto server did not start within {timeout:.0f}s")
+                time.sleep(0.05)
+            self.port = int(port_file.read_text())
         return self
 
     def stop(self) -> None:
@@ -91,6 +107,9 @@ class MotoServer:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 @dataclass
@@ -147,15 +166,53 @@ class ProxyFault:
 
 
 @dataclass
+class Hang:
+    """Requests matching ``method``/``match`` are read and then held without an answer or a forward.
+
+    ``arrived`` is set when the first one comes in. :meth:`release` (or stopping the proxy) closes
+    their connections, still unanswered and never forwarded: what the server saw of an upload whose
+    sender died is the requests before it.
+    """
+
+    method: str = "*"
+    match: str = "*"  # glob on the URL path
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
 class FaultProxy(LoopbackHTTPServer):
     """An HTTP reverse proxy to ``target`` that answers matching requests with injected errors."""
 
     target: str
     faults: list[ProxyFault] = field(default_factory=list)
-    log: list[tuple[str, str, int]] = field(default_factory=list)
+    hangs: list[Hang] = field(default_factory=list)
+    log: list[tuple[str, str, int]] = field(default_factory=list)  # (method, path, status; 0 = held)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+
+    def add_hang(self, method: str = "*", match: str = "*") -> Hang:
+        """Hold every matching request unanswered (see :class:`Hang`); wait on ``.arrived`` to sync with one."""
+        h = Hang(method=method, match=match)
+        with self._lock:
+            self.hangs.append(h)
+        return h
+
+    def _hang_for(self, method: str, path: str) -> Hang | None:
+        with self._lock:
+            return next((h for h in self.hangs if fnmatch.fnmatch(method, h.method) and fnmatch.fnmatch(path, h.match)),
+                        None)
+
+    def stop(self) -> None:
+        with self._lock:
+            hangs = list(self.hangs)
+        for h in hangs:  # let held handler threads end (their connections close unanswered)
+            h.release()
+        super().stop()
 
     def add_fault(self, status: int, method: str = "*", match: str = "*", times: int | None = 1, code: str = "") -> ProxyFault:
         f = ProxyFault(status=status, method=method, match=match, times=times, code=code)
@@ -201,6 +258,14 @@ class FaultProxy(LoopbackHTTPServer):
             def _handle(self) -> None:
                 body = self._body()
                 path = urlsplit(self.path).path
+                hang = proxy._hang_for(self.command, path)
+                if hang is not None:
+                    with proxy._lock:
+                        proxy.log.append((self.command, path, 0))
+                    hang.arrived.set()
+                    hang.released.wait()
+                    self.close_connection = True  # no answer, nothing forwarded
+                    return
                 fault = proxy._take(self.command, path)
                 if fault is not None:
                     code = fault.code or {500: "InternalError", 503: "SlowDown", 403: "AccessDenied", 404: "NoSuchKey"}.get(fault.status, "Error")

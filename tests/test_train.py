@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from s3_server import moto_server, s3_bucket  # noqa: E402,F401  (pytest fixtures)
+from s3_server import FaultProxy, moto_server, s3_bucket  # noqa: E402,F401  (pytest fixtures)
 from train_fixtures import BOS, tiny_job, write_token_shards  # noqa: E402
 
 from llm.config import TrainConfig  # noqa: E402
@@ -118,12 +118,14 @@ def test_val_batches_are_deterministic_and_rank_disjoint(tokens):
 # --------------------------------------------------------------------------- trainer
 
 
-def test_indivisible_grad_accum_fails_before_training(tokens, tmp_path):
+def test_indivisible_grad_accum_fails_before_training(tokens, tmp_path, monkeypatch):
     job = tiny_job(tokens, tmp_path / "out", total_batch_tokens=300)  # 300 % (4*32) != 0
-    t0 = time.time()
-    with pytest.raises(StageError, match=r"total_batch_tokens 300 is not a multiple of .* 128 tokens"):
-        _launch(job)
-    assert time.time() - t0 < 5 and not (tmp_path / "out" / "job.json").exists()  # never launched
+    started: list[object] = []
+    with monkeypatch.context() as m:  # any process launched would be recorded here (and not run)
+        m.setattr(subprocess, "Popen", lambda *a, **kw: started.append(a))
+        with pytest.raises(StageError, match=r"total_batch_tokens 300 is not a multiple of .* 128 tokens"):
+            _launch(job)
+    assert started == [] and not (tmp_path / "out" / "job.json").exists()  # refused before launching anything
     # the trainer itself refuses too (e.g. a hand-written job), before building anything
     proc = _run_job(job, tmp_path / "job.json")
     out = proc.communicate(timeout=300)[0].decode()
@@ -213,7 +215,7 @@ def test_resume_with_a_different_model_is_refused(tokens, tmp_path):
 
 
 def test_checkpoints_mirror_to_s3_and_resume_from_there(tokens, tmp_path, s3_bucket):
-    """A lost machine: the local work dir is gone, the run resumes from the checkpoints mirrored to S3."""
+    """A lost machine: killed while mirroring a checkpoint, the run resumes from the newest complete copy on S3."""
     from llm.checkpoint import load_model
     from llm.storage import Store
 
@@ -223,24 +225,27 @@ def test_checkpoints_mirror_to_s3_and_resume_from_there(tokens, tmp_path, s3_buc
 
     job = tiny_job(tokens, tmp_path / "a", steps=16, ckpt_every=4, eval_every=0, keep_last=2)
     job["upload_uri"] = up
-    job["step_sleep_s"] = 0.15
-    proc = _run_job(job, tmp_path / "job.json")
-    deadline = time.time() + 240
     store = Store(up)
-    while not store.exists(f"{up}/checkpoints/step_000008/meta.json"):
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    # Under load a later checkpoint may land before the kill: resume must take the newest one.
-    mirrored = {u.split("/")[-2] for u in store.list(f"{up}/checkpoints") if u.endswith("/meta.json")}
-    newest = max(int(name.split("_")[1]) for name in mirrored)
-    assert 8 <= newest < 16, mirrored
+    with FaultProxy(s3_bucket.endpoint) as proxy:
+        # The trainer mirrors each checkpoint before it trains on, meta.json last (it marks the copy
+        # complete). Holding step 12's meta.json stops the run exactly there, however fast or slow the
+        # machine: steps 4 and 8 mirrored, step 12's other files up, and then the machine dies.
+        held = proxy.add_hang("PUT", "*/checkpoints/step_000012/meta.json")
+        proc = _run_job(job, tmp_path / "job.json", env={**os.environ, "AWS_ENDPOINT_URL": proxy.url})
+        deadline = time.time() + 240
+        while not held.arrived.wait(0.1):
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.time() < deadline, "step 12's checkpoint was never mirrored"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    complete = {u.split("/")[-2] for u in store.list(f"{up}/checkpoints") if u.endswith("/meta.json")}
+    assert complete == {"step_000004", "step_000008"}, complete
+    assert store.exists(f"{up}/checkpoints/step_000012/model.safetensors")  # a partial copy, to be ignored
 
-    job2 = dict(job, out_dir=str(tmp_path / "b"), step_sleep_s=0.0)  # a fresh machine: nothing local
+    job2 = dict(job, out_dir=str(tmp_path / "b"))  # a fresh machine: nothing local
     _launch(job2)
     plan = json.loads((tmp_path / "b" / "plan.json").read_text())
-    assert plan["start_step"] == newest and f"step_{newest:06d}" in plan["resumed_from"]
+    assert plan["start_step"] == 8 and "step_000008" in plan["resumed_from"]
     a, b = _weights(tmp_path / "ref"), _weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the mirror was pruned to keep_last=2 and the final checkpoint is loadable straight from S3
