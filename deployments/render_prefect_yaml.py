@@ -1,6 +1,9 @@
 """Write deployments/prefect.yaml: `full-pipeline` and one deployment per stage, for each preset.
 
     .venv/bin/python deployments/render_prefect_yaml.py      # after adding a stage or a preset
+    .venv/bin/python deployments/render_prefect_yaml.py --cpu-pool etl --gpu-pool a100s --out my-prefect.yaml
+                                                             # your own pool names (then set
+                                                             # orchestration.cpu_pool/gpu_pool to match)
 
 The file is generated so it cannot drift from the stage registry (tests/test_deployments.py
 checks it is current). Deployment names are the preset names, so `-n tiny` deploys every
@@ -9,6 +12,7 @@ tiny deployment and `prefect deployment run pretrain/d20` runs one stage of d20.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -35,7 +39,7 @@ HEADER = """\
 """
 
 
-def deployments() -> list[dict]:
+def deployments(cpu_pool: str = "cpu", gpu_pool: str = "gpu") -> list[dict]:
     out: list[dict] = []
     for preset in list_presets():
         out.append({
@@ -44,26 +48,46 @@ def deployments() -> list[dict]:
             "description": f"The whole Kiln pipeline, download to report, preset {preset}.",
             "parameters": {"preset": preset},
             "tags": ["kiln", preset, "pipeline"],
-            "work_pool": {"name": "cpu", "work_queue_name": "default", "job_variables": {}},
+            "work_pool": {"name": cpu_pool, "work_queue_name": "default", "job_variables": {}},
         })
         for name, sd in STAGES.items():
-            pool = "gpu" if sd.gpu else "cpu"
+            pool = gpu_pool if sd.gpu else cpu_pool
             out.append({
                 "name": preset,
                 "entrypoint": f"flows/stage_flows.py:{name}_flow",
                 "description": f"Kiln stage {name!r} ({sd.description}), preset {preset}.",
                 "parameters": {"preset": preset},
-                "tags": ["kiln", preset, "stage", pool],
+                "tags": ["kiln", preset, "stage", "gpu" if sd.gpu else "cpu"],
                 "work_pool": {"name": pool, "work_queue_name": "default", "job_variables": {}},
             })
     return out
 
 
-def render() -> str:
-    body = {"name": "kiln", "prefect-version": "3.8.8", "build": None, "push": None, "deployments": deployments()}
-    return HEADER + yaml.safe_dump(body, sort_keys=False, width=120)
+def render(cpu_pool: str = "cpu", gpu_pool: str = "gpu") -> str:
+    body = {"name": "kiln", "prefect-version": "3.8.8", "build": None, "push": None,
+            "deployments": deployments(cpu_pool, gpu_pool)}
+    header = HEADER
+    if (cpu_pool, gpu_pool) != ("cpu", "gpu"):
+        header += f"# Rendered with --cpu-pool {cpu_pool} --gpu-pool {gpu_pool}: set orchestration.cpu_pool/gpu_pool to match.\n"
+    return header + yaml.safe_dump(body, sort_keys=False, width=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu-pool", default="cpu", help="pool for full-pipeline and the data stages")
+    ap.add_argument("--gpu-pool", default="gpu", help="pool for the training and eval stages")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    for flag, name in (("--cpu-pool", args.cpu_pool), ("--gpu-pool", args.gpu_pool)):
+        if not name.strip() or any(c.isspace() for c in name):
+            ap.error(f"{flag}: a work pool name without spaces, got {name!r}")
+    text = render(args.cpu_pool, args.gpu_pool)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(args.out)
+    print(f"wrote {args.out} ({len(deployments())} deployments; pools {args.cpu_pool}/{args.gpu_pool})")
+    return 0
 
 
 if __name__ == "__main__":
-    OUT.write_text(render())
-    print(f"wrote {OUT} ({len(deployments())} deployments)")
+    sys.exit(main())

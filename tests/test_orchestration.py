@@ -130,6 +130,28 @@ def test_prefect_yaml_is_generated_from_the_registry_and_current():
             assert obj.name == fn.removesuffix("_flow")
 
 
+def test_prefect_yaml_renders_with_other_pool_names(tmp_path):
+    import yaml
+
+    sys.path.insert(0, str(REPO / "deployments"))
+    try:
+        from render_prefect_yaml import main as render_main
+    finally:
+        sys.path.pop(0)
+    from llm.stages import STAGES
+
+    out = tmp_path / "prefect.yaml"
+    assert render_main(["--cpu-pool", "etl", "--gpu-pool", "a100s", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "set orchestration.cpu_pool/gpu_pool to match" in text
+    pools = {d["entrypoint"].split(":")[1]: d["work_pool"]["name"] for d in yaml.safe_load(text)["deployments"]}
+    assert pools["full_pipeline"] == "etl"
+    assert {pools[f"{n}_flow"] for n, sd in STAGES.items() if sd.gpu} == {"a100s"}
+    assert {pools[f"{n}_flow"] for n, sd in STAGES.items() if not sd.gpu} == {"etl"}
+    with pytest.raises(SystemExit):
+        render_main(["--gpu-pool", "two words", "--out", str(out)])
+
+
 def test_site_overrides_apply_under_the_runs_own(monkeypatch):
     from flows.settings import flow_config
     from llm.config import ConfigError
