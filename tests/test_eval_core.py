@@ -191,10 +191,12 @@ def _run_gpt_core(shared_data: Path, state: dict, batch_tokens: int = 4096, per_
                          batch_tokens=batch_tokens, per_example=per_example, max_seq_len=1024)
 
 
-def _rank_worker(rank: int, world: int, port: int, shared_data: str, state_path: str, out_path: str) -> None:
+def _rank_worker(rank: int, world: int, store_file: str, shared_data: str, state_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous, not a port picked in the parent and bound here seconds later (another process
+    # could take it in between).
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         res = _run_gpt_core(Path(shared_data), torch.load(state_path))
@@ -204,9 +206,16 @@ def _rank_worker(rank: int, world: int, port: int, shared_data: str, state_path:
         dist.destroy_process_group()
 
 
-def test_identical_across_runs_batching_and_one_vs_two_ranks(shared_data, tmp_path: Path):
-    import socket
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread, as each rank below has: the comparison is then about ranks, not thread counts."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
+
+def test_identical_across_runs_batching_and_one_vs_two_ranks(shared_data, tmp_path: Path, one_thread):
     import torch.multiprocessing as mp
 
     state = _tiny_gpt().state_dict()
@@ -219,8 +228,6 @@ def test_identical_across_runs_batching_and_one_vs_two_ranks(shared_data, tmp_pa
 
     state_path, out_path = tmp_path / "state.pt", tmp_path / "two_ranks.pt"
     torch.save(state, state_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, str(shared_data), str(state_path), str(out_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(shared_data), str(state_path), str(out_path)),
+             nprocs=2, join=True)
     assert torch.load(out_path) == summary(a)
