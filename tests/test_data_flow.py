@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Iterable
 
 import pytest
 
@@ -25,11 +27,22 @@ from llm.storage import Store  # noqa: E402
 from llm.tokenizer import load_tokenizer  # noqa: E402
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
-    """Task-run name -> final state name, read back from the Prefect API."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name: r.state.name for r in runs}
+def _task_states(flow_run_id, expect: Iterable[str] = DATA_STAGES, timeout: float = 120.0) -> dict[str, str]:
+    """Task-run name -> final state name, read back from the Prefect API.
+
+    Prefect 3 records task-run states from events the flow's process sends in the background, so the
+    API can lag the flow's return. Read until every ``expect``-ed task run is there and every task run
+    is in a final state; after ``timeout`` return what is there, for the caller's assertion to show.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        states = {r.name: r.state for r in runs}
+        settled = set(expect) <= set(states) and all(st is not None and st.is_final() for st in states.values())
+        if settled or time.monotonic() > deadline:
+            return {name: st.name if st is not None else "None" for name, st in states.items()}
+        time.sleep(0.2)
 
 
 @pytest.fixture()
