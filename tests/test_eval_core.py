@@ -202,8 +202,15 @@ def _rank_worker(rank: int, world: int, store_file: str, shared_data: str, state
         res = _run_gpt_core(Path(shared_data), torch.load(state_path))
         if rank == 0:
             torch.save({k: (t.accuracy, t.n) for k, t in res.tasks.items()} | {"core": res.core}, out_path)
-    finally:
+        dist.barrier()  # both ranks done, the result written
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Leave as the eval and train jobs do: a gloo teardown after the peer has gone can SIGABRT a
+    # finished rank (llm/distributed.py), and mp.spawn would report that as a failure.
+    from llm.distributed import finish
+
+    finish(0)
 
 
 @pytest.fixture()
