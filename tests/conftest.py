@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,23 @@ def artifact_root(tmp_path: Path) -> Path:
     root = tmp_path / "artifacts"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolate_session_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A baseline for what runs before the per-test fixture below: module- and session-scoped
+    fixtures are set up first, so without this they would see the developer's own caches and
+    MLflow store (and could write to them)."""
+    base = tmp_path_factory.mktemp("session-env")
+    saved = {k: os.environ.get(k) for k in ("KILN_CACHE", "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "HF_HOME")}
+    os.environ.update({"KILN_CACHE": str(base / "kiln-cache"), "MLFLOW_TRACKING_URI": f"file://{base / 'mlruns'}",
+                       "MLFLOW_ALLOW_FILE_STORE": "true", "HF_HOME": str(base / "hf-home")})
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(autouse=True)
