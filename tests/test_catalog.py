@@ -60,12 +60,14 @@ def test_damage_is_found_and_named(artifact_root: Path, capsys):
     (Path(uris["filter"]) / "data" / "part.txt").write_text("KEPT")
     store = Store(str(artifact_root))
     assert {e.stage: e.status for e in list_outputs(store, str(artifact_root))}["filter"] == "ok"
-    assert {e.stage: e.status for e in list_outputs(store, str(artifact_root), verify=True)}["filter"] == "corrupt"
+    verified = {e.stage: e for e in list_outputs(store, str(artifact_root), verify=True)}
+    assert verified["filter"].status == "corrupt"
+    assert verified["filter"].problem == "data/part.txt: content differs from its recorded sha256"
     # A missing file is seen without re-hashing, and the CLI exits non-zero naming the output.
     os.remove(Path(uris["download"]) / "data" / "part.txt")
     assert main(["ls", "--root", str(artifact_root)]) == 1
     out = capsys.readouterr().out
-    assert f"{uris['download']}: a listed file is missing" in out
+    assert f"{uris['download']}: data/part.txt: listed in the manifest but missing" in out
     # A manifest that is not JSON is reported, not fatal to the listing.
     (Path(uris["tokenize"]) / "manifest.json").write_text("{not json")
     entries = {e.stage: e for e in list_outputs(store, str(artifact_root))}
@@ -95,3 +97,9 @@ def test_lists_an_s3_root(s3_bucket):
     entries = list_outputs(Store(root), root)
     assert sorted(e.stage for e in entries) == ["download", "filter", "tokenize"]
     assert all(e.status == "ok" and e.uri.startswith(root) for e in entries)
+    # A truncated object on S3 is seen from the listing alone.
+    victim = next(e for e in entries if e.stage == "filter")
+    key = f"{victim.uri[len(s3_bucket.uri) + 1:]}/data/part.txt"
+    s3_bucket.client().put_object(Bucket=s3_bucket.name, Key=key, Body=b"ke")
+    damaged = {e.stage: e for e in list_outputs(Store(root), root)}["filter"]
+    assert damaged.status == "corrupt" and damaged.problem == "data/part.txt: 2 bytes, the manifest says 4"
