@@ -180,8 +180,10 @@ class Trainer:
         if d.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        # "auto": bf16 autocast on CUDA, fp32 on CPU (exact, and the CPU tests compare bits). An
+        # explicit "bfloat16" also autocasts on CPU, for CPUs with bf16 units and to test the path.
         self.amp_dtype = None
-        if d.device.type == "cuda" and tr.dtype in ("auto", "bfloat16"):
+        if (d.device.type == "cuda" and tr.dtype in ("auto", "bfloat16")) or tr.dtype == "bfloat16":
             self.amp_dtype = torch.bfloat16
         # Identical init on every rank (DDP also broadcasts, but then single- and multi-process runs match).
         with torch.device("meta"):
@@ -456,6 +458,8 @@ class Trainer:
         est_tps = tr.total_batch_tokens / (sec_per_micro * self.grad_accum) if sec_per_micro > 0 else float("nan")
         remaining = steps - self.step
         plan = {**self.plan, "grad_accum": self.grad_accum, "world_size": d.world, "device": self.device_name,
+                "autocast": str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "off (fp32)",
+                "compiled": bool(tr.compile),
                 "device_batch_size": tr.device_batch_size, "seq_len": self.mcfg.seq_len,
                 "est_tokens_per_s": est_tps, "eta_s": remaining * tr.total_batch_tokens / est_tps,
                 "start_step": self.step, "resumed_from": self.resumed_from,
@@ -728,7 +732,8 @@ def _plan_text(p: dict[str, Any], m: Any) -> str:
         f"  per step   {p['tokens_per_step']:,} tokens = {p['device_batch_size']} × {p['seq_len']} × "
         f"{p['world_size']} proc × {p['grad_accum']} accum",
         f"  FLOPs      {p['flops']:.3e} ({p['flops_per_token']:,} per token)",
-        f"  device     {p['device']} × {p['world_size']}",
+        f"  device     {p['device']} × {p['world_size']}; autocast {p['autocast']}"
+        + ("; torch.compile" if p["compiled"] else ""),
         f"  ETA        {eta_s} at a measured {p['est_tokens_per_s']:,.0f} tokens/s",
     ])
 

@@ -277,3 +277,30 @@ def test_output_pump_separates_lines_from_progress_redraws():
     _pump(proc, lambda text, bar: got.append((text, bar)))
     proc.wait()
     assert got == [("a", False), (" 10%", True), (" 20%", True), ("b", False), ("c", False)]
+
+
+def test_torch_compile_trains_like_eager_and_saves_plain_weights(tokens, tmp_path):
+    """The compiled path (inductor on CPU here; on GPU the same call) gives eager's losses, and its
+    checkpoints load into an uncompiled model: no ``_orig_mod.`` prefixes leak into the weights."""
+    eager = _launch(tiny_job(tokens, tmp_path / "eager", steps=6, eval_every=0))
+    compiled = _launch(tiny_job(tokens, tmp_path / "compiled", steps=6, eval_every=0, compile=True))
+    assert json.loads((tmp_path / "compiled" / "plan.json").read_text())["compiled"] is True
+    assert compiled["final_train_loss"] == pytest.approx(eager["final_train_loss"], abs=1e-4)
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_bfloat16_autocast_path_trains(tokens, tmp_path):
+    """dtype=bfloat16 runs the autocast path (on CPU here; on CUDA it is the default): the plan says
+    so, loss falls, and it stays near fp32 without being bit-equal (the casts really happened)."""
+    fp32 = _launch(tiny_job(tokens, tmp_path / "fp32", steps=12, eval_every=0))
+    bf16 = _launch(tiny_job(tokens, tmp_path / "bf16", steps=12, eval_every=0, dtype="bfloat16"))
+    assert json.loads((tmp_path / "bf16" / "plan.json").read_text())["autocast"] == "bfloat16"
+    assert json.loads((tmp_path / "fp32" / "plan.json").read_text())["autocast"] == "off (fp32)"
+    first = [m["loss"] for m in _metrics(tmp_path / "bf16") if "loss" in m]
+    assert first[-1] < first[0]
+    assert bf16["final_train_loss"] == pytest.approx(fp32["final_train_loss"], abs=0.05)
+    assert bf16["final_train_loss"] != fp32["final_train_loss"]
+    # master weights stay fp32 under autocast
+    assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "bf16").values())
