@@ -10,6 +10,15 @@ pipeline can nest stages under one parent run:
 
 Tracking URI: ``cfg.run.mlflow_tracking_uri``, else ``MLFLOW_TRACKING_URI``, else ``./mlruns``.
 
+Data lineage follows MLflow's dataset convention, so the UI's "Datasets used" panel shows what a run
+consumed: every upstream stage output a run reads is logged as a dataset input named after the stage
+that produced it (``tokenize``, ``eval`` ...), with ``digest`` = that output's manifest hash, ``source``
+= its URI (a ``local`` or ``s3`` dataset source) and the run's use of it in the ``mlflow.data.context``
+input tag (``training``, ``evaluation``, ``base_model`` ...; see :func:`input_context`). One output is
+thus one MLflow dataset per experiment, shared by every run that read it. MLflow 3 has no dataset
+*outputs* (run outputs are logged models only), so a stage's own output is named by its run's tags
+``kiln.output_uri`` and ``kiln.manifest_hash`` — the same digest its consumers' inputs carry.
+
 Everything goes through ``MlflowClient`` with an explicit run id — no fluent global "active run" state,
 so a library call can never log into somebody else's run by accident. Params are flattened with dotted
 keys (``pretrain.lr``); values are truncated to MLflow's limit. Logging errors are reported once and
@@ -20,8 +29,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +61,98 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input-tag key (mlflow.utils.mlflow_tags)
+ROLE_TAG = "kiln.role"
+# <root>/<stage>/<key>: a stage output (llm/stage.py's layout; keys are 20 hex digits).
+_STAGE_DIR = re.compile(r"(?:^|/)([A-Za-z0-9_.\-]+)/[0-9a-f]{20}(?=/|$)")
+
+
+def input_context(stage: str, role: str) -> str:
+    """What ``stage`` does with its input ``role``, in MLflow's ``mlflow.data.context`` words.
+
+    Token shards train a training stage and are what an eval scores; a model input is the starting
+    weights of a training stage and the thing an eval scores; raw documents are the source a data
+    stage transforms (and the training data of the tokenizer).
+    """
+    if stage == "report":
+        return "report"
+    if role == "tokens":
+        return "evaluation" if stage == "eval" else "training"
+    if role == "model":
+        return "evaluated_model" if stage == "eval" else "base_model"
+    if role == "docs":
+        return "training" if stage == "tokenizer" else "source"
+    return role
+
+
+def upstream_stage(uri: str) -> str | None:
+    """The stage whose output ``uri`` is (or lies inside: a checkpoint of a training output)."""
+    found = _STAGE_DIR.findall(uri.rstrip("/"))
+    return found[-1] if found else None
+
+
+def read_stage_inputs(uris: dict[str, str | None], endpoint_url: str = "") -> dict[str, dict[str, Any]]:
+    """{role: URI} → {role: {"uri", "hash", "stage", "counts"}} from each output's ``manifest.json``.
+
+    For a job that only knows its input URIs (the trainer). Roles without a URI or whose URI is not a
+    finished stage output (``tiktoken:gpt2``, a bare checkpoint) are left out: without a manifest
+    there is no content hash to name the data by.
+    """
+    from .storage import Store, join
+
+    out: dict[str, dict[str, Any]] = {}
+    for role, uri in uris.items():
+        if not uri:
+            continue
+        try:
+            m = json.loads(Store(uri, endpoint_url).get_bytes(join(uri, "manifest.json")))
+        except Exception:  # noqa: BLE001 - lineage metadata must never stop the job that asks for it
+            continue
+        if m.get("hash"):
+            out[role] = {"uri": uri, "hash": m["hash"], "stage": m.get("stage"), "counts": m.get("counts") or {}}
+    return out
+
+
+def dataset_inputs(stage: str, inputs: dict[str, dict[str, Any]]) -> list[Any]:
+    """MLflow ``DatasetInput``s for a stage's inputs ({role: {"uri", "hash", optional "stage", "counts"}}).
+
+    The dataset's profile holds the upstream manifest's counts (docs, tokens ...), which the UI shows
+    next to the digest. Two roles reading the same output would be one MLflow dataset, and MLflow keeps
+    one input per dataset and run, so those are told apart as ``<stage>/<role>``.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    names = {role: inp.get("stage") or upstream_stage(inp["uri"]) or role for role, inp in inputs.items()}
+    seen: dict[tuple[str, str], int] = {}
+    for role, inp in inputs.items():
+        seen[(names[role], inp["hash"])] = seen.get((names[role], inp["hash"]), 0) + 1
+    result = []
+    for role in sorted(inputs):
+        inp = inputs[role]
+        name = names[role]
+        if seen[(name, inp["hash"])] > 1 and name != role:
+            name = f"{name}/{role}"
+        with warnings.catch_warnings():  # a local path "can be read two ways" (both the local source)
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(inp["uri"])
+        meta = MetaDataset(source, name=name, digest=str(inp["hash"])).to_dict()
+        counts = {k: v for k, v in (inp.get("counts") or {}).items() if v is not None}
+        result.append(DatasetInput(
+            Dataset(name=meta["name"], digest=meta["digest"], source_type=meta["source_type"], source=meta["source"],
+                    profile=json.dumps(counts, sort_keys=True, default=str) if counts else None),
+            tags=[InputTag(DATASET_CONTEXT_TAG, input_context(stage, role)), InputTag(ROLE_TAG, role)]))
+    return result
+
+
+def log_stage_inputs(client: Any, run_id: str, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
+    """Log ``inputs`` (see :func:`dataset_inputs`) to ``run_id``; logging them again is a no-op in MLflow."""
+    items = dataset_inputs(stage, inputs)
+    if items:
+        client.log_inputs(run_id, datasets=items)
+
+
 class NullTracker:
     """Same interface, does nothing: used on ranks > 0 and when tracking is disabled."""
 
@@ -61,6 +164,7 @@ class NullTracker:
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_inputs(self, stage: str, inputs: dict[str, dict[str, Any]]) -> None: ...
     def end(self, status: str = "FINISHED") -> None: ...
 
 
@@ -146,6 +250,10 @@ class Tracker(NullTracker):
                 self.client.set_tag(self.run_id, k, str(v))
 
         self._guard("set_tags", go)
+
+    def log_inputs(self, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
+        """The stage outputs this run reads, as MLflow dataset inputs (see the module docstring)."""
+        self._guard("log_inputs", lambda: log_stage_inputs(self.client, self.run_id, stage, inputs))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.owned:
