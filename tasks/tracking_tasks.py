@@ -2,7 +2,8 @@
 
 One parent run per Prefect flow run (tagged with the flow-run id and UI URL, the git commit,
 the preset), one child run per stage (its config as params, its manifest counts as metrics,
-its output URI as tags, its manifest as an artifact). The stage's child run id is handed to
+its output URI as tags, its manifest as an artifact, the upstream outputs it read as MLflow
+dataset inputs: llm/tracking.py's lineage convention). The stage's child run id is handed to
 the stage through ``KILN_MLFLOW_RUN_ID`` (llm/tracking.py's convention), so the torchrun job
 streams its training curves into the same child run.
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import KilnConfig
+from llm.tracking import log_stage_inputs, read_stage_inputs
 from llm.tracking import tracking_uri as llm_tracking_uri
 from llm.stages import STAGES
 from llm.storage import Store, join
@@ -211,10 +213,35 @@ class PipelineTracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         try:
             manifest = Store(self.cfg.run.artifact_root, self.cfg.run.s3_endpoint).get_bytes(join(summary["uri"], "manifest.json"))
-            self.client.log_text(run_id, manifest.decode(), "manifest.json")
         except FileNotFoundError:
-            pass
+            manifest = None
+        if manifest is not None:
+            self.client.log_text(run_id, manifest.decode(), "manifest.json")
+            # Cached or computed alike: the inputs are what the output was made from.
+            self._log_inputs(run_id, stage, json.loads(manifest))
         self.client.set_terminated(run_id, status="FINISHED")
+
+    def _log_inputs(self, run_id: str, stage: str, manifest: dict[str, Any]) -> None:
+        """The manifest's inputs as MLflow dataset inputs of the stage's child run.
+
+        The digest is the hash this output recorded for each input (what it was really made from);
+        the producing stage's name and counts come from the upstream manifest while it still has
+        that hash. A failure here is reported, never raised: lineage must not fail a finished stage.
+        """
+        recorded = manifest.get("inputs") or {}
+        try:
+            now = read_stage_inputs({role: inp.get("uri") for role, inp in recorded.items()}, self.cfg.run.s3_endpoint)
+            inputs = {}
+            for role, inp in recorded.items():
+                if not inp.get("uri") or not inp.get("hash"):
+                    continue
+                up = now.get(role)
+                same = up is not None and up["hash"] == inp["hash"]
+                inputs[role] = {"uri": inp["uri"], "hash": inp["hash"]} | (
+                    {"stage": up["stage"], "counts": up["counts"]} if same else {})
+            log_stage_inputs(self.client, run_id, stage, inputs)
+        except Exception as e:  # noqa: BLE001
+            print(f"[kiln] MLflow dataset inputs of {stage} not logged: {type(e).__name__}: {e}")
 
     def stage_failed(self, label: str, error: BaseException) -> None:
         run_id = self.children.get(label)
