@@ -436,7 +436,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
-        from .tracking import start_tracker
+        from .tracking import read_stage_inputs, start_tracker
 
         d, tr = self.d, self.train
         mlf = self.job.get("mlflow", {}) or {}
@@ -475,6 +475,11 @@ class Trainer:
                                                                        "flops", "flops_per_token", "grad_accum",
                                                                        "world_size")},
                                          "loader": self.job["loader"], "seed": self.seed})
+                if self.tracker.run_id is not None:  # the stage outputs it reads, as MLflow dataset inputs
+                    spec = self.job["loader"].get("spec") or {}
+                    self.tracker.log_inputs(self.stage, read_stage_inputs(
+                        {"tokens": spec.get("uri") or spec.get("tokens_uri"), "tokenizer": self.job.get("tokenizer"),
+                         "model": self.job.get("init_checkpoint")}, self.job.get("s3_endpoint") or ""))
             self.tracker.log_dict(plan, f"plan_step{self.step}.json")
             self.tracker.log_metrics({"plan/eta_s": plan["eta_s"], "plan/est_tokens_per_s": est_tps}, self.step)
 
