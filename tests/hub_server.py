@@ -15,8 +15,12 @@ layout ``huggingface_hub`` and Kiln's downloader use; ``<rev>`` below is the bra
        answers every Range with 200 and the whole file (a proxy that drops the header); ``"none"``
        advertises nothing and ignores Range; ``"wrong_total"`` answers 206 with the asked-for bytes
        but a ``Content-Range`` total one byte too large (a server describing another object).
+       ``If-Range`` is honoured as HTTP says: a Range whose ``If-Range`` is not the file's current
+       ETag gets 200 and the whole file. ``etag_suffix`` changes every file's ETag (as a CDN
+       re-serving the object under a new validator would) without changing its bytes; ``weak_etags``
+       sends them as weak ``W/"..."`` validators.
 
-Every request is logged as ``(method, path, status, range header)`` before its response headers
+Every request is logged as ``(method, path, status, Range header, If-Range header)`` before its response headers
 are sent, so a test reading the log right after its call returns never races the server thread.
 
 Faults (``server.add_fault(...)``) apply to requests whose URL path matches a glob, for the first
@@ -64,6 +68,7 @@ class Logged(NamedTuple):
     path: str  # the URL path as sent (not unquoted)
     status: int
     range: str | None  # the request's Range header
+    if_range: str | None = None  # the request's If-Range header
 
 
 @dataclass
@@ -75,6 +80,8 @@ class HubServer(LoopbackHTTPServer):
     token: str | None = None
     page_size: int = 1000
     range_mode: str = "honour"  # honour | ignore | none | wrong_total (see the module docstring)
+    etag_suffix: str = ""  # appended inside every file's ETag: a new validator for the same bytes
+    weak_etags: bool = False  # send W/"..." ETags (a validator that cannot vouch for bytes)
     faults: list[Fault] = field(default_factory=list)
     log: list[Logged] = field(default_factory=list)
 
@@ -113,9 +120,10 @@ class HubServer(LoopbackHTTPServer):
                     return f
         return None
 
-    def record(self, method: str, path: str, status: int, range_header: str | None = None) -> None:
+    def record(self, method: str, path: str, status: int, range_header: str | None = None,
+               if_range: str | None = None) -> None:
         with self._lock:
-            self.log.append(Logged(method, path, status, range_header))
+            self.log.append(Logged(method, path, status, range_header, if_range))
 
     def requests_for(self, suffix: str, method: str = "GET") -> list[int]:
         """Statuses of the requests whose path ends with ``suffix``."""
@@ -161,7 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _record(self, status: int) -> None:
         # Always before end_headers(): see the module docstring.
-        self.hub.record(self.command, urlsplit(self.path).path, status, self.headers.get("Range"))
+        self.hub.record(self.command, urlsplit(self.path).path, status, self.headers.get("Range"),
+                        self.headers.get("If-Range"))
 
     def _error(self, status: int, message: str, code: str | None = None) -> None:
         # The hub names the kind of 404 in X-Error-Code; huggingface_hub maps it to its exceptions.
@@ -251,8 +260,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not rel or not p.is_file():
             return self._error(404, "Entry not found")
         data = p.read_bytes()
+        sha1, sha256 = self.hub.digests(rel)
+        etag = f'"{sha256 if rel.endswith(".parquet") else sha1}{self.hub.etag_suffix}"'
+        if self.hub.weak_etags:
+            etag = "W/" + etag
         status, start, end = 200, 0, len(data)
         rng = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if if_range is not None and if_range != etag:  # the validator no longer matches: whole file
+            rng = None
         if rng and rng.startswith("bytes=") and self.hub.range_mode in ("honour", "wrong_total"):
             a, _, b = rng[len("bytes="):].partition("-")
             start = int(a) if a else max(0, len(data) - int(b))
@@ -261,8 +277,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, headers={"Content-Range": f"bytes */{len(data)}"})
             status = 206
         body = data[start:end]
-        sha1, sha256 = self.hub.digests(rel)
-        headers = {"ETag": f'"{sha256 if rel.endswith(".parquet") else sha1}"', "X-Repo-Commit": self.hub.commit,
+        headers = {"ETag": etag, "X-Repo-Commit": self.hub.commit,
                    "Content-Type": "application/octet-stream"}
         if self.hub.range_mode != "none":
             headers["Accept-Ranges"] = "bytes"

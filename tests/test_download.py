@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -319,6 +323,199 @@ def test_max_rows_within_the_first_file(shared_data: Path, artifact_root: Path) 
     res = run_download(config(artifact_root, str(shared_data / "pretrain/*.parquet"),
                               **{"download.max_files": None, "download.max_rows": 10}))
     assert res.manifest["counts"] == {**res.manifest["counts"], "files": 1, "rows": 10}
+
+
+# --------------------------------------------------------------------------- a partial download across runs
+
+# Runs the download stage in a child process, so the test can kill it the way an OOM killer,
+# a preempted node or Ctrl-C would.
+_STAGE_CHILD = """
+import json, sys
+from llm.config import load_config
+from llm.stages import execute
+execute("download", load_config("tiny", json.loads(sys.argv[1])), {}, progress=False)
+"""
+
+
+def partial_of(dest: Path, name: str) -> tuple[Path, Path]:
+    """The in-progress file of ``name`` in ``dest`` and its sidecar."""
+    return dest / f".{name}.part", dest / f".{name}.part.json"
+
+
+def sidecar_have(sidecar: Path) -> int:
+    return json.loads(sidecar.read_text())["have"]
+
+
+def leave_partial(hub: HubServer, dest: Path, name: str, fraction: float = 0.5, **kw) -> int:
+    """A first run that gives up on a cut-off transfer (the network, not the file): it keeps what
+    arrived for the next run. Returns the byte count its sidecar vouches for."""
+    hub.add_fault("truncate", match=f"*/{name}", times=1, fraction=fraction)
+    with pytest.raises(StageError, match="failed after 1 attempts"):
+        fetch_files(kw.pop("source", hub.source(name)), dest, retries=0, timeout_s=TIMEOUT_S, **kw)
+    part, sidecar = partial_of(dest, name)
+    have = sidecar_have(sidecar)
+    assert part.stat().st_size == have  # every byte that arrived, counted exactly
+    return have
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["killed", "ctrl-c"])
+def test_interrupted_stage_is_continued_by_the_next_run(hub: HubServer, shared_data: Path, artifact_root: Path,
+                                                        how: signal.Signals) -> None:
+    name = "shard_00000.parquet"
+    src = shared_data / "pretrain" / name
+    size = src.stat().st_size
+    # Most of the file arrives, then the server goes quiet, as a dying link would.
+    hub.add_fault("stall", match=f"*/{name}", times=1, fraction=0.9, seconds=60)
+    overrides = {"run.artifact_root": str(artifact_root), "download.source": hub.source("*.parquet"), **FAST,
+                 "download.max_files": 1, "download.workers": 1}
+    # The child's short timeout only bounds how long Ctrl-C waits for the stalled read (timeouts are
+    # not part of the stage's key, so the rerun below continues the same output).
+    child = subprocess.Popen([sys.executable, "-c", _STAGE_CHILD, json.dumps({**overrides, "download.timeout_s": 2.0})],
+                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(artifact_root.rglob(f".{name}.part.json")):  # bytes are on disk and accounted for
+            assert child.poll() is None, child.communicate()[1].decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never recorded a partial download"
+            time.sleep(0.05)
+        child.send_signal(how)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode != 0 and no_manifest_under(artifact_root)
+    if how == signal.SIGINT:
+        assert b"KeyboardInterrupt" in err, err.decode()[-2000:]
+    (sidecar,) = artifact_root.rglob(f".{name}.part.json")
+    part = sidecar.with_name(f".{name}.part")
+    have = sidecar_have(sidecar)
+    assert 0 < have < size and part.stat().st_size >= have
+    if how == signal.SIGINT:  # a stop the process sees records the exact count on its way out
+        assert part.stat().st_size == have
+    before = len(hub.logged(resolved(hub, name)))
+
+    res = run_download(config(artifact_root, hub.source("*.parquet"), **{"download.max_files": 1}))
+    again = hub.logged(resolved(hub, name))[before:]
+    # only the remainder was asked for, guarded by the validator the first run was given
+    assert [(e.status, e.range, e.if_range) for e in again] == [(206, f"bytes={have}-", f'"{sha256(src)}"')]
+    assert sha256(Path(res.uri) / "data" / name) == sha256(src)
+    shard = res.manifest["shards"][name]
+    assert (shard["reused_bytes"], shard["transferred_bytes"]) == (have, size - have)
+    assert res.manifest["counts"]["reused_bytes"] == have and res.manifest["counts"]["transferred_bytes"] == size - have
+    assert not list(artifact_root.rglob(".*.part*"))
+
+
+@pytest.mark.parametrize("stale", ["commit", "size"])
+def test_partial_of_another_commit_or_size_is_discarded(hub: HubServer, shared_data: Path, tmp_path: Path,
+                                                        stale: str) -> None:
+    name = "shard_00001.parquet"
+    src = shared_data / "pretrain" / name
+    dest = tmp_path / "dl"
+    leave_partial(hub, dest, name)
+    part, sidecar = partial_of(dest, name)
+    meta = json.loads(sidecar.read_text())
+    if stale == "commit":  # left by a run that read the branch when it pointed elsewhere
+        meta["url"] = meta["url"].replace(hub.commit, "0" * 40)
+    else:
+        meta["size"] += 1
+    sidecar.write_text(json.dumps(meta))
+    before = len(hub.logged(resolved(hub, name)))
+    (got,) = fetch_files(hub.source(name), dest, retries=0, timeout_s=TIMEOUT_S)
+    assert [(e.status, e.range) for e in hub.logged(resolved(hub, name))[before:]] == [(200, None)]  # from byte 0
+    assert got.path.read_bytes() == src.read_bytes()
+    assert (got.reused_bytes, got.transferred) == (0, src.stat().st_size)
+    assert not part.exists() and not sidecar.exists()
+
+
+def test_changed_validator_gets_the_whole_file(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    # The server no longer vouches for the first run's bytes (If-Range does not match): it answers
+    # the ranged request with 200 and the whole file, which replaces the prefix.
+    name = "shard_00002.parquet"
+    src = shared_data / "pretrain" / name
+    dest = tmp_path / "dl"
+    have = leave_partial(hub, dest, name)
+    hub.etag_suffix = "-reissued"
+    before = len(hub.logged(resolved(hub, name)))
+    (got,) = fetch_files(hub.source(name), dest, retries=0, timeout_s=TIMEOUT_S)
+    assert [(e.status, e.range, e.if_range) for e in hub.logged(resolved(hub, name))[before:]] == \
+        [(200, f"bytes={have}-", f'"{sha256(src)}"')]
+    assert got.path.read_bytes() == src.read_bytes()
+    assert (got.reused_bytes, got.transferred) == (0, src.stat().st_size)
+    assert not any(partial_of(dest, name)[i].exists() for i in (0, 1))
+
+
+def test_corrupt_prefix_from_an_earlier_run_is_refetched_once(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    name = "shard_00003.parquet"
+    src = shared_data / "pretrain" / name
+    size = src.stat().st_size
+    dest = tmp_path / "dl"
+    have = leave_partial(hub, dest, name)
+    part, _ = partial_of(dest, name)
+    data = bytearray(part.read_bytes())
+    data[have // 2] ^= 0xFF  # the disk, or someone, changed a byte between the runs
+    part.write_bytes(bytes(data))
+    before = len(hub.logged(resolved(hub, name)))
+    (got,) = fetch_files(hub.source(name), dest, retries=2, backoff_s=0.01, timeout_s=TIMEOUT_S)
+    # continued, caught by the listed sha256, then fetched whole once
+    assert [(e.status, e.range) for e in hub.logged(resolved(hub, name))[before:]] == [(206, f"bytes={have}-"), (200, None)]
+    assert got.path.read_bytes() == src.read_bytes()
+    assert (got.reused_bytes, got.transferred) == (0, size - have + size)
+
+
+def test_deterministic_failure_removes_the_partial(hub: HubServer, tmp_path: Path) -> None:
+    name = "shard_00001.parquet"
+    dest = tmp_path / "dl"
+    have = leave_partial(hub, dest, name)
+    hub.add_fault("status", match=f"*/{name}", times=1, status=404)
+    with pytest.raises(StageError, match="HTTP 404"):
+        fetch_files(hub.source(name), dest, retries=3, backoff_s=0.01, timeout_s=TIMEOUT_S)
+    assert hub.logged(resolved(hub, name))[-1].range == f"bytes={have}-"
+    assert not any(partial_of(dest, name)[i].exists() for i in (0, 1))
+
+
+@pytest.mark.parametrize("etag", ["strong", "weak"])
+def test_unpinned_url_is_continued_only_with_a_strong_etag(hub: HubServer, shared_data: Path, tmp_path: Path,
+                                                           etag: str) -> None:
+    # A plain URL at a branch can serve other bytes next time; only a strong ETag (sent as If-Range)
+    # lets the next run continue it. A weak one cannot vouch for bytes: the partial is not kept.
+    name = "shard_00002.parquet"
+    src = shared_data / "pretrain" / name
+    url = f"{hub.url}/datasets/{hub.repo}/resolve/main/{name}"
+    hub.token = None
+    hub.weak_etags = etag == "weak"
+    dest = tmp_path / "dl"
+    hub.add_fault("truncate", match=f"*/{name}", times=1, fraction=0.5)
+    with pytest.raises(StageError, match="failed after 1 attempts"):
+        fetch_files(url, dest, retries=0, timeout_s=TIMEOUT_S)
+    part, sidecar = partial_of(dest, name)
+    assert part.exists() == sidecar.exists() == (etag == "strong")
+    (got,) = fetch_files(url, dest, retries=0, timeout_s=TIMEOUT_S)
+    last = hub.logged(f"/resolve/main/{name}")[-1]
+    half = src.stat().st_size // 2
+    if etag == "strong":
+        assert (last.status, last.range, last.if_range, got.reused_bytes) == (206, f"bytes={half}-", f'"{sha256(src)}"', half)
+    else:
+        assert (last.status, last.range, got.reused_bytes) == (200, None, 0)
+    assert got.path.read_bytes() == src.read_bytes()
+
+
+def test_partial_held_by_another_process_is_left_alone(hub: HubServer, shared_data: Path, tmp_path: Path) -> None:
+    # Two processes sharing a directory (a common cache): the one without the lock fetches into a
+    # private temp file and neither reads nor removes the other's partial.
+    from filelock import FileLock
+
+    name = "shard_00000.parquet"
+    dest = tmp_path / "dl"
+    leave_partial(hub, dest, name)
+    part, sidecar = partial_of(dest, name)
+    held = part.read_bytes(), sidecar.read_text()
+    with FileLock(dest / f".{name}.part.lock"):
+        (got,) = fetch_files(hub.source(name), dest, retries=0, timeout_s=TIMEOUT_S)
+    assert hub.logged(resolved(hub, name))[-1].range is None
+    assert got.path.read_bytes() == (shared_data / "pretrain" / name).read_bytes() and got.reused_bytes == 0
+    assert (part.read_bytes(), sidecar.read_text()) == held
+    assert not list(dest.glob("*.tmp"))
 
 
 # --------------------------------------------------------------------------- local and S3 sources

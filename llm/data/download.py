@@ -39,6 +39,19 @@ whole file when the server answers 200, and when a continued file fails its hash
 hash, its parquet checks) it is discarded and fetched once more from byte 0, never continued
 again. Deterministic failures (401/403/404, a file that is complete but is not parquet, a
 zero-byte file the source itself lists as empty) fail at once.
+
+Across runs: an HTTP download in progress is the hidden ``.<name>.part`` next to its destination,
+with a ``.<name>.part.json`` sidecar (replaced atomically) naming the exact URL (for the hub, at a
+commit), the listed size and sha256, the server's ETag / Last-Modified and how many bytes were on
+disk at the last fsync (every 8 MiB or second while bytes arrive, and exactly on any interruption
+the process sees). When a run is killed, stopped (Ctrl-C, another file failed) or runs out of
+retries, the next run with the same ``dest_dir`` continues it: only when the sidecar matches the
+listing, and only for a URL at an immutable revision or with a strong ETag (sent as ``If-Range``,
+so a changed object comes back whole as a 200). The prefix is read once to rebuild its sha256 and
+the joined file passes every check above (failing, it is fetched once more from byte 0).
+``FetchedFile.reused_bytes`` counts those bytes. A deterministic failure removes the partial, a
+publish removes the sidecar; ``.part`` files are never listed as fetched files. A
+``.<name>.part.lock`` keeps two processes sharing a directory from writing one partial together.
 Every failure is a :class:`DownloadError` (a :class:`llm.stage.StageError`) naming the file.
 
 Budgets: ``max_files`` takes the first N files in path order. ``max_rows`` fetches files in path
@@ -49,7 +62,9 @@ bounded); ``fetch_files`` itself never alters a file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -69,6 +84,13 @@ DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 PARQUET_MAGIC = b"PAR1"
 _READ_CHUNK = 1 << 20
 _MAX_BACKOFF_S = 30.0
+# How often a partial HTTP download records (after an fsync) how many of its bytes are on disk, for a
+# run after a crash to continue from: every this many bytes, or this often while bytes arrive. A kill
+# loses at most this much; every interruption the process sees (a cut, a timeout, Ctrl-C) records
+# the exact count.
+_CHECKPOINT_BYTES = 8 << 20
+_CHECKPOINT_S = 1.0
+_SIDECAR_VERSION = 1
 
 
 class DownloadError(StageError):
@@ -81,6 +103,11 @@ class _Retryable(RuntimeError):
 
 class _Cancelled(RuntimeError):
     """Another download failed or the row budget was met: stop this one."""
+
+
+class _GaveUp(DownloadError):
+    """Every attempt failed transiently (network, 5xx, short body): not the file's fault, so a
+    partial download is kept for the next run to continue."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -104,7 +131,8 @@ class FetchedFile:
     size: int
     rows: int | None  # parquet row count; None for other files
     resumed: bool  # already present and verified: not fetched again
-    transferred: int = 0  # bytes received over every attempt (== size for a clean fetch, 0 when resumed)
+    transferred: int = 0  # bytes received by this run over every attempt (== size for a clean fetch, 0 when resumed)
+    reused_bytes: int = 0  # bytes of the file an earlier, interrupted run had fetched (continued, not refetched)
 
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -449,37 +477,52 @@ def _attempt(fn: Callable[[], Any], *, attempts: int, backoff_s: float, what: st
         if detail.startswith(f"{what}: "):
             detail = detail[len(what) + 2 :]
         kind = "" if isinstance(last, _Retryable) else f"{type(last).__name__}: "
-        return DownloadError(f"{what}: failed after {attempts} attempts: {kind}{detail}")
+        return _GaveUp(f"{what}: failed after {attempts} attempts: {kind}{detail}")
 
     return with_retries(guarded, attempts=attempts, base_delay=backoff_s, max_delay=_MAX_BACKOFF_S, what=what,
                         classify=_is_retryable, sleep=wait, give_up=give_up)
 
 
 class _Partial:
-    """The temp file of one HTTP download across its attempts: what is in it and whether a retry may
-    continue it with a Range request instead of starting over.
+    """The in-progress file of one HTTP download, across its attempts and across runs: what is in
+    it and whether a retry may continue it with a Range request instead of starting over.
 
     Invariant: the file holds exactly ``have`` bytes, and ``sha`` is the sha256 of them, so a
-    continued transfer ends with the whole file's hash without reading the prefix again.
+    continued transfer ends with the whole file's hash without reading the prefix again (a prefix
+    taken over from an earlier run is read once, in :meth:`adopt`, to rebuild ``sha``).
+
+    With a ``sidecar`` the file lives under a stable name and outlives the process: the sidecar
+    (JSON, replaced atomically) says which bytes these are (URL, size, sha256 of the listing, the
+    server's validators) and how many are known to be on disk (``have`` as of the last fsync).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, rf: RemoteFile, sidecar: Path | None = None):
         self.path = path
+        self.rf = rf
+        self.sidecar = sidecar  # None: a private temp file that never outlives this fetch
         self.sha = hashlib.sha256()
         self.have = 0
         self.total: int | None = None  # the full size, from the last 200 (or the listing)
         self.etag: str | None = None  # strong validator of those bytes, sent as If-Range
+        self.last_modified: str | None = None  # recorded; only a strong ETag is trusted as a validator
         self.ranges = False  # the server advertised Accept-Ranges: bytes
         self.may_resume = True  # off once a continued transfer failed its final check
         self.continued = False  # the last transfer continued a prefix
-        self.transferred = 0  # bytes received, every attempt
+        self.transferred = 0  # bytes received by this run, every attempt
+        self.reused = 0  # bytes of the current prefix that an earlier run fetched
+        self._synced = 0  # ``have`` at the last checkpoint
+        self._synced_at = time.monotonic()
 
     def reset(self) -> None:
         """Forget the prefix: the next bytes written start the file."""
         self.path.unlink(missing_ok=True)
+        if self.sidecar is not None:
+            self.sidecar.unlink(missing_ok=True)
         self.sha = hashlib.sha256()
         self.have = 0
         self.continued = False
+        self.reused = 0
+        self._synced = 0
 
     def resume_offset(self, expected: int | None, is_parquet: bool) -> int:
         """Where a retry may start: ``have`` when the prefix can be trusted and continued, else 0."""
@@ -505,6 +548,94 @@ class _Partial:
         if self.continued:
             self.may_resume = False
         self.reset()
+
+    # ------------------------------------------------------------------ across runs
+
+    @property
+    def pinned(self) -> bool:
+        """The URL names an immutable revision (a hub resolve URL at a commit sha)."""
+        return self.rf.kind == "hf" and is_commit(parse_hf(self.rf.uri)[1])
+
+    def keepable(self) -> bool:
+        """Whether a later run could continue these bytes, so they are worth keeping on failure.
+
+        Only when the bytes cannot have changed under the URL: the URL names a commit, or the
+        server gave a strong ETag that the next run sends as ``If-Range`` (the server then answers
+        200 with the whole file if the object changed). A moving URL without a strong ETag (a plain
+        https file, a CDN with weak or no ETags) could serve other bytes next time, and a
+        Last-Modified date is too coarse (one-second resolution, clock games) to vouch for bytes,
+        so such a partial is dropped and the next run starts over.
+        """
+        return self.sidecar is not None and self.ranges and self.have > 0 and (self.pinned or self.etag is not None)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"version": _SIDECAR_VERSION, "url": self.rf.url, "uri": self.rf.uri, "size": self.rf.size,
+                "sha256": self.rf.sha256, "total": self.total, "etag": self.etag,
+                "last_modified": self.last_modified, "accept_ranges": self.ranges}
+
+    def checkpoint(self, f: Any, *, force: bool = False) -> None:
+        """Record how many bytes are on disk, for a run after a crash: fsync the data first, so the
+        sidecar never claims bytes a power cut could still lose, then replace the sidecar."""
+        if not self.keepable() or self.have == self._synced or (self.total is not None and self.have >= self.total):
+            return  # nothing new, or the whole file: it is checked and published next, no run continues it
+        if not force and self.have - self._synced < _CHECKPOINT_BYTES and time.monotonic() - self._synced_at < _CHECKPOINT_S:
+            return
+        f.flush()
+        os.fsync(f.fileno())
+        assert self.sidecar is not None
+        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        tmp.write_text(json.dumps({**self._describe(), "have": self.have}))
+        os.replace(tmp, self.sidecar)
+        self._synced, self._synced_at = self.have, time.monotonic()
+
+    def adopt(self) -> int:
+        """Take over the bytes an earlier run left, when its sidecar still describes this file;
+        returns how many (0: none, and whatever was there is removed).
+
+        The sidecar must name the same URL (for hub files: the same commit), size and sha256, and the
+        file must hold at least the bytes it vouches for (any tail past them is cut off). The prefix
+        is read once to rebuild the running sha256; the transfer still ends with every check a fresh
+        one gets, and a continued file that fails them is fetched once more from byte 0.
+        """
+        if self.sidecar is None:
+            return 0
+        try:
+            meta = json.loads(self.sidecar.read_text())
+        except (OSError, ValueError):
+            meta = None
+        have = meta.get("have") if isinstance(meta, dict) else None
+        same = (isinstance(meta, dict) and isinstance(have, int) and have > 0
+                and {k: meta.get(k) for k in ("version", "url", "size", "sha256")}
+                == {"version": _SIDECAR_VERSION, "url": self.rf.url, "size": self.rf.size, "sha256": self.rf.sha256})
+        if same:
+            assert isinstance(meta, dict) and isinstance(have, int)
+            self.total = meta.get("total") if isinstance(meta.get("total"), int) else self.rf.size
+            self.etag = _strong_etag(meta.get("etag"))
+            self.last_modified = meta.get("last_modified")
+            self.ranges = meta.get("accept_ranges") is True
+            same = self.total is not None and have < self.total and self.ranges and (self.pinned or self.etag is not None)
+        try:
+            same = same and self.path.stat().st_size >= have  # type: ignore[operator]
+        except OSError:
+            same = False
+        if not same:
+            self.reset()
+            self.total, self.etag, self.last_modified, self.ranges = None, None, None, False
+            return 0
+        assert isinstance(have, int)
+        sha = hashlib.sha256()
+        with open(self.path, "r+b") as f:
+            f.truncate(have)
+            left = have
+            while left:
+                block = f.read(min(_READ_CHUNK, left))
+                if not block:  # shrank under us: trust nothing
+                    self.reset()
+                    return 0
+                sha.update(block)
+                left -= len(block)
+        self.sha, self.have, self.reused, self._synced = sha, have, have, have
+        return have
 
 
 def _content_range(value: str | None) -> tuple[int, int, int] | None:
@@ -534,13 +665,39 @@ class _Fetcher:
 
     def __call__(self, rf: RemoteFile) -> FetchedFile:
         dest = self.dest_dir / rf.rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # The in-progress file has a stable name so a run after a crash finds it; a lock keeps two
+        # processes fetching into one directory (a shared cache) from writing it at once. Whoever
+        # does not get the lock works in a private temp file, as if there were nothing to continue.
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(dest.with_name(f".{dest.name}.part.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            lock = None  # type: ignore[assignment]
+        try:
+            return self._fetch(rf, dest, stable=lock is not None)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fetch(self, rf: RemoteFile, dest: Path, *, stable: bool) -> FetchedFile:
         is_parquet = rf.rel.endswith(".parquet")
+        http = rf.kind in ("hf", "http")
+        if stable:
+            part = _Partial(dest.with_name(f".{dest.name}.part"), rf,
+                            dest.with_name(f".{dest.name}.part.json") if http else None)
+        else:
+            part = _Partial(dest.with_name(f".{dest.name}.{os.getpid()}-{threading.get_ident()}.tmp"), rf)
         if dest.is_file():  # resume: keep what an earlier run fetched if it still verifies
             try:
                 rows = self._verify(dest, rf, is_parquet)
                 if rf.sha256 and sha256_file(dest) != rf.sha256:
                     # same size, other bytes: e.g. fetched before the branch moved to another commit
                     raise DownloadError(f"{rf.uri}: the file on disk is not the one listed")
+                if stable:
+                    part.reset()  # e.g. a crash between publishing the file and removing its sidecar
                 self.on_bytes(dest.stat().st_size)
                 return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=True)
             except DownloadError:
@@ -548,13 +705,15 @@ class _Fetcher:
         if rf.size == 0:
             # The source itself lists it as empty: fetching again cannot help.
             raise DownloadError(f"{rf.uri}: zero-byte file at the source")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{threading.get_ident()}.tmp")
-        part = _Partial(tmp)
-        tmp.unlink(missing_ok=True)
+        tmp = part.path
+        if http and stable:
+            self.on_bytes(part.adopt())  # bytes an interrupted earlier run left (0 when none fit)
+        else:
+            part.reset()
+        keep = False
         try:
             def one_attempt() -> int | None:
-                if rf.kind in ("hf", "http"):
+                if http:
                     self._http(rf, part, is_parquet)  # continues part's prefix when it can
                 else:
                     tmp.unlink(missing_ok=True)
@@ -575,11 +734,21 @@ class _Fetcher:
                         raise _Retryable(str(e)) from e
                     raise
 
-            rows = _attempt(one_attempt, attempts=self.attempts, backoff_s=self.backoff_s, what=rf.uri, stop=self.stop)
+            try:
+                rows = _attempt(one_attempt, attempts=self.attempts, backoff_s=self.backoff_s, what=rf.uri, stop=self.stop)
+            except (_Cancelled, _GaveUp, KeyboardInterrupt, SystemExit):
+                # Stopped (Ctrl-C, another file failed, budget met) or the network kept failing:
+                # nothing says these bytes are wrong, so a later run may continue them. A
+                # deterministic failure (404, 401, not parquet) falls through and removes them.
+                keep = part.keepable()
+                raise
+            reused = part.reused
             os.replace(tmp, dest)
         finally:
-            tmp.unlink(missing_ok=True)
-        return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=False, transferred=part.transferred)
+            if not keep:
+                part.reset()  # after a publish: only the sidecar is left to remove
+        return FetchedFile(rf.rel, rf.uri, dest, dest.stat().st_size, rows, resumed=False,
+                           transferred=part.transferred, reused_bytes=reused)
 
     @staticmethod
     def _verify(path: Path, rf: RemoteFile, is_parquet: bool) -> int | None:
@@ -634,15 +803,20 @@ class _Fetcher:
                     part.reset()
                     raise _Retryable(f"{rf.uri}: asked for bytes {offset}- of {total}, the server sent "
                                      f"Content-Range {r.headers.get('Content-Range')!r}")
+                etag = _strong_etag(r.headers.get("ETag"))
+                if part.etag and etag and etag != part.etag:  # a server that ignored If-Range
+                    part.reset()
+                    raise _Retryable(f"{rf.uri}: the rest of the file came with ETag {etag}, the start with {part.etag}")
                 part.continued = True
             elif r.status_code == 200:
-                if offset:  # the range was not honoured: this body is the whole file
+                if offset:  # the range was not honoured (or If-Range did not match): the whole file
                     part.reset()
                 length = r.headers.get("Content-Length")
                 if length is not None and rf.size is not None and int(length) != rf.size:
                     raise _Retryable(f"{rf.uri}: server says {length} bytes, the hub listing says {rf.size}")
                 part.total = int(length) if length is not None else rf.size
                 part.etag = _strong_etag(r.headers.get("ETag"))
+                part.last_modified = r.headers.get("Last-Modified")
                 part.ranges = r.headers.get("Accept-Ranges", "").strip().lower() == "bytes"
             elif r.status_code == 416 and offset:  # the server thinks the prefix is already the whole file
                 part.distrust()
@@ -652,15 +826,22 @@ class _Fetcher:
             with open(part.path, "r+b" if part.have else "wb") as f:
                 f.seek(part.have)
                 f.truncate()
-                # decode_content=False: bytes as sent, so counts compare with Content-Length.
-                for block in r.raw.stream(_READ_CHUNK, decode_content=False):
-                    if self.stop.is_set():
-                        raise _Cancelled(rf.uri)
-                    f.write(block)
-                    part.sha.update(block)
-                    part.have += len(block)
-                    part.transferred += len(block)
-                    self.on_bytes(len(block))
+                try:
+                    # decode_content=False: bytes as sent, so counts compare with Content-Length.
+                    for block in r.raw.stream(_READ_CHUNK, decode_content=False):
+                        if self.stop.is_set():
+                            raise _Cancelled(rf.uri)
+                        f.write(block)
+                        part.sha.update(block)
+                        part.have += len(block)
+                        part.transferred += len(block)
+                        self.on_bytes(len(block))
+                        part.checkpoint(f)  # now and then, for a run after a crash
+                finally:
+                    # The exact count on any way out: a cut, a timeout, Ctrl-C. A failing disk must
+                    # not hide the error in flight; the sidecar then keeps its older, smaller count.
+                    with contextlib.suppress(OSError):
+                        part.checkpoint(f, force=True)
         self._check_length(rf, part.have, part.total)
         self._check_length(rf, part.have, rf.size)
         if rf.sha256 and part.sha.hexdigest() != rf.sha256:
@@ -930,7 +1111,8 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
         dest = out.path(f"data/{name}")
         rows = finalize_shard(f.path, dest, label=f.uri, text_column=d.text_column, keep_rows=remaining, id_prefix=name)
         shards[name] = {"rows": rows, "bytes": dest.stat().st_size, "source": f.uri, "source_rows": f.rows,
-                        "source_bytes": f.size, "resumed": f.resumed, "transferred_bytes": f.transferred}
+                        "source_bytes": f.size, "resumed": f.resumed, "transferred_bytes": f.transferred,
+                        "reused_bytes": f.reused_bytes}
         if remaining is not None:
             remaining -= rows
     shutil.rmtree(raw_dir, ignore_errors=True)
@@ -939,7 +1121,9 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
         "counts": {"files": len(shards), "rows": rows, "docs_out": rows, "bytes": sum(s["bytes"] for s in shards.values()),
                    "resumed_files": sum(1 for s in shards.values() if s["resumed"]),
                    # bytes received, retries included (a ranged resume only adds the missing part)
-                   "transferred_bytes": sum(f.transferred for f in fetched)},
+                   "transferred_bytes": sum(f.transferred for f in fetched),
+                   # bytes an interrupted earlier run had fetched and this one continued
+                   "reused_bytes": sum(f.reused_bytes for f in fetched)},
         "source": d.source,
         "resolved_source": source,
         # hub sources: the revision asked for and the commit it was read at (None for other sources)
