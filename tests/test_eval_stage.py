@@ -100,6 +100,10 @@ def test_eval_stage_writes_core_bpb_samples_and_logs_mlflow(upstream, monkeypatc
     runs = [run for e in client.search_experiments() for run in client.search_runs([e.experiment_id])]
     logged = {k for run in runs for k in run.data.metrics}
     assert {"core", "bpb", "core_centered/copa", "core_acc/winograd"} <= logged
+    # What was scored is on the run as MLflow dataset inputs, named by content (the upstream manifest hashes).
+    ev = next(run for run in runs if "core" in run.data.metrics)
+    digests = {d.dataset.digest for d in client.get_run(ev.info.run_id).inputs.dataset_inputs}
+    assert {r.manifest["inputs"][role]["hash"] for role in ("model", "tokenizer")} <= digests
 
 
 def test_eval_under_torchrun_with_two_ranks_matches_one_rank(upstream):

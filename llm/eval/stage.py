@@ -157,7 +157,8 @@ def _write(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- the stage
 
 
-def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: dict[str, Any], outdir: Path) -> None:
+def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: dict[str, Any], outdir: Path,
+                inputs: dict[str, dict] | None = None) -> None:
     """Per-task centered/accuracy, CORE and bpb; never fails the stage (logging is best effort)."""
     try:
         from ..tracking import start_tracker
@@ -171,6 +172,9 @@ def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: di
             metrics[f"core_centered/{label}"] = t["centered"]  # not "core/..": "core" itself is a metric
             metrics[f"core_acc/{label}"] = t["accuracy"]
         tracker.log_metrics(metrics)
+        if inputs:  # what was scored, as MLflow dataset inputs (the pipeline's child run gets these too)
+            tracker.log_inputs("eval", {role: {k: m.get(k) for k in ("uri", "hash", "stage", "counts")}
+                                        for role, m in inputs.items()})
         tracker.set_tags({"core_label": core["label"], "core_missing": ",".join(core["missing"]) or "none"})
         for name in RESULT_FILES:
             if (outdir / name).exists():
@@ -209,7 +213,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
             raise RuntimeError(f"eval under torchrun ({nproc} ranks) failed with exit code {proc.returncode}")
     core = json.loads((out.workdir / "core.json").read_text())
     bpb = json.loads((out.workdir / "bpb.json").read_text())
-    _log_mlflow(cfg, model_stage, core, bpb, out.workdir)
+    _log_mlflow(cfg, model_stage, core, bpb, out.workdir, inputs)
     return {
         "counts": {
             "core": core["core"],
