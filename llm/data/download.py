@@ -1094,7 +1094,10 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     # A resume after a crash may pin a newer commit; files left in _raw from the older one are
     # refetched when their sha256 no longer matches the listing (see _Fetcher), so no mix survives.
     pinned, commit = pin_source(source, retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s)
-    raw_dir = out.workdir / "_raw"  # verified downloads; kept across crashes for resume, removed before publishing
+    # Verified downloads, plus hidden `.<name>.part` files (with sidecars) a crashed run was fetching;
+    # kept across crashes for resume, removed before publishing. Only fetch_files' results are
+    # published, never a listing of this directory, so a partial cannot pass for a shard.
+    raw_dir = out.workdir / "_raw"
     fetched = fetch_files(pinned, raw_dir, max_files=d.max_files, max_rows=d.max_rows, workers=d.workers,
                           retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s,
                           s3_endpoint=cfg.run.s3_endpoint, validate=_check_shard(d.text_column), progress=progress)
