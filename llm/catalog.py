@@ -95,7 +95,8 @@ def _damage(manifest: dict[str, Any], present: dict[str, int], local_dir: Path |
     return ""
 
 
-def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: bool = False) -> list[Entry]:
+def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: bool = False,
+                 progress: bool = False) -> list[Entry]:
     """Every output under ``root`` (optionally one stage's), newest first; unfinished ones last.
 
     Without ``verify`` an output is "ok" when its manifest lists files that all exist with their
@@ -103,7 +104,12 @@ def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: b
     (on S3 it stays a presence and size check: re-hashing would mean downloading everything).
     """
     entries: list[Entry] = []
-    for (st, keydir), files in sorted(_scan(store, root).items()):
+    found = sorted(_scan(store, root).items())
+    if progress and verify:  # re-hashing a root of checkpoints takes a while: show it
+        from tqdm import tqdm
+
+        found = tqdm(found, desc="verify", unit="output", leave=False)
+    for (st, keydir), files in found:
         if stage is not None and st != stage:
             continue
         uri = join(join(root, st), keydir)
@@ -232,7 +238,7 @@ def main(args: argparse.Namespace) -> int:
             extra = f"  [{m['stage']}] {_fmt_counts({k: m.get('counts', {}).get(k) for k in HEADLINE.get(m['stage'], ()) if m.get('counts', {}).get(k) is not None})}" if m else ""
             print("  " * depth + ("└ " if depth else "") + label + extra)
         return 0
-    entries = list_outputs(store, root, stage=args.stage, verify=args.verify)
+    entries = list_outputs(store, root, stage=args.stage, verify=args.verify, progress=not args.json)
     if args.json:
         print(json.dumps([e.to_json() for e in entries], indent=2))
     elif not entries:
