@@ -119,6 +119,17 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on ``host:port`` (checked before a server is spawned, so
+    "address already in use" is one clear line here instead of a health check timing out later)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -257,6 +268,11 @@ def up(args: argparse.Namespace) -> int:
     if old is not None and any(_alive(_read_pid(old.pid_file(n))) for n in SERVICES):
         print(f"kiln stack: already running under {home} (kiln stack status / down)", file=sys.stderr)
         return 1
+    for flag, port in (("--prefect-port", args.prefect_port), ("--mlflow-port", args.mlflow_port)):
+        if port and port_in_use(args.host, port):
+            print(f"kiln stack: {args.host}:{port} is already in use (another Prefect or MLflow server?); "
+                  f"stop it, or pass {flag} N (0 picks a free port)", file=sys.stderr)
+            return 1
     pick = lambda p: p or free_port(args.host)  # noqa: E731
     # Pool names match deployments/prefect.yaml and orchestration.{cpu,gpu}_pool.
     stack = Stack(home=home, host=args.host, pools={"cpu": "cpu", "gpu": "gpu"},

@@ -283,6 +283,22 @@ def test_stack_status_without_a_stack(tmp_path, capsys):
     assert "kiln stack up" in capsys.readouterr().out
 
 
+def test_stack_up_refuses_a_busy_port_before_starting_anything(tmp_path, capsys):
+    import socket
+
+    from llm.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = main(["stack", "up", "--home", str(tmp_path / "s"), "--prefect-port", str(port), "--mlflow-port", "0"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port} is already in use" in err and "--prefect-port" in err
+    assert not list((tmp_path / "s" / "pids").glob("*.pid"))  # nothing was spawned
+
+
 # --------------------------------------------------------------------------- docker
 
 
