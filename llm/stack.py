@@ -123,6 +123,9 @@ def port_in_use(host: str, port: int) -> bool:
     """True when something already listens on ``host:port`` (checked before a server is spawned, so
     "address already in use" is one clear line here instead of a health check timing out later)."""
     with socket.socket() as s:
+        # Like the servers themselves (uvicorn sets it): connections of a just-stopped server in
+        # TIME_WAIT do not count, a live listener still does.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
