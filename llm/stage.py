@@ -59,9 +59,29 @@ def read_manifest(store: Store, uri: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     try:
-        return json.loads(raw)
+        m = json.loads(raw)
     except json.JSONDecodeError as e:
         raise StageError(f"{join(uri, MANIFEST)}: corrupt manifest ({e})") from e
+    # Valid JSON of the wrong shape (hand-edited, another tool's manifest.json) must also be a
+    # one-line error naming the file, not a KeyError deep inside a caller.
+    problem = _manifest_shape_problem(m)
+    if problem:
+        raise StageError(f"{join(uri, MANIFEST)}: corrupt manifest ({problem})")
+    return m
+
+
+def _manifest_shape_problem(m: Any) -> str:
+    if not isinstance(m, dict):
+        return f"expected a JSON object, found {type(m).__name__}"
+    if not isinstance(m.get("stage"), str):
+        return "no 'stage' name"
+    files = m.get("files")
+    if not isinstance(files, dict):
+        return "no 'files' table"
+    for rel, info in files.items():
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
+            return f"files[{rel!r}] lacks size/sha256"
+    return ""
 
 
 def verify_output(store: Store, uri: str, deep: bool = False) -> dict[str, Any] | None:

@@ -90,3 +90,16 @@ def test_identical_output_from_another_config_reuses_downstream(artifact_root: P
     calls: list[int] = []
     run_stage(store, "down", {}, {"docs": a.uri}, "1", _writer(calls))
     assert run_stage(store, "down", {}, {"docs": b.uri}, "1", _writer(calls)).cached and len(calls) == 1
+
+
+@pytest.mark.parametrize("body", ['[1, 2]', '{"stage": "download"}', '{"stage": "s", "files": {"a": 3}}'])
+def test_misshapen_manifest_is_a_clear_error(artifact_root: Path, body: str) -> None:
+    """Valid JSON of the wrong shape (hand-edited, another tool's file) names the file, not a KeyError."""
+    store = Store(str(artifact_root))
+    bad = artifact_root / "download" / "k"
+    bad.mkdir(parents=True)
+    (bad / "manifest.json").write_text(body)
+    with pytest.raises(StageError, match=r"download/k/manifest.json: corrupt manifest"):
+        verify_output(store, str(bad))
+    with pytest.raises(StageError, match=r"corrupt manifest"):
+        run_stage(store, "s", {}, {"docs": str(bad)}, "1", _writer([]))
