@@ -18,7 +18,7 @@ import importlib
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from .config import ConfigError, KilnConfig, list_presets, load_config
 from .stages import STAGES
@@ -114,40 +114,19 @@ def summary(results: dict[str, Any], seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     if argv and argv[0] in EXTRA_COMMANDS:
-        return _run_extra(argv[0], argv[1:])
-    args = parser.parse_args(argv)
+        return _guarded(lambda: _run_extra(argv[0], argv[1:]))
+    args = build_parser().parse_args(argv)
+    return _guarded(lambda: _run_command(args))
+
+
+def _guarded(fn: Callable[[], int]) -> int:
+    """Run a command; a known kind of failure is one line on stderr and a non-zero exit.
+
+    Bad config is exit 2, bad data/inputs exit 1; anything else is a bug and keeps its traceback.
+    """
     try:
-        cfg = config_from_args(args)
-        if args.command == "config":
-            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-            return 0
-        from .pipeline import run_pipeline
-        from .stages import execute
-
-        t0 = time.time()
-        progress = not args.quiet
-        if args.command == "run":
-            results = run_pipeline(cfg, until=args.until, force=args.force, progress=progress,
-                                   on_stage=lambda n, r: print(f"[kiln] {n}: {'cached' if r.cached else 'done'} -> {r.uri}", flush=True))
-        else:
-            inputs = _parse_inputs(args.command, args.input, getattr(args, "checkpoint", None))
-            missing = [r for r in STAGES[args.command].inputs if r not in inputs]
-            from .pipeline import report_inputs
-
-            if missing and args.command != "report":
-                # Only the missing roles decide how far upstream to run: `kiln eval --checkpoint X`
-                # needs the tokenizer and tokens, not a whole training chain up to sft.
-                upstream = run_pipeline(cfg, until=_upstream_until(args.command, missing), progress=progress)
-                for role in missing:
-                    inputs[role] = upstream[STAGES[args.command].inputs[role]].uri
-            elif args.command == "report" and not inputs:
-                upstream = run_pipeline(cfg, until="eval", progress=progress)
-                inputs = report_inputs(upstream)
-            results = {args.command: execute(args.command, cfg, inputs, force=args.force, progress=progress)}
-        print(summary(results, time.time() - t0))
-        return 0
+        return fn()
     except ConfigError as e:
         print(f"kiln: config error: {e}", file=sys.stderr)
         return 2
@@ -158,6 +137,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kiln: error: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    if args.command == "config":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    from .pipeline import run_pipeline
+    from .stages import execute
+
+    t0 = time.time()
+    progress = not args.quiet
+    if args.command == "run":
+        results = run_pipeline(cfg, until=args.until, force=args.force, progress=progress,
+                               on_stage=lambda n, r: print(f"[kiln] {n}: {'cached' if r.cached else 'done'} -> {r.uri}", flush=True))
+    else:
+        inputs = _parse_inputs(args.command, args.input, getattr(args, "checkpoint", None))
+        missing = [r for r in STAGES[args.command].inputs if r not in inputs]
+        from .pipeline import report_inputs
+
+        if missing and args.command != "report":
+            # Only the missing roles decide how far upstream to run: `kiln eval --checkpoint X`
+            # needs the tokenizer and tokens, not a whole training chain up to sft.
+            upstream = run_pipeline(cfg, until=_upstream_until(args.command, missing), progress=progress)
+            for role in missing:
+                inputs[role] = upstream[STAGES[args.command].inputs[role]].uri
+        elif args.command == "report" and not inputs:
+            upstream = run_pipeline(cfg, until="eval", progress=progress)
+            inputs = report_inputs(upstream)
+        results = {args.command: execute(args.command, cfg, inputs, force=args.force, progress=progress)}
+    print(summary(results, time.time() - t0))
+    return 0
 
 
 def _upstream_until(stage: str, roles: list[str] | None = None) -> str:
