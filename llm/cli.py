@@ -145,7 +145,7 @@ def _run_command(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
     from .pipeline import run_pipeline
-    from .stages import execute
+    from .stages import check_inputs, execute
 
     t0 = time.time()
     progress = not args.quiet
@@ -155,6 +155,8 @@ def _run_command(args: argparse.Namespace) -> int:
     else:
         inputs = _parse_inputs(args.command, args.input, getattr(args, "checkpoint", None))
         missing = [r for r in STAGES[args.command].inputs if r not in inputs]
+        # The inputs given on the command line are checked now: a typo must not cost an upstream run.
+        check_inputs(args.command, cfg, inputs)
         from .pipeline import report_inputs
 
         if missing and args.command != "report":

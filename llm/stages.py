@@ -81,6 +81,45 @@ STAGES: dict[str, StageDef] = {
 }
 
 
+# The stages whose output can fill a role. A role names a kind of data, not one stage, so
+# `kiln tokenize --input docs=<a filter output>` (skipping dedup) is fine; a tokenizer dir given as
+# docs is not, and is caught here by the producing stage's name in its manifest, before any compute,
+# instead of surfacing as "no parquet files" (or worse) inside the stage.
+ROLE_PRODUCERS: dict[str, tuple[str, ...]] = {
+    "docs": ("download", "filter", "dedup"),
+    "tokenizer": ("tokenizer",),
+    "tokens": ("tokenize",),
+    "model": ("pretrain", "midtrain", "sft", "checkpoint"),  # "checkpoint": a bare checkpoint dir
+}
+
+
+def _external_input(cfg: KilnConfig, name: str) -> Callable[[str, str], dict[str, Any] | None] | None:
+    if "model" not in STAGES[name].inputs:
+        return None
+    from .checkpoint import as_stage_input
+
+    # A model input may also be a bare checkpoint dir (a step of a running or unpublished run).
+    return lambda role, uri: as_stage_input(uri, endpoint_url=cfg.run.s3_endpoint) if role == "model" else None
+
+
+def check_inputs(name: str, cfg: KilnConfig, inputs: dict[str, str], store: Store | None = None) -> None:
+    """Raise :class:`~llm.stage.StageError` naming the role and URI of an input that is missing,
+    unfinished, or another kind of stage's output. Cheap (manifests and file sizes only)."""
+    from .stage import StageError, input_manifest
+
+    store = store or Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
+    external = _external_input(cfg, name)
+    for role, uri in inputs.items():
+        m = input_manifest(store, name, role, uri, external)
+        allowed = ROLE_PRODUCERS.get(role) if role in STAGES[name].inputs else None
+        produced_by = m.get("stage")
+        if allowed and produced_by not in allowed:
+            names = [a for a in allowed if a != "checkpoint"]
+            want = names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
+            raise StageError(f"{name} input {role!r}: {uri} is a {produced_by} output; {role} must come from "
+                             f"a {want} output")
+
+
 def execute(
     name: str,
     cfg: KilnConfig,
@@ -98,10 +137,6 @@ def execute(
     def body(out: StageOutput, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return fn(cfg, out, manifests, progress=progress)
 
-    external = None
-    if "model" in sd.inputs:
-        from .checkpoint import as_stage_input
-
-        # A model input may also be a bare checkpoint dir (a step of a running or unpublished run).
-        external = lambda role, uri: as_stage_input(uri, endpoint_url=cfg.run.s3_endpoint) if role == "model" else None  # noqa: E731
-    return run_stage(store, name, sd.key_config(cfg), inputs, sd.version, body, force=force, external=external)
+    check_inputs(name, cfg, inputs, store)
+    return run_stage(store, name, sd.key_config(cfg), inputs, sd.version, body, force=force,
+                     external=_external_input(cfg, name))

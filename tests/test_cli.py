@@ -29,3 +29,32 @@ def test_ls_lineage_of_a_corrupt_manifest(tmp_path: Path, capsys: pytest.Capture
     (out / "manifest.json").write_text("{not json")
     assert kiln(["ls", "--root", str(tmp_path), "--lineage", str(out)]) == 1
     _one_line_error(capsys, "manifest.json", "corrupt")
+
+
+def _published(root: Path, stage: str) -> str:
+    """A finished output of ``stage`` (any files): enough for input checks."""
+    from llm.stage import run_stage
+    from llm.storage import Store
+
+    def write(out, inputs):
+        out.path("x.txt").write_text(stage)
+        return {"counts": {}}
+
+    return run_stage(Store(str(root)), stage, {}, {}, "1", write).uri
+
+
+def test_an_input_from_the_wrong_stage_is_named(artifact_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tok = _published(artifact_root, "tokenizer")
+    rc = kiln(["tokenize", "--output", str(artifact_root), "--input", f"docs={tok}", "--input", f"tokenizer={tok}"])
+    assert rc == 1
+    _one_line_error(capsys, "tokenize input 'docs'", tok, "tokenizer output", "download, filter or dedup")
+
+
+def test_a_bad_explicit_input_fails_before_upstream_compute(artifact_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kiln tokenize --input docs=BAD` must not first run download → tokenizer to fill the other role."""
+    missing = artifact_root / "nope"
+    rc = kiln(["tokenize", "--output", str(artifact_root), "--set", "download.max_files=1",
+               "--set", "download.max_rows=50", "--input", f"docs={missing}"])
+    assert rc == 1
+    _one_line_error(capsys, "tokenize input 'docs'", str(missing))
+    assert not any(artifact_root.iterdir()), "an upstream stage ran before the bad input was reported"
