@@ -97,6 +97,12 @@ class _Packer:
     fill the row exactly (its tail is dropped — counted in ``tokens_cropped``). Every row therefore starts
     at a document start (a BOS token), rows are always full, and cropping only happens once per row.
     The state (epoch, cursor, buffer) is a few ints: cheap to checkpoint and exact to restore.
+
+    Epochs are exact: the buffer only ever holds documents of the current epoch. At the end of a pass
+    it drains (packing from fewer candidates) before the next permutation starts, so every epoch uses
+    every document exactly once and ``epoch`` is the number of passes completed. (Refilling across the
+    boundary used to mix two epochs in the buffer; on data smaller than the buffer the same document
+    could even sit in it twice, and ``epoch`` ran ahead of the documents actually consumed.)
     """
 
     def __init__(self, docs: DocTable, row_len: int, order: Callable[[int], np.ndarray], buffer_docs: int):
@@ -111,14 +117,18 @@ class _Packer:
         return self._perm
 
     def _fill(self) -> None:
-        while len(self.buffer) < self.buffer_docs:
-            perm = self._perm_for(self.epoch)
-            if self.cursor >= len(perm):
-                self.epoch, self.cursor = self.epoch + 1, 0
-                continue
-            take = min(self.buffer_docs - len(self.buffer), len(perm) - self.cursor)
+        """Top the buffer up from the current epoch's permutation only (never past its end)."""
+        self._end_epoch_if_done()  # a state saved exactly at the end of a pass
+        perm = self._perm_for(self.epoch)
+        take = min(self.buffer_docs - len(self.buffer), len(perm) - self.cursor)
+        if take > 0:
             self.buffer.extend(int(d) for d in perm[self.cursor:self.cursor + take])
             self.cursor += take
+
+    def _end_epoch_if_done(self) -> None:
+        """Every document of this epoch consumed: the pass is complete, the next one starts."""
+        if not self.buffer and self.cursor >= len(self._perm_for(self.epoch)):
+            self.epoch, self.cursor = self.epoch + 1, 0
 
     def next_row(self) -> list[tuple[int, int]]:
         """(doc, tokens to take from its start) pieces summing to ``row_len``."""
@@ -137,6 +147,7 @@ class _Packer:
                 self.tokens_cropped += int(lens[i]) - need
             row.append((self.buffer.pop(i), take))
             need -= take
+            self._end_epoch_if_done()
         return row
 
     def state_dict(self) -> dict[str, Any]:

@@ -86,21 +86,36 @@ def plan_batch(total_batch_tokens: int, device_batch_size: int, seq_len: int, wo
     return total_batch_tokens // per_micro
 
 
+def _whole_steps(budget_tokens: float, tokens_per_step: int) -> int:
+    """Steps to reach ``budget_tokens``, rounded UP (at least one). The 1e-9 step of slack absorbs float
+    error (0.1 × 30 / 3 is 1.0000000000000002, which must stay 1 step, not become 2)."""
+    return max(1, math.ceil(budget_tokens / tokens_per_step - 1e-9))
+
+
 def plan_tokens(train: Any, num_params: int, flops_per_token: int) -> dict[str, Any]:
-    """The token budget: explicit steps win, then a FLOPs target, then tokens = ratio × params."""
+    """The token budget: explicit steps win, then a FLOPs target, then tokens = ratio × params.
+
+    A ratio or FLOPs budget is rounded UP to whole optimizer steps, so the run never trains on fewer
+    tokens (or FLOPs) than asked and overshoots by less than one step. (It used to be ``round()``:
+    nearest with ties to even, so a budget could silently land up to half a step short.) The plan
+    carries the unrounded ``budget_tokens`` next to the ``tokens`` that will actually run.
+    """
     tps = train.total_batch_tokens
     if train.steps is not None:
         steps, source = int(train.steps), f"steps={train.steps}"
+        budget_tokens = float(steps * tps)
     elif train.target_flops:
-        steps = max(1, round(train.target_flops / (flops_per_token * tps)))
-        source = f"target_flops={train.target_flops:.3g}"
+        budget_tokens = train.target_flops / flops_per_token
+        steps = _whole_steps(budget_tokens, tps)
+        source = f"target_flops={train.target_flops:.3g}, rounded up to whole steps"
     else:
-        steps = max(1, round(train.target_param_data_ratio * num_params / tps))
-        source = f"tokens={train.target_param_data_ratio:g}×params"
+        budget_tokens = train.target_param_data_ratio * num_params
+        steps = _whole_steps(budget_tokens, tps)
+        source = f"tokens={train.target_param_data_ratio:g}×params={budget_tokens:,.0f}, rounded up to whole steps"
     tokens = steps * tps
-    return {"budget": source, "steps": steps, "tokens_per_step": tps, "tokens": tokens, "params": num_params,
-            "flops_per_token": flops_per_token, "flops": float(flops_per_token) * tokens,
-            "tokens_per_param": tokens / num_params}
+    return {"budget": source, "budget_tokens": budget_tokens, "steps": steps, "tokens_per_step": tps,
+            "tokens": tokens, "params": num_params, "flops_per_token": flops_per_token,
+            "flops": float(flops_per_token) * tokens, "tokens_per_param": tokens / num_params}
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -204,6 +219,11 @@ class Trainer:
                                   tokenizer=self.tokenizer)
         self.plan = plan_tokens(tr, self.n_params, self.flops_per_token)
         self.step = 0
+        # Loss-bearing targets (y != -1) this rank has trained on; rank 0 also carries the global count
+        # restored from a checkpoint. "tokens" counts input positions (padding included in SFT); this is
+        # what SFT users compare, and equals "tokens" in pre/midtraining where every target is trained.
+        self.supervised_local = 0
+        self.supervised_known = True  # False after resuming a checkpoint written before it was counted
         self.wall_prev = 0.0
         self.best: dict[str, Any] | None = None
         self.mlflow_run_id: str | None = None
@@ -268,11 +288,23 @@ class Trainer:
                 self.loader.load_state_dict(mine)
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{ckpt}: loader state does not fit the data ({e})") from e
+            if ls["world_size"] != self.d.world:
+                # Each old rank's state held ITS share of tokens_seen_by_source (all shares equal, or we
+                # would have refused above). Summing the new ranks' restored copies would count the
+                # tokens before the checkpoint ×new/old world (2 procs -> 1 lost half of them): carry
+                # the old global total on rank 0 and start the other ranks from zero.
+                seen = self.loader.tokens_seen_by_source
+                for k in list(seen):
+                    seen[k] = int(seen[k]) * int(ls["world_size"]) if self.d.rank == 0 else 0
             if st["rng"] is not None:
                 torch.set_rng_state(st["rng"]["cpu"])
                 if self.d.device.type == "cuda" and st["rng"].get("cuda") is not None:
                     torch.cuda.set_rng_state(st["rng"]["cuda"], self.d.device)
             self.step = int(meta["step"])
+            if meta.get("supervised_tokens") is None:
+                self.supervised_known = False
+            elif self.d.main:
+                self.supervised_local = int(meta["supervised_tokens"])
             self.wall_prev = float(meta.get("wall_s", 0.0))
             self.best = meta.get("best")
             self.mlflow_run_id = meta.get("mlflow_run_id")
@@ -298,6 +330,7 @@ class Trainer:
 
         d = self.d
         states = gather_objects(self.loader.state_dict(), d)
+        self._supervised_global = self._sum_supervised()  # collective: every rank calls _save
         path = self.ckpt_root / step_dir_name(self.step)
         if d.main:
             rng = {"cpu": torch.get_rng_state()}
@@ -345,10 +378,15 @@ class Trainer:
     def _meta(self, reason: str) -> dict[str, Any]:
         return {"step": self.step, "stage": self.stage, "reason": reason, "model_config": self.mcfg.to_dict(),
                 "train_config": self.train.model_dump(mode="json"), "tokens": self.step * self.train.total_batch_tokens,
-                "plan": self.plan, "val": self.last_val, "best": self.best, "wall_s": self._wall(),
+                "supervised_tokens": getattr(self, "_supervised_global", None), "plan": self.plan, "val": self.last_val, "best": self.best, "wall_s": self._wall(),
                 "mlflow_run_id": self.tracker.run_id, "loader_kind": self.job["loader"]["kind"],
                 "tokenizer": self.job.get("tokenizer"), "seed": self.seed, "world_size": self.d.world,
                 "time": time.time()}
+
+    def _sum_supervised(self) -> int | None:
+        """Loss-bearing targets over all ranks (a collective: call it on every rank)."""
+        total = int(all_sum([float(self.supervised_local)], self.d)[0])  # exact in float64 below 2**53
+        return total if self.supervised_known else None
 
     def _wall(self) -> float:
         return self.wall_prev + (time.time() - self.t_start)
@@ -501,6 +539,7 @@ class Trainer:
                 self.opt.set_lr_multiplier(mult)
                 for micro in range(self.grad_accum):
                     x, y = self.loader.next_batch()
+                    self.supervised_local += int((y != -1).sum())
                     x, y = self._to_device(x), self._to_device(y)
                     sync = micro == self.grad_accum - 1
                     ctx = self.ddp_model.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
@@ -526,11 +565,12 @@ class Trainer:
                 if self.step % tr.log_every == 0 or last or self.step == 1 or stop:
                     self._sync()
                     dt = time.time() - t_log
-                    ls, ln = all_sum([float(loss_acc), float(n_acc)], d)
+                    ls, ln, sup = all_sum([float(loss_acc), float(n_acc), float(self.supervised_local)], d)
                     last_train_loss = ls / max(ln, 1)
                     tps = tok_log / dt if dt > 0 else 0.0
                     row = {"step": self.step, "loss": last_train_loss, "lr": mult * tr.lr, "lr_mult": mult,
                            "grad_norm": float(gnorm), "tokens": self.step * tr.total_batch_tokens,
+                           **({"supervised_tokens": int(sup)} if self.supervised_known else {}),
                            "tokens_per_s": tps, "mfu": self._mfu(tps), "epoch": self.loader.epoch,
                            "wall_s": self._wall()}
                     if d.device.type == "cuda":
@@ -611,8 +651,10 @@ class Trainer:
                 by_source[k] = by_source.get(k, 0) + int(v)
         wall = self._wall()
         tokens = self.step * self.train.total_batch_tokens
+        self._supervised_global = self._sum_supervised()
         summary = {"status": status, "stage": self.stage, "params": self.n_params, "steps": self.step,
-                   "planned_steps": self.plan["steps"], "tokens": tokens, "wall_s": wall,
+                   "planned_steps": self.plan["steps"], "tokens": tokens,
+                   "supervised_tokens": self._supervised_global, "wall_s": wall,
                    "tokens_per_s": tokens / wall if wall > 0 else None,
                    "final_train_loss": last_train_loss, "final_val_loss": self.last_val.get("val_loss"),
                    "val_bpb": self.last_val.get("val_bpb"), "tokens_by_source": by_source, "best": self.best,

@@ -1,0 +1,266 @@
+"""Token accounting, end to end: every count Kiln reports is exact and means the same thing everywhere.
+
+The rules these tests pin down (also stated in ``llm/train.py``, ``llm/loaders.py`` and ``llm/data/shards.py``):
+
+- **Trainer "tokens"** = optimizer steps × ``total_batch_tokens`` = input positions computed
+  (``device_batch_size × seq_len × world_size × grad_accum`` per step). The same number is in
+  ``metrics.jsonl``, ``summary.json`` (-> manifest ``counts.tokens``), the checkpoint meta and MLflow.
+- **tokens_by_source** splits exactly those positions by where they came from, so it sums to "tokens"
+  (SFT: ``chat`` + ``padding``; midtrain: ``pretrain`` + ``chat``). The realised midtrain ratio is
+  computed from the same numbers.
+- **supervised_tokens** = targets that carry loss (``y != -1``): all of them in pretraining and
+  midtraining, assistant tokens only in SFT.
+- **Token budget**: a ratio or FLOPs target is rounded UP to whole steps (never under budget, over by
+  less than one step); the plan printed and logged is what runs.
+- **Shards**: "tokens" includes the one BOS that starts every document; the manifest equals what the
+  ``.bin``/``.idx.npy`` files hold, and train + val == total.
+- **Epochs**: one epoch = every training document exactly once; ``epoch`` counts completed passes.
+
+Every training run here is a ~100K-parameter model on the Markov fixture, one OpenMP thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import BOS, tiny_job, write_token_shards  # noqa: E402
+
+from llm.config import TrainConfig  # noqa: E402
+from llm.loaders import PretrainLoader  # noqa: E402
+from llm.train import plan_tokens  # noqa: E402
+from llm.train_stage import launch_training  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_tokens(tmp_path_factory) -> Path:
+    """~2K training tokens: a few steps of 256 tokens wrap into several epochs."""
+    return write_token_shards(tmp_path_factory.mktemp("tok") / "small", n_docs=30, val_docs=10, min_len=20, max_len=100)
+
+
+def _launch(job: dict, nproc: int = 1, kind: str = "pretrain", train_cls=TrainConfig) -> dict:
+    return launch_training(stage=job["stage"], model_config=job["model"], train_config=train_cls(**job["train"]),
+                           loader_kind=kind, loader_spec=job["loader"]["spec"], out_dir=job["out_dir"],
+                           seed=job["seed"], progress=False, nproc=nproc, mlflow=job.get("mlflow"),
+                           on_line=lambda line: None)
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _fast(tokens: Path, out: Path, **train) -> dict:
+    """A job with no periodic eval/sampling cost beyond the final one."""
+    kw = dict(eval_every=0, eval_tokens=128, log_every=1, ckpt_every=1000)
+    kw.update(train)
+    return tiny_job(tokens, out, **kw)
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+def test_pretrain_tokens_are_steps_times_batch_everywhere_two_procs_with_accum(small_tokens, tmp_path):
+    """2 gloo processes × 2 accumulation steps: metrics, summary, plan, checkpoint meta and MLflow agree."""
+    tracking = f"file://{tmp_path / 'mlruns'}"
+    job = _fast(small_tokens, tmp_path / "run", steps=5, total_batch_tokens=4 * 32 * 2 * 2)
+    job["mlflow"] = {"enabled": True, "tracking_uri": tracking, "experiment": "acct", "run_name": "acct"}
+    s = _launch(job, nproc=2)
+    tbt = 512
+    assert s["world_size"] == 2 and s["steps"] == 5
+    assert s["tokens"] == 5 * tbt and s["tokens_by_source"] == {"pretrain": 5 * tbt}
+    assert s["supervised_tokens"] == 5 * tbt  # pretraining: every target carries loss
+    rows = [r for r in _metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["tokens"] == r["step"] * tbt for r in rows)
+    assert all(r["supervised_tokens"] == r["step"] * tbt for r in rows)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["grad_accum"] == 2 and plan["world_size"] == 2
+    assert plan["tokens_per_step"] == plan["device_batch_size"] * plan["seq_len"] * 2 * 2 == tbt
+    assert plan["steps"] == s["steps"] and plan["tokens"] == s["tokens"]
+    meta = json.loads((tmp_path / "run" / "final" / "meta.json").read_text())
+    assert meta["tokens"] == 5 * tbt and meta["supervised_tokens"] == 5 * tbt
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=tracking)
+    hist = c.get_metric_history(s["mlflow_run_id"], "tokens")
+    assert sorted((m.step, m.value) for m in hist) == [(k, k * tbt) for k in range(1, 6)]
+    run = c.get_run(s["mlflow_run_id"])
+    assert run.data.metrics["final/tokens"] == 5 * tbt
+    assert run.data.metrics["final/supervised_tokens"] == 5 * tbt
+
+
+def _simulate_crash_after(out: Path, step: int) -> None:
+    """Leave ``out`` as a run killed after checkpoint ``step``: later checkpoints, final/ and summary gone,
+    metrics rows past the checkpoint still there (they must be dropped, not double counted)."""
+    for p in (out / "checkpoints").iterdir():
+        if int(p.name.split("_")[1]) > step:
+            shutil.rmtree(p)
+    shutil.rmtree(out / "final")
+    for name in ("summary.json", "status.json"):
+        (out / name).unlink()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_tokens, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("ref") / "ref"
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("OMP_NUM_THREADS", "1")
+        return _launch(_fast(small_tokens, out, steps=8, ckpt_every=4)), out
+
+
+@pytest.mark.parametrize("nproc_before", [1, 2])
+def test_resume_neither_loses_nor_double_counts_tokens(small_tokens, uninterrupted, tmp_path, nproc_before):
+    """A run crashed after its step-4 checkpoint and resumed on ONE process counts every token once,
+    whatever the world size before the crash (2 -> 1 used to lose a quarter of them); its epochs and
+    counts match an uninterrupted run."""
+    ref, ref_out = uninterrupted
+    job = _fast(small_tokens, tmp_path / "run", steps=8, ckpt_every=4)
+    _launch(job, nproc=nproc_before)
+    _simulate_crash_after(tmp_path / "run", 4)
+    s = _launch(job, nproc=1)
+    assert s["steps"] == 8 and s["tokens"] == 8 * 256
+    assert s["tokens_by_source"] == ref["tokens_by_source"] == {"pretrain": 8 * 256}
+    assert s["supervised_tokens"] == ref["supervised_tokens"] == 8 * 256
+    rows, ref_rows = _metrics(tmp_path / "run"), _metrics(ref_out)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # rows after the checkpoint replaced, not repeated
+    for key in ("tokens", "supervised_tokens", "epoch"):
+        assert [r[key] for r in rows] == [r[key] for r in ref_rows], key
+    assert rows[-1]["epoch"] >= 1  # the small data wrapped at least once, so the epoch check means something
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+class _Budget:
+    def __init__(self, **kw):
+        self.total_batch_tokens = 1000
+        self.steps = None
+        self.target_flops = None
+        self.target_param_data_ratio = 20.0
+        self.__dict__.update(kw)
+
+
+@pytest.mark.parametrize("params, ratio, want_steps", [
+    (10_000, 20.0, 200),  # exact: 200,000 tokens
+    (10_001, 20.0, 201),  # 200,020 tokens: 200.02 steps -> 201 (round() gave 200: under budget)
+    (10_025, 20.0, 201),  # 200.5 steps -> 201 (round() gave 200: banker's rounding)
+    (10_075, 20.0, 202),  # 201.5 steps -> 202
+    (1, 20.0, 1),  # a tiny budget still runs one step
+])
+def test_ratio_budget_rounds_up_to_whole_steps(params, ratio, want_steps):
+    p = plan_tokens(_Budget(target_param_data_ratio=ratio), params, 6 * params)
+    assert p["steps"] == want_steps and p["tokens"] == want_steps * 1000
+    assert p["budget_tokens"] == ratio * params
+    assert p["budget_tokens"] <= p["tokens"] < p["budget_tokens"] + 1000 or p["steps"] == 1
+
+
+@pytest.mark.parametrize("target_flops, want_steps", [(6e6, 1), (6.0e7, 10), (6.3e7, 11), (6.5e7, 11)])
+def test_flops_budget_rounds_up_to_whole_steps(target_flops, want_steps):
+    p = plan_tokens(_Budget(target_flops=target_flops), 1000, 6000)  # 6e6 FLOPs per 1000-token step
+    assert p["steps"] == want_steps and p["flops"] == 6000 * 1000 * want_steps
+    assert p["flops"] >= target_flops and p["flops"] - target_flops < 6e6
+
+
+def test_explicit_steps_win_and_plan_matches_the_run(small_tokens, tmp_path):
+    """The printed/logged plan (plan.json and the stdout table) is what actually runs."""
+    lines: list[str] = []
+    job = _fast(small_tokens, tmp_path / "run", steps=None, target_param_data_ratio=0.02)
+    s = launch_training(stage="pretrain", model_config=job["model"], train_config=TrainConfig(**job["train"]),
+                        loader_kind="pretrain", loader_spec=job["loader"]["spec"], out_dir=job["out_dir"],
+                        seed=job["seed"], progress=True, nproc=1, on_line=lines.append)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    want = math.ceil(0.02 * s["params"] / 256)
+    assert plan["steps"] == s["steps"] == want and plan["tokens"] == s["tokens"] == want * 256
+    assert plan["budget_tokens"] == pytest.approx(0.02 * s["params"])
+    text = "\n".join(lines)
+    assert f"steps      {want:,}" in text and f"tokens     {want * 256:,}" in text
+    assert "rounded up" in text
+    assert f"{want} steps, {want * 256:,} tokens" in text  # the closing line
+
+
+# --------------------------------------------------------------------------- loader epochs
+
+
+def _identifiable_shards(root: Path, lengths: list[int], shard_tokens: int = 300) -> Path:
+    """Document i = [BOS, i+1, i+1, ...] (length lengths[i]) so every packed piece names its document."""
+    from llm.data.shards import ShardWriter
+
+    root.mkdir(parents=True, exist_ok=True)
+    meta = {"dtype": "uint16", "vocab_size": 1000, "bos_id": BOS, "splits": {}}
+    for split, lens in (("train", lengths), ("val", [40] * 4)):
+        w = ShardWriter(root, split, np.dtype(np.uint16), shard_tokens)
+        docs = [np.array([BOS] + [i + 1] * (n - 1), dtype=np.uint16) for i, n in enumerate(lens)]
+        w.add(np.concatenate(docs), np.array(lens))
+        meta["splits"][split] = w.close()
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def _pieces(rows: np.ndarray) -> list[tuple[int, int]]:
+    """(document id, tokens taken) for every piece of every packed row, in order."""
+    out = []
+    for row in rows:
+        starts = np.flatnonzero(row == BOS)
+        assert starts[0] == 0, "a row must start at a document start"
+        for a, b in zip(starts, list(starts[1:]) + [len(row)]):
+            out.append((int(row[a + 1]) - 1 if b - a > 1 else -1, int(b - a)))
+    return out
+
+
+@pytest.mark.parametrize("buffer_docs", [1, 8, 64])
+def test_every_epoch_reads_every_document_exactly_once(tmp_path, buffer_docs):
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(3, 60, size=25)]
+    uri = _identifiable_shards(tmp_path / "tok", lengths)
+    T, B = 32, 2
+    loader = PretrainLoader({"uri": str(uri), "buffer_docs": buffer_docs}, batch_size=B, seq_len=T, rank=0,
+                            world_size=1, seed=3)
+    rows, epochs = [], []
+    for _ in range(60):  # ~ 60·2·33 tokens ≈ 3.9K = several passes over ~800 tokens
+        x, y = loader.next_batch()
+        rows.append(torch.cat([x, y[:, -1:]], dim=1).numpy())
+        epochs.append(loader.epoch)
+    pieces = _pieces(np.concatenate(rows))
+    n = len(lengths)
+    done = len(pieces) // n
+    assert done >= 3
+    orders = []
+    for e in range(done):
+        ep = pieces[e * n:(e + 1) * n]
+        docs = [d for d, _ in ep]
+        known = [d for d in docs if d >= 0]  # -1: a piece cropped to its BOS alone (end of a row)
+        assert len(set(known)) == len(known), f"epoch {e}: a document read twice"
+        docs = known + sorted(set(range(n)) - set(known))
+        assert sorted(docs) == list(range(n)), f"epoch {e}: a document missing"
+        # tokens read in the epoch + the cropped tails == every token of the split, BOS included
+        assert all(0 < take <= lengths[d] for d, take in ep if d >= 0)
+        orders.append(docs)
+    assert orders[0] != orders[1]  # a new permutation each epoch (best-fit reorders within the buffer only)
+    # the epoch counter counts completed passes: it equals the passes finished by the last batch
+    consumed = len(_pieces(np.concatenate(rows)))
+    assert epochs[-1] == consumed // n
+    # tokens_seen counts input positions: T per row of T+1 shard tokens
+    assert loader.tokens_seen_by_source == {"pretrain": 60 * B * T}
+    # resuming from the state continues with the same epoch and the same next batch
+    again = PretrainLoader({"uri": str(uri), "buffer_docs": buffer_docs}, batch_size=B, seq_len=T, rank=0,
+                           world_size=1, seed=3)
+    again.load_state_dict(json.loads(json.dumps(loader.state_dict())))
+    assert again.epoch == loader.epoch
+    assert torch.equal(again.next_batch()[0], loader.next_batch()[0])
