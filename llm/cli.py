@@ -100,12 +100,24 @@ def _parse_inputs(stage: str, raw: list[str], checkpoint: str | None) -> dict[st
     return out
 
 
+def _shown_counts(stage: str, counts: dict[str, Any], n: int = 5) -> str:
+    """The stage's headline counts first (the ones `kiln ls` shows), then others, floats rounded.
+
+    A reused output's manifest has its counts in alphabetical order, so "the first five" would
+    show a different, less useful set for the same output depending on whether it was cached.
+    """
+    from .catalog import HEADLINE, _fmt_counts
+
+    order = [k for k in HEADLINE.get(stage, ()) if k in counts] + [k for k in counts if k not in HEADLINE.get(stage, ())]
+    return _fmt_counts({k: counts[k] for k in order[:n]})
+
+
 def summary(results: dict[str, Any], seconds: float) -> str:
     lines = [f"{'stage':<16} {'status':<9} {'secs':>8}  counts / uri"]
     for name, r in results.items():
         status = "cached" if r.cached else "computed"
         secs = r.manifest.get("timings", {}).get("seconds", 0.0)
-        counts = ", ".join(f"{k}={v}" for k, v in list(r.manifest.get("counts", {}).items())[:5])
+        counts = _shown_counts(r.manifest.get("stage", name), r.manifest.get("counts", {}))
         lines.append(f"{name:<16} {status:<9} {secs:>8.1f}  {counts}")
         lines.append(f"{'':<16} {'':<9} {'':>8}  {r.uri}")
     lines.append(f"total wall time {seconds:.1f}s")

@@ -58,3 +58,19 @@ def test_a_bad_explicit_input_fails_before_upstream_compute(artifact_root: Path,
     assert rc == 1
     _one_line_error(capsys, "tokenize input 'docs'", str(missing))
     assert not any(artifact_root.iterdir()), "an upstream stage ran before the bad input was reported"
+
+
+def test_summary_leads_with_headline_counts_and_rounds_floats() -> None:
+    """A reused output's manifest has its counts in alphabetical order; the summary still shows
+    the same headline counts as a fresh run (and as `kiln ls`), with floats a person can read."""
+    from llm.cli import summary
+    from llm.stage import StageResult
+
+    counts = {"final_train_loss": 7.753876765569051, "final_val_loss": 7.226579427719116, "mfu": 0.0012345678,
+              "params": 1441792, "steps": 10, "tokens": 40960, "tokens_per_s": 812.6230507268997,
+              "val_bpb": 3.006785653295301, "wall_s": 50.40467405319214}
+    r = StageResult(uri="/r/pretrain/k", manifest={"stage": "pretrain", "counts": counts, "timings": {"seconds": 1.0}},
+                    cached=True)
+    text = summary({"pretrain": r}, 1.0)
+    assert "steps=10" in text and "tokens=40,960" in text and "final_val_loss=7.227" in text
+    assert "7.226579427719116" not in text and "812.6230507268997" not in text
