@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -312,7 +313,9 @@ def train_hf_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, *,
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=learned,
-        show_progress=progress,
+        # Its bars are drawn for a terminal only; off one (a log, CI, `kiln tokenizer > out`) they
+        # leave nothing but empty lines on stdout.
+        show_progress=progress and sys.stdout.isatty(),
         min_frequency=0,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],

@@ -220,3 +220,13 @@ def test_small_corpus_gives_a_smaller_working_vocab() -> None:
     assert 256 + len(SPECIAL_TOKENS) <= tok.vocab_size < 1000
     assert tok.bos_id == tok.vocab_size - len(SPECIAL_TOKENS)
     assert tok.decode(tok.encode("abab 🚀")) == "abab 🚀"
+
+
+def test_bpe_training_progress_leaves_stdout_clean_when_not_a_terminal(capfd: pytest.CaptureFixture[str]) -> None:
+    """HF tokenizers draws its bars with a terminal library that, off a terminal (a log file, CI,
+    `kiln tokenizer > out`), prints only empty lines to stdout; those must not appear."""
+    from llm.tokenizer import train_hf_bpe
+
+    train_hf_bpe(["the quick brown fox jumps over the lazy dog"] * 50, 400, progress=True)
+    out = capfd.readouterr().out
+    assert out.strip("\n") == out and "\n" not in out, repr(out)
