@@ -85,7 +85,12 @@ class MixtureStream:
         self.crop = int(crop or seq_len)
         self.cursors = {WEB: _Cursor(web, seed, WEB), CHAT: _Cursor(chat, seed, CHAT)}
         self.emitted = {WEB: 0, CHAT: 0}  # stream tokens handed out (the scheduler's view)
-        self.targets = {WEB: 0, CHAT: 0}  # trained target tokens per source (what we report)
+        self.targets = {WEB: 0, CHAT: 0}  # trained target tokens per source (y positions)
+        # Input positions per source (x positions, all ranks): what the loaders' tokens_seen_by_source,
+        # hence the manifest's tokens_by_source and chat_ratio_realised, count. Kept so the loader's
+        # realised_chat_ratio() is computed from those same numbers, not from the targets (off by the
+        # tokens straddling row starts).
+        self.inputs = {WEB: 0, CHAT: 0}
         self.rows = 0
         self._pending: tuple[int, int, int] | None = None  # (source, doc, offset into the cropped doc)
 
@@ -118,6 +123,8 @@ class MixtureStream:
         # Position 0 is input only; every other token is a target attributed to its source.
         self.targets[WEB] += int((src_row[1:] == WEB).sum())
         self.targets[CHAT] += int((src_row[1:] == CHAT).sum())
+        self.inputs[WEB] += int((src_row[:-1] == WEB).sum())
+        self.inputs[CHAT] += int((src_row[:-1] == CHAT).sum())
         self.rows += 1
         return row, src_row
 
@@ -133,6 +140,7 @@ class MixtureStream:
             "cursors": {SOURCE_NAMES[k]: c.state() for k, c in self.cursors.items()},
             "emitted": {SOURCE_NAMES[k]: v for k, v in self.emitted.items()},
             "targets": self.tokens_by_source(),
+            "inputs": {SOURCE_NAMES[k]: v for k, v in self.inputs.items()},
             "rows": self.rows,
             "pending": list(self._pending) if self._pending is not None else None,
         }
@@ -143,6 +151,8 @@ class MixtureStream:
             self.cursors[names[name]].load(cs)
         self.emitted = {names[k]: int(v) for k, v in st["emitted"].items()}
         self.targets = {names[k]: int(v) for k, v in st["targets"].items()}
+        # A state from before inputs were counted: the targets are the closest figure there is.
+        self.inputs = {names[k]: int(v) for k, v in st.get("inputs", st["targets"]).items()}
         self.rows = int(st["rows"])
         p = st.get("pending")
         self._pending = tuple(int(x) for x in p) if p is not None else None  # type: ignore[assignment]
@@ -332,8 +342,10 @@ class MixtureLoader(_RankSlicer):
         return torch.from_numpy(x), torch.from_numpy(y)
 
     def realised_chat_ratio(self) -> float:
-        """Chat share of all trained target tokens so far, over all ranks."""
-        return self.stream.realised_ratio()
+        """Chat share of the input tokens so far, over all ranks: the same numbers as the ranks' summed
+        ``tokens_seen_by_source`` (the manifest's tokens_by_source and chat_ratio_realised)."""
+        total = self.stream.inputs[WEB] + self.stream.inputs[CHAT]
+        return self.stream.inputs[CHAT] / total if total else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "midtrain", "n_docs": list(self.n_docs), "seed": self.seed, "chat_ratio": self.ratio,

@@ -264,3 +264,135 @@ def test_every_epoch_reads_every_document_exactly_once(tmp_path, buffer_docs):
     again.load_state_dict(json.loads(json.dumps(loader.state_dict())))
     assert again.epoch == loader.epoch
     assert torch.equal(again.next_batch()[0], loader.next_batch()[0])
+
+
+# --------------------------------------------------------------------------- tokenize -> shards
+
+
+def test_tokenize_manifest_equals_the_shard_files(tmp_path):
+    """Counts in meta.json and the manifest == what the .bin and .idx.npy files hold; BOS is one token of
+    every document and is included in "tokens"; train + val == total; nothing lost or repeated across
+    shard boundaries (tiny shards, one document longer than a shard)."""
+    from tests._tok_helpers import publish_docs
+
+    from llm.config import load_config
+    from llm.data import tokenize as tokenize_stage
+    from llm.data.shards import doc_bucket
+    from llm.stage import run_stage
+    from llm.storage import Store
+    from llm.tokenizer import load_tokenizer, train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["kiln", "fires", "clay", "tokens", "count", "every", "shard", "exact", "the", "a", "of", "and"]
+    texts = [" ".join(rng.choice(words, size=int(rng.integers(3, 40)))) for _ in range(60)]
+    texts[5] = " ".join(["long"] * 400)  # longer than a whole shard: gets a shard of its own
+    texts[9] = ""  # skipped, counted apart
+    docs = [{"text": t, "id": f"doc-{i}", "url": ""} for i, t in enumerate(texts)]
+    root = tmp_path / "art"
+    docs_uri = publish_docs(root, [docs[:35], docs[35:]], row_group_size=8)
+    tok, _ = train_tokenizer(texts, 300)
+    tok.save(tmp_path / "tokenizer")
+    tok = load_tokenizer(str(tmp_path / "tokenizer"))
+    cfg = load_config("tiny", {"run.artifact_root": str(root), "tokenize.val_fraction": 0.3,
+                               "tokenize.shard_tokens": 120, "tokenize.workers": 1})
+    inputs = {"docs": {"uri": docs_uri}, "tokenizer": {"uri": str(tmp_path / "tokenizer")}}
+    res = run_stage(Store(str(root)), "tokenize", {"t": 1}, {}, "test",
+                    lambda out, _: tokenize_stage.run(cfg, out, inputs, progress=False))
+    counts, out = res.manifest["counts"], Path(res.uri)
+    meta = json.loads((out / "meta.json").read_text())
+    expected = {"train": [], "val": []}
+    for d in docs:
+        if d["text"]:
+            expected["val" if doc_bucket(d["id"]) < 0.3 else "train"].append([tok.bos_id] + tok.encode(d["text"]))
+    for split in ("train", "val"):
+        files = meta["splits"][split]["shards"]
+        assert len(files) >= (3 if split == "train" else 1)
+        streams, n_docs = [], 0
+        for rel in files:  # the raw files, not the reader: the format itself must add up
+            toks = np.fromfile(out / rel, dtype=meta["dtype"])
+            starts = np.load(out / rel.replace(".bin", ".idx.npy"))
+            assert toks[0] == tok.bos_id and np.all(toks[starts] == tok.bos_id)
+            assert int(np.count_nonzero(toks == tok.bos_id)) == len(starts)  # one BOS per document, no more
+            ends = np.append(starts[1:], len(toks))
+            streams += [toks[a:b].tolist() for a, b in zip(starts, ends)]
+            n_docs += len(starts)
+        assert streams == expected[split]  # every document once, in order, whole, across shard boundaries
+        n_tokens = sum(len(x) for x in expected[split])  # BOS included
+        assert meta["splits"][split]["tokens"] == counts[f"{split}_tokens"] == n_tokens
+        assert meta["splits"][split]["docs"] == counts[f"{split}_docs"] == n_docs == len(expected[split])
+        assert counts[f"{split}_shards"] == len(files)
+    assert counts["tokens"] == counts["train_tokens"] + counts["val_tokens"]
+    assert counts["docs"] == counts["train_docs"] + counts["val_docs"] == len(texts) - 1
+    assert counts["empty_docs_skipped"] == 1
+    assert counts["bytes_per_token"] == round(counts["bytes"] / counts["tokens"], 4)  # per token, BOS included
+
+
+# --------------------------------------------------------------------------- midtraining and SFT
+
+
+def _chats(n: int, seed: int, lo: int = 6, hi: int = 30) -> "object":
+    """Random conversations over the fixture's 64-token vocabulary: BOS first, ~half the tokens supervised."""
+    from llm.chat import RenderedChats
+
+    rng = np.random.default_rng(seed)
+    off = np.concatenate([[0], np.cumsum(rng.integers(lo, hi, size=n))]).astype(np.int64)
+    ids = rng.integers(1, 64, size=int(off[-1])).astype(np.uint16)
+    ids[off[:-1]] = BOS
+    mask = (rng.random(int(off[-1])) < 0.5).astype(np.uint8)
+    mask[off[:-1]] = 0
+    return RenderedChats(ids, mask, off)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("chats")
+    _chats(80, seed=1).save(d, "train")
+    _chats(20, seed=2).save(d, "val")
+    return d
+
+
+def test_midtrain_tokens_by_source_sum_to_tokens_and_ratio_uses_them(small_tokens, chat_dir, tmp_path):
+    from llm.chat_data import MixtureLoader
+
+    spec = {"tokens_uri": str(small_tokens), "chat_dir": str(chat_dir), "chat_ratio": 0.3}
+    job = _fast(small_tokens, tmp_path / "mid", steps=4)
+    job["stage"], job["loader"] = "midtrain", {"kind": "midtrain", "spec": spec}
+    s = _launch(job, kind="midtrain")
+    assert s["tokens"] == 4 * 256 == sum(s["tokens_by_source"].values())
+    assert set(s["tokens_by_source"]) == {"pretrain", "chat"} and s["tokens_by_source"]["chat"] > 0
+    assert s["supervised_tokens"] == s["tokens"]  # midtraining trains every target
+    # 2 ranks: the summed per-rank counts are the global ones, and the loader's realised ratio is
+    # computed from exactly those numbers (as the stage's chat_ratio_realised is)
+    ranks = [MixtureLoader(spec, batch_size=2, seq_len=32, rank=r, world_size=2, seed=7) for r in range(2)]
+    for _ in range(12):
+        for r in ranks:
+            r.next_batch()
+    summed = {k: sum(r.tokens_seen_by_source[k] for r in ranks) for k in ("pretrain", "chat")}
+    assert sum(summed.values()) == 12 * 2 * 2 * 32
+    assert all(r.realised_chat_ratio() == summed["chat"] / sum(summed.values()) for r in ranks)
+    assert abs(ranks[0].realised_chat_ratio() - 0.3) < 0.05
+
+
+def test_sft_tokens_are_positions_and_supervised_tokens_are_reported(small_tokens, chat_dir, tmp_path):
+    """SFT "tokens" = positions computed (chat + padding); supervised_tokens = assistant targets, the
+    number SFT users compare. Both are in metrics.jsonl, summary.json and the checkpoint meta."""
+    from llm.chat_data import SFTLoader
+
+    spec = {"chat_dir": str(chat_dir), "pad_id": BOS}
+    job = _fast(small_tokens, tmp_path / "sft", steps=4)  # 256 tokens/step = 4 rows × 32 × 2 accumulation
+    job["stage"], job["loader"] = "sft", {"kind": "sft", "spec": spec}
+    s = _launch(job, kind="sft")
+    assert s["tokens"] == 4 * 256 == s["tokens_by_source"]["chat"] + s["tokens_by_source"]["padding"]
+    # replay the same loader: the count of loss-bearing targets the trainer must have reported
+    replay = SFTLoader(spec, batch_size=4, seq_len=32, rank=0, world_size=1, seed=job["seed"])
+    per_step = []
+    for _ in range(4):
+        per_step.append(sum(int((replay.next_batch()[1] != -1).sum()) for _ in range(2)))
+    cumulative = list(np.cumsum(per_step))
+    assert s["supervised_tokens"] == cumulative[-1] == replay.supervised_tokens
+    assert 0 < s["supervised_tokens"] < s["tokens_by_source"]["chat"]
+    assert s["tokens_by_source"] == replay.tokens_seen_by_source
+    rows = [r for r in _metrics(tmp_path / "sft") if "loss" in r]
+    assert [r["supervised_tokens"] for r in rows] == cumulative
+    assert [r["tokens"] for r in rows] == [256 * k for k in range(1, 5)]
+    assert json.loads((tmp_path / "sft" / "final" / "meta.json").read_text())["supervised_tokens"] == cumulative[-1]
