@@ -31,6 +31,30 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# One line each for `kiln --help` (and the command's own --help when its module sets none).
+EXTRA_HELP: dict[str, str] = {
+    "chat": "talk to a trained model (--checkpoint)",
+    "stack": "local Prefect + MLflow servers and workers: up|down|status",
+    "ls": "list, verify and trace the outputs under the artifact root",
+}
+
+# What a stage reads when it has no upstream role, or takes roles of any name.
+STAGE_READS: dict[str, str] = {
+    "download": "Reads download.source (hf://datasets/<repo>@<rev>/<glob>, s3://... or a local glob); "
+                "with KILN_DATA_MIRROR set, hub sources come from that offline mirror.",
+    "report": "Inputs: any finished outputs as --input ROLE=URI; without any, the whole chain for this config "
+              "(run first if needed).",
+}
+
+
+def _stage_description(name: str) -> str:
+    sd = STAGES[name]
+    if name in STAGE_READS:
+        return f"{sd.description}. {STAGE_READS[name]}"
+    roles = ", ".join(f"{r} (from {u})" for r, u in sd.inputs.items())
+    return f"{sd.description}. Inputs: {roles}; those not given with --input are found (or first computed) by content key."
+
+
 def _load(path: str) -> Any:
     mod, fn = path.split(":")
     return getattr(importlib.import_module(mod), fn)
@@ -48,30 +72,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: raw web text to a scored chat model.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, sd in STAGES.items():
-        p = sub.add_parser(name, help=sd.description, description=f"{sd.description}. Inputs: "
-                           + (", ".join(f"{r} (from {u})" for r, u in sd.inputs.items()) or "none"))
+        p = sub.add_parser(name, help=sd.description, description=_stage_description(name))
         _common(p)
-        p.add_argument("--input", action="append", default=[], metavar="[ROLE=]URI",
-                       help="an upstream output URI; ROLE may be omitted when the stage has one input")
+        if sd.inputs or name == "report":
+            p.add_argument("--input", action="append", default=[], metavar="[ROLE=]URI",
+                           help="an upstream output URI; ROLE may be omitted when the stage has one input")
+        else:
+            p.set_defaults(input=[])
         p.add_argument("--force", action="store_true", help="recompute even if a verified output exists")
         if name == "eval":
             p.add_argument("--checkpoint", default=None, help="the model stage output (or checkpoint dir) to evaluate")
-    p = sub.add_parser("run", help="the whole pipeline in this process")
+    p = sub.add_parser("run", help="the whole pipeline in this process",
+                       description="Run the whole pipeline in this process (no server). Stages already done for "
+                                   "this config are reused; an unfinished one resumes.")
     _common(p)
-    p.add_argument("--until", choices=list(STAGES), default=None)
+    p.add_argument("--until", choices=list(STAGES), default=None, metavar="STAGE",
+                   help=f"stop after this stage ({', '.join(STAGES)})")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage (repeatable, or 'all')")
-    p = sub.add_parser("config", help="print the resolved config as JSON")
+    p = sub.add_parser("config", help="print the resolved config as JSON",
+                       description="Print the config a run would use (preset + --set overrides) as JSON; "
+                                   "an unknown key or a wrong type is an error naming it.")
     _common(p)
     for name in EXTRA_COMMANDS:
         # Parsed by the command's own module (see main) so its imports stay lazy.
-        p = sub.add_parser(name, help=f"see `kiln {name} --help`", add_help=False)
+        p = sub.add_parser(name, help=EXTRA_HELP.get(name, f"see `kiln {name} --help`"), add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def _run_extra(name: str, argv: list[str]) -> int:
     add, run = EXTRA_COMMANDS[name]
-    p = argparse.ArgumentParser(prog=f"kiln {name}")
+    p = argparse.ArgumentParser(prog=f"kiln {name}", description=EXTRA_HELP.get(name))
     _load(add)(p)
     return int(_load(run)(p.parse_args(argv)) or 0)
 

@@ -74,3 +74,25 @@ def test_summary_leads_with_headline_counts_and_rounds_floats() -> None:
     text = summary({"pretrain": r}, 1.0)
     assert "steps=10" in text and "tokens=40,960" in text and "final_val_loss=7.227" in text
     assert "7.226579427719116" not in text and "812.6230507268997" not in text
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        kiln([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_says_what_each_command_reads(capsys: pytest.CaptureFixture[str]) -> None:
+    top = _help(capsys)
+    for name in ("chat", "stack", "ls"):
+        line = next(ln for ln in top.splitlines() if ln.strip().startswith(name + " "))
+        assert "--help" not in line, line  # a real one-line description, not "see `kiln chat --help`"
+    download = _help(capsys, "download")
+    assert "download.source" in download and "--input" not in download  # it has no upstream
+    report = _help(capsys, "report")
+    assert "Inputs: none" not in report and "ROLE=URI" in report
+    for name in ("run", "config", "chat", "ls", "stack"):
+        text = _help(capsys, name)
+        usage_end = text.index("\n\n")
+        assert text[usage_end:].strip().split("\n")[0] not in ("options:", "positional arguments:"), f"{name}: no description"
