@@ -585,11 +585,15 @@ class Trainer:
                     n_acc = 0
                     t_log, tok_log = time.time(), 0
                 elif tr.eval_every and self.step % tr.eval_every == 0:
+                    t_pause = time.time()
                     self.last_val = self.evaluate()
                     self._maybe_best()
                     self._emit({"step": self.step, "tokens": self.step * tr.total_batch_tokens, **self.last_val},
                                metrics_f)
-                    t_log = time.time()  # eval time is not training throughput
+                    # Eval time is not training throughput, but the steps since the last row are: shift
+                    # the clock past the pause. (Restarting it here, as before, kept those steps' tokens
+                    # in tok_log but dropped their time, so the next tokens_per_s/MFU read too high.)
+                    t_log += time.time() - t_pause
                 every = tr.sample_every or tr.eval_every
                 if every and (self.step % every == 0 or last):
                     new = self.sample()
@@ -604,8 +608,9 @@ class Trainer:
                     self._save(reason="signal")
                     break
                 if (tr.ckpt_every and self.step % tr.ckpt_every == 0) or last:
+                    t_pause = time.time()
                     self._save(reason="final" if last else "periodic")
-                    t_log = time.time()
+                    t_log += time.time() - t_pause  # same: skip the pause, keep the steps' time
         except BaseException:
             if self.tracker is not None:
                 self.tracker.end("FAILED")

@@ -178,21 +178,30 @@ def test_flops_budget_rounds_up_to_whole_steps(target_flops, want_steps):
     assert p["flops"] >= target_flops and p["flops"] - target_flops < 6e6
 
 
-def test_explicit_steps_win_and_plan_matches_the_run(small_tokens, tmp_path):
-    """The printed/logged plan (plan.json and the stdout table) is what actually runs."""
-    lines: list[str] = []
-    job = _fast(small_tokens, tmp_path / "run", steps=None, target_param_data_ratio=0.02)
-    s = launch_training(stage="pretrain", model_config=job["model"], train_config=TrainConfig(**job["train"]),
-                        loader_kind="pretrain", loader_spec=job["loader"]["spec"], out_dir=job["out_dir"],
-                        seed=job["seed"], progress=True, nproc=1, on_line=lines.append)
+def test_plan_printed_and_logged_is_what_ran_and_throughput_skips_pauses(small_tokens, tmp_path):
+    """A ratio budget: plan.json and the printed plan are what actually runs; tokens_per_s counts every
+    step's tokens against every step's time (eval and checkpoint pauses excluded, not the steps before)."""
+    import subprocess
+
+    sleep = 0.15  # every step takes at least this long, so no honest rate can exceed 256 / sleep
+    job = _fast(small_tokens, tmp_path / "run", steps=None, target_param_data_ratio=0.016, log_every=4,
+                ckpt_every=2, eval_every=3)
+    job["step_sleep_s"], job["progress"] = sleep, True
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    proc = subprocess.run([sys.executable, "-m", "llm.train", "--job", str(tmp_path / "job.json")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
-    want = math.ceil(0.02 * s["params"] / 256)
+    want = math.ceil(0.016 * s["params"] / 256)
+    assert want >= 5
     assert plan["steps"] == s["steps"] == want and plan["tokens"] == s["tokens"] == want * 256
-    assert plan["budget_tokens"] == pytest.approx(0.02 * s["params"])
-    text = "\n".join(lines)
-    assert f"steps      {want:,}" in text and f"tokens     {want * 256:,}" in text
-    assert "rounded up" in text
+    assert plan["budget_tokens"] == pytest.approx(0.016 * s["params"]) and plan["budget_tokens"] <= plan["tokens"]
+    text = proc.stdout
+    assert f"steps      {want:,}" in text and f"tokens     {want * 256:,}" in text and "rounded up" in text
     assert f"{want} steps, {want * 256:,} tokens" in text  # the closing line
+    rates = [r["tokens_per_s"] for r in _metrics(tmp_path / "run") if "tokens_per_s" in r]
+    assert len(rates) >= 3 and max(rates) <= 256 / sleep * 1.02, rates
 
 
 # --------------------------------------------------------------------------- loader epochs
