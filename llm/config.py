@@ -50,8 +50,9 @@ class RunConfig(Section):
 class DownloadConfig(Section):
     # hf://datasets/<repo>@<revision>/<glob>, a local directory/glob, or s3://bucket/prefix/<glob>
     source: str = "hf://datasets/HuggingFaceFW/fineweb-edu@main/sample/10BT/*.parquet"
-    max_files: int | None = None
-    max_rows: int | None = None
+    # None = no budget; otherwise at least 1 (a negative count would slice files[:-1] silently).
+    max_files: int | None = Field(None, ge=1)
+    max_rows: int | None = Field(None, ge=1)
     workers: int = 4
     retries: int = 5
     # Seconds between attempts start at backoff_s and double each retry (capped at 30 s).

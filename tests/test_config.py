@@ -72,3 +72,11 @@ def test_cli_rejects_bad_key_before_compute(capsys) -> None:
 def test_cli_config_prints_resolved(capsys) -> None:
     assert kiln(["config", "--set", "model.depth=5"]) == 0
     assert '"depth": 5' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override", ["download.max_files=-1", "download.max_files=0", "download.max_rows=0"])
+def test_download_budgets_must_be_positive(override: str) -> None:
+    """max_files=-1 would silently drop the last file (files[:-1]); 0 would download nothing."""
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config("tiny", [override])
+
