@@ -62,8 +62,8 @@ def _load(path: str) -> Any:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help=f"preset name or YAML path (built in: {', '.join(list_presets())})")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set pretrain.lr=1e-3 (repeatable)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set pretrain.lr=1e-3 model.depth=4 (repeatable)")
     p.add_argument("--output", default=None, metavar="ROOT", help="artifact root (a directory or s3://bucket/prefix)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -80,3 +80,8 @@ def test_download_budgets_must_be_positive(override: str) -> None:
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         load_config("tiny", [override])
 
+
+def test_cli_set_takes_several_overrides_at_once(capsys) -> None:
+    assert kiln(["config", "--set", "model.depth=5", "download.max_rows=300", "--set", "pretrain.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert '"depth": 5' in out and '"max_rows": 300' in out and '"lr": 0.01' in out
