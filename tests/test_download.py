@@ -531,13 +531,23 @@ def test_local_glob_and_directory_sources(shared_data: Path, artifact_root: Path
     assert res2.uri != res.uri and set(res2.manifest["files"]) == {"data/shard_00000.parquet"}
 
 
-def test_mirror_replaces_hub_source(shared_data: Path, artifact_root: Path) -> None:
+def test_mirror_replaces_hub_source(shared_data: Path, artifact_root: Path, capsys) -> None:
     # KILN_DATA_MIRROR is set by conftest: the default hub source reads the offline kit instead.
     cfg = load_config("tiny", {"run.artifact_root": str(artifact_root), "download.max_files": 1})
     res = run_download(cfg)
+    assert "data mirror in use" in capsys.readouterr().err  # never silently
     assert res.manifest["resolved_source"].startswith(str(shared_data.resolve()))
     assert res.manifest["counts"]["rows"] == 2885
     assert res.manifest["source_commit"] is None and res.manifest["source_revision"] is None  # no hub asked
+    assert res.manifest["budget_short"] is False
+
+
+def test_a_file_budget_the_source_cannot_meet_is_said(shared_data: Path, artifact_root: Path, capsys) -> None:
+    res = run_download(config(artifact_root, str(shared_data / "pretrain" / "*.parquet"), **{"download.max_files": 9}))
+    assert res.manifest["counts"]["files"] == 4 and res.manifest["budget_short"] is True
+    err = capsys.readouterr().err
+    assert "download.max_files=9 but" in err and "has only 4 matching files" in err
+    assert "data mirror in use" not in err  # a local source is read as given
 
 
 def test_s3_source(s3_bucket: S3Bucket, shared_data: Path, artifact_root: Path) -> None:

@@ -68,6 +68,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -1098,11 +1099,18 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     # kept across crashes for resume, removed before publishing. Only fetch_files' results are
     # published, never a listing of this directory, so a partial cannot pass for a shard.
     raw_dir = out.workdir / "_raw"
+    if resolve_source(d.source, "pretrain", cfg.run.data_mirror) != d.source:
+        # Said out loud: a mirror silently standing in for the hub would look like the real data.
+        print(f"[download] data mirror in use: reading {source} instead of {d.source}", file=sys.stderr, flush=True)
     fetched = fetch_files(pinned, raw_dir, max_files=d.max_files, max_rows=d.max_rows, workers=d.workers,
                           retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s,
                           s3_endpoint=cfg.run.s3_endpoint, validate=_check_shard(d.text_column), progress=progress)
     if not fetched:
         raise DownloadError(f"no parquet files match {source}")
+    short = d.max_files is not None and d.max_rows is None and len(fetched) < d.max_files
+    if short:  # a budget the source cannot meet: fewer tokens than the preset planned for
+        print(f"[download] download.max_files={d.max_files} but {source} has only {len(fetched)} matching "
+              "files: all of them were taken", file=sys.stderr, flush=True)
     names = [output_name(f.rel) for f in fetched]
     if len(set(names)) != len(names):
         raise DownloadError(f"{source}: two files map to the same output name")
@@ -1129,6 +1137,7 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
                    "reused_bytes": sum(f.reused_bytes for f in fetched)},
         "source": d.source,
         "resolved_source": source,
+        "budget_short": short,  # max_files asked for more files than the source has
         # hub sources: the revision asked for and the commit it was read at (None for other sources)
         "source_revision": parse_hf(source)[1] if source.startswith("hf://") else None,
         "source_commit": commit,
