@@ -29,7 +29,11 @@ The protocol (:class:`TrainLoader`) — every kind must provide:
 ``tokens_seen_by_source: dict[str, int]``
     Input tokens (``x`` positions, ``B·T`` per batch) this rank has delivered so far, by data source
     (``{"pretrain": n}`` here; midtrain reports e.g. ``{"pretrain": a, "smoltalk": b}``). Restored by
-    ``load_state_dict``. The trainer sums it over ranks into the manifest's ``tokens_by_source``.
+    ``load_state_dict``. The trainer sums it over ranks into the manifest's ``tokens_by_source``, so it
+    sums to the trainer's "tokens" (steps × total_batch_tokens; padding positions included, as their own
+    source). On a resume with another world size the trainer moves the restored total to rank 0.
+    Loss-bearing targets (``y != -1``) are counted by the trainer itself (``supervised_tokens``).
+    A row of ``T + 1`` shard tokens gives ``T`` input positions: "tokens" counts positions, not shard reads.
 
 ``val_batches(max_tokens: int) -> Iterator[(x, y)]``
     A fresh, deterministic pass over held-out data (same shapes and ``-1`` convention), independent of

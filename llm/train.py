@@ -28,6 +28,12 @@ log the token plan → train (grad accumulation, clipping, schedule) with period
 logging and checkpoints → ``final/`` + ``summary.json``. SIGTERM/SIGINT: finish the current step,
 write a checkpoint, exit 0 with ``status.json`` = interrupted.
 
+Token accounting (tests/test_token_accounting.py): "tokens" = steps × total_batch_tokens = input
+positions computed (device_batch_size × seq_len × world × grad_accum per step, padding included), the
+same number in metrics.jsonl, summary.json, checkpoint meta, plan.json and MLflow; tokens_by_source
+splits it by source; "supervised_tokens" counts the targets that carry loss (y != -1). A ratio or
+FLOPs budget is rounded up to whole steps.
+
 Exact resume: the checkpoint holds weights, optimizer state, loader state (per rank), RNG states, step
 and counters; nothing in the loop depends on anything else, so resuming on CPU reproduces an
 uninterrupted run bit for bit (tested).

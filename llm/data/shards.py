@@ -8,7 +8,9 @@ Layout of a tokenize stage output::
     train/shard_00000.idx.npy     int64 offset of every document's first token (its BOS) in the shard
     val/...
 
-Every document starts with BOS, and documents never straddle shards: a shard is closed before a
+Token counts (``meta.json`` ``splits.*.tokens``, the manifest's ``*_tokens``) include the one BOS that
+starts every document: they are exactly the sizes of the ``.bin`` files. Every document starts with BOS,
+and documents never straddle shards: a shard is closed before a
 document that would push it past ``shard_tokens`` (a single longer document gets a shard of its
 own). So every shard starts with BOS and can be read on its own.
 
