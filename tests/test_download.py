@@ -17,7 +17,7 @@ from hub_server import HubServer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 from llm.config import load_config
-from llm.data.download import fetch_files, glob_regex, list_files, pin_source, verify_parquet
+from llm.data.download import DownloadError, fetch_files, glob_regex, list_files, pin_source, verify_parquet
 from llm.stage import MANIFEST, StageError, verify_output
 from llm.stages import execute
 from llm.storage import Store
@@ -659,3 +659,10 @@ def test_kiln_download_cli_reports_bad_input(tmp_path: Path, artifact_root: Path
     rc = main(["download", "--output", str(artifact_root), "--quiet", "--set", f"download.source={tmp_path}/src/*.parquet"])
     err = capsys.readouterr().err
     assert rc == 1 and "a.parquet: no 'text' column" in err
+
+
+def test_an_unresolvable_host_says_how_to_work_offline() -> None:
+    # .invalid never resolves (RFC 2606): the offline first run, without the network.
+    with pytest.raises(DownloadError, match=r"does not resolve.*KILN_DATA_MIRROR"):
+        list_files("hf://datasets/o/r@main/*.parquet", hf_endpoint="http://no-such-host.invalid",
+                   retries=1, backoff_s=0.01, timeout_s=TIMEOUT_S)

@@ -457,6 +457,20 @@ def _is_retryable(exc: BaseException) -> bool:
     return is_transient(exc)
 
 
+def _cannot_resolve(exc: BaseException | None) -> bool:
+    """A DNS failure anywhere in the exception chain (requests wraps urllib3 wraps socket.gaierror)."""
+    import socket
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, socket.gaierror) or "NameResolutionError" in type(exc).__name__ \
+                or "Name or service not known" in str(exc) or "Temporary failure in name resolution" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__ or (exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None)
+        seen += 1
+    return False
+
+
 def _attempt(fn: Callable[[], Any], *, attempts: int, backoff_s: float, what: str,
              stop: threading.Event | None = None) -> Any:
     """Run ``fn`` up to ``attempts`` times, backing off between retryable failures; a set ``stop``
@@ -478,7 +492,11 @@ def _attempt(fn: Callable[[], Any], *, attempts: int, backoff_s: float, what: st
         if detail.startswith(f"{what}: "):
             detail = detail[len(what) + 2 :]
         kind = "" if isinstance(last, _Retryable) else f"{type(last).__name__}: "
-        return _GaveUp(f"{what}: failed after {attempts} attempts: {kind}{detail}")
+        hint = ""
+        if _cannot_resolve(last):  # the usual first run on an offline machine: say what to do
+            hint = (" (the host name does not resolve: no network? To read a local copy with the layout of "
+                    "../shared/data, set KILN_DATA_MIRROR=/path/to/mirror or run.data_mirror)")
+        return _GaveUp(f"{what}: failed after {attempts} attempts: {kind}{detail}{hint}")
 
     return with_retries(guarded, attempts=attempts, base_delay=backoff_s, max_delay=_MAX_BACKOFF_S, what=what,
                         classify=_is_retryable, sleep=wait, give_up=give_up)
