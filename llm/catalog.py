@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,7 @@ def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: b
         size = sum(files.values())
         if keydir.endswith(".partial"):
             entries.append(Entry(st, keydir.removesuffix(".partial"), uri, "partial", size,
-                                 problem="unfinished: crashed or still running; the next run with this key resumes it"))
+                                 problem="unfinished: crashed, failed or still running; the next run with this key resumes it"))
             continue
         if MANIFEST not in files:
             entries.append(Entry(st, keydir, uri, "partial", size, problem=f"no {MANIFEST}: never published"))
@@ -225,10 +226,19 @@ def main(args: argparse.Namespace) -> int:
 
         root = load_config(args.preset).run.artifact_root
     store = Store(root, args.s3_endpoint)
+    if args.stage is not None:
+        from .stages import STAGES
+
+        if args.stage not in STAGES:
+            print(f"kiln ls: unknown stage {args.stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
+            return 2
+    if not is_s3(root) and not local_path(root).is_dir():
+        print(f"kiln ls: no artifact root at {root} (nothing has run there yet?)", file=sys.stderr)
+        return 1
     if args.lineage:
         chain = lineage(store, args.lineage, root=root)
         if chain[0][2] is None:
-            print(f"{args.lineage}: no {MANIFEST} (not a published stage output)")
+            print(f"kiln ls: {args.lineage}: no {MANIFEST} (not a published stage output)", file=sys.stderr)
             return 1
         if args.json:
             print(json.dumps([{"depth": d, "label": label, "stage": (m or {}).get("stage"),

@@ -103,3 +103,10 @@ def test_lists_an_s3_root(s3_bucket):
     s3_bucket.client().put_object(Bucket=s3_bucket.name, Key=key, Body=b"ke")
     damaged = {e.stage: e for e in list_outputs(Store(root), root)}["filter"]
     assert damaged.status == "corrupt" and damaged.problem == "data/part.txt: 2 bytes, the manifest says 4"
+
+
+def test_cli_refuses_an_unknown_stage_and_a_missing_root(artifact_root: Path, tmp_path: Path, capsys):
+    assert main(["ls", "--root", str(artifact_root), "--stage", "pretrian"]) == 2
+    assert "unknown stage 'pretrian'" in capsys.readouterr().err
+    assert main(["ls", "--root", str(tmp_path / "nowhere")]) == 1
+    assert "no artifact root at" in capsys.readouterr().err
