@@ -138,7 +138,8 @@ def run_midtrain(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, 
                  "chat_rows_dropped": float(reports["train"].rows_dropped)},
                 {"chat_data.json": chat})
     if progress:
-        print(f"[midtrain] tokens by source {by_src}; chat ratio realised {counts['chat_ratio_realised']:.4f} "
+        sources = ", ".join(f"{k} {v:,}" for k, v in by_src.items())
+        print(f"[midtrain] tokens by source: {sources}; chat ratio realised {counts['chat_ratio_realised']:.4f} "
               f"(target {mt.chat_ratio})", flush=True)
     return {"counts": counts, "chat_data": chat, "model_config": model_cfg, "mlflow_run_id": summary.get("mlflow_run_id"),
             "best": summary.get("best"), "device": summary.get("device"), "world_size": summary.get("world_size"),
