@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import BOS, tiny_job, write_token_shards  # noqa: E402
 
+from llm.chat import RenderedChats  # noqa: E402
 from llm.config import TrainConfig  # noqa: E402
 from llm.loaders import PretrainLoader  # noqa: E402
 from llm.train import plan_tokens  # noqa: E402
@@ -339,10 +340,8 @@ def test_tokenize_manifest_equals_the_shard_files(tmp_path):
 # --------------------------------------------------------------------------- midtraining and SFT
 
 
-def _chats(n: int, seed: int, lo: int = 6, hi: int = 30) -> "object":
+def _chats(n: int, seed: int, lo: int = 6, hi: int = 30) -> RenderedChats:
     """Random conversations over the fixture's 64-token vocabulary: BOS first, ~half the tokens supervised."""
-    from llm.chat import RenderedChats
-
     rng = np.random.default_rng(seed)
     off = np.concatenate([[0], np.cumsum(rng.integers(lo, hi, size=n))]).astype(np.int64)
     ids = rng.integers(1, 64, size=int(off[-1])).astype(np.uint16)
