@@ -274,6 +274,10 @@ def training_section(cfg: KilnConfig, inputs: dict[str, dict], reader: _Reader, 
                      c.get("val_bpb", _final_metric(metrics, "val_bpb"))])
         if plot_dir is not None and plot_losses(name, metrics, plot_dir / f"loss_{name}.png"):
             pngs.append(f"loss_{name}.png")
+        sup = c.get("supervised_tokens")
+        if isinstance(sup, int) and c.get("tokens") and sup != c.get("tokens"):
+            extra += [f"{name}: {_fmt(sup)} of {_fmt(c['tokens'])} tokens carried loss "
+                      f"({sup / c['tokens']:.1%}; the rest are prompts, padding or masked targets)"]
         if isinstance(c.get("tokens_by_source"), dict):
             extra += [f"{name} tokens by source: " + ", ".join(f"{k} {_fmt(v)}" for k, v in c["tokens_by_source"].items())]
     lines += _table(["stage", "params", "tokens", "steps", "wall time", "tokens/s", "MFU", "final train loss",

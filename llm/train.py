@@ -684,8 +684,10 @@ class Trainer:
             if self.samples:
                 self.tracker.log_dict(self.samples, "samples.json")
             self.tracker.end("FINISHED" if status == "done" else "KILLED")
-            self._log0(f"{status}: {self.step} steps, {tokens:,} tokens in {wall:.1f}s; "
-                       f"train loss {last_train_loss}, val {self.last_val}")
+            vals = ", ".join(f"{k} {v:.4f}" for k, v in self.last_val.items() if isinstance(v, (int, float)))
+            loss = f"{last_train_loss:.4f}" if isinstance(last_train_loss, (int, float)) else "n/a"
+            self._log0(f"{status}: {self.step} steps, {tokens:,} tokens in {wall:.1f}s; train loss {loss}"
+                       + (f"; {vals}" if vals else ""))
         barrier(d)
         return summary
 

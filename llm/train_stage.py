@@ -227,7 +227,10 @@ def read_vocab_size(tokens_uri: str, store: Any) -> int:
 
 def training_counts(summary: dict[str, Any], *, with_sources: bool = False) -> dict[str, Any]:
     """The manifest counts every training stage reports (HELPERS.md contract)."""
-    keys = ("params", "tokens", "steps", "wall_s", "tokens_per_s", "mfu", "final_train_loss", "final_val_loss", "val_bpb")
+    # "tokens" = positions computed (steps × total_batch_tokens, padding included); "supervised_tokens"
+    # = targets that carried loss, the number SFT users compare.
+    keys = ("params", "tokens", "supervised_tokens", "steps", "wall_s", "tokens_per_s", "mfu", "final_train_loss",
+            "final_val_loss", "val_bpb")
     counts = {k: summary.get(k) for k in keys}
     if with_sources:
         counts["tokens_by_source"] = summary.get("tokens_by_source", {})

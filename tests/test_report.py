@@ -113,3 +113,13 @@ def test_report_warns_when_stages_were_scored_on_different_bundles(manifests, tm
         "core.json": json.dumps({**core, "bundle_fingerprint": "b" * 64}), "bpb.json": "{}"})
     md = render_report(load_config("tiny"), {**manifests, "eval_sft": second}, tmp_path / "plots")
     assert "**Warning:** the stages were scored on different bundle contents" in md
+
+
+def test_report_says_how_many_tokens_carried_loss(manifests, tmp_path: Path):
+    sft_counts = {"params": 1_500_000, "tokens": 81_920, "supervised_tokens": 20_480, "steps": 40, "wall_s": 30.0,
+                  "tokens_by_source": {"chat": 74_659, "padding": 7_261}}
+    md = render_report(load_config("tiny"), {**manifests, "sft": _stage(tmp_path / "art3", "sft", sft_counts)},
+                       tmp_path / "plots")
+    assert "sft: 20,480 of 81,920 tokens carried loss (25.0%" in md
+    training = md.split("## Training")[1].split("## Evaluation")[0]
+    assert "- pretrain:" not in training  # no supervised count recorded: no line
