@@ -515,9 +515,9 @@ class Trainer:
                 self.tracker.log_params({"model": {**self.mcfg.to_dict(), "model_dim": self.mcfg.model_dim,
                                                    "n_heads": self.mcfg.n_heads, "params": self.n_params},
                                          "train": tr.model_dump(mode="json"),
-                                         "plan": {k: plan[k] for k in ("budget", "steps", "tokens", "tokens_per_step",
-                                                                       "flops", "flops_per_token", "grad_accum",
-                                                                       "world_size")},
+                                         "plan": {k: plan[k] for k in ("budget", "budget_tokens", "steps", "tokens",
+                                                                       "tokens_per_step", "flops", "flops_per_token",
+                                                                       "grad_accum", "world_size") if k in plan},
                                          "loader": self.job["loader"], "seed": self.seed})
                 if self.tracker.run_id is not None:  # the stage outputs it reads, as MLflow dataset inputs
                     spec = self.job["loader"].get("spec") or {}
