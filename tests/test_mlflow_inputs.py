@@ -69,8 +69,11 @@ def _inputs(client, run_id: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture(params=["file", "sqlite"])
-def tracking_uri(request, tmp_path: Path) -> str:
+def tracking_uri(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The file store (the ./mlruns default) and a database store (what an MLflow server uses)."""
+    # A database store without a server puts artifacts under ./mlruns of the working directory:
+    # run from tmp so a test never writes into the checkout (where a later `make run` would trip on it).
+    monkeypatch.chdir(tmp_path)
     return f"file://{tmp_path / 'mlruns'}" if request.param == "file" else f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
