@@ -68,15 +68,20 @@ STAGES: dict[str, StageDef] = {
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
                  description="encode documents into token shards"),
         StageDef("pretrain", "llm.train_stage:run_pretrain", ("model", "pretrain"),
-                 {"tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True, description="pretrain the GPT"),
+                 {"tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True, description="pretrain the GPT",
+                 # 2: loader epochs read every document once; supervised_tokens; budgets round up
+                 version="2"),
         StageDef("midtrain", "llm.chat_stages:run_midtrain", ("model", "midtrain", "chat_data"),
                  {"model": "pretrain", "tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True,
-                 description="midtrain on a web/chat mixture"),
+                 description="midtrain on a web/chat mixture", version="2"),  # 2: as pretrain; ratio from counts
         StageDef("sft", "llm.chat_stages:run_sft", ("model", "sft", "chat_data"),
-                 {"model": "midtrain", "tokenizer": "tokenizer"}, gpu=True, description="supervised fine-tuning"),
+                 {"model": "midtrain", "tokenizer": "tokenizer"}, gpu=True, description="supervised fine-tuning",
+                 version="2"),  # 2: supervised_tokens in metrics and summary
         StageDef("eval", "llm.eval.stage:run", ("eval",), {"model": "sft", "tokenizer": "tokenizer", "tokens": "tokenize"},
-                 gpu=True, description="CORE, bits-per-byte and samples for one checkpoint"),
-        StageDef("report", "llm.report:run", ("report",), {}, description="the run's report card"),
+                 gpu=True, description="CORE, bits-per-byte and samples for one checkpoint",
+                 version="2"),  # 2: core.json carries the bundle fingerprint
+        StageDef("report", "llm.report:run", ("report",), {}, description="the run's report card",
+                 version="2"),  # 2: bundle fingerprint, supervised share, table layout
     ]
 }
 
