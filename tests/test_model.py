@@ -12,13 +12,7 @@ from llm.model import GPT, GPTConfig
 from llm.optim import lr_multiplier
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box has 2 shared cores: OpenMP spin-waiting across busy cores makes 2 threads ~50× slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_param_and_flop_counts_match_hand_calculation():
