@@ -28,6 +28,7 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("llm.chat_cli:add_arguments", "llm.chat_cli:main"),
     "stack": ("llm.stack:add_arguments", "llm.stack:main"),
     "ls": ("llm.catalog:add_arguments", "llm.catalog:main"),
+    "plan": ("llm.plan_cli:add_arguments", "llm.plan_cli:main"),
 }
 
 
@@ -36,6 +37,7 @@ EXTRA_HELP: dict[str, str] = {
     "chat": "talk to a trained model (--checkpoint)",
     "stack": "local Prefect + MLflow servers and workers: up|down|status",
     "ls": "list, verify and trace the outputs under the artifact root",
+    "plan": "the token plan of the training stages (params, tokens, steps, batch split, time), without running",
 }
 
 # What a stage reads when it has no upstream role, or takes roles of any name.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,27 @@ def test_help_says_what_each_command_reads(capsys: pytest.CaptureFixture[str]) -
         text = _help(capsys, name)
         usage_end = text.index("\n\n")
         assert text[usage_end:].strip().split("\n")[0] not in ("options:", "positional arguments:"), f"{name}: no description"
+
+
+def test_plan_prints_the_token_plan_without_running_anything(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert kiln(["plan", "--preset", "d20", "--nproc", "8", "--gpu", "H100", "--json"]) == 0
+    plans = {p["stage"]: p for p in json.loads(capsys.readouterr().out)}
+    pre = plans["pretrain"]
+    # nanochat's speedrun shape: ~561M params, 20 tokens per param, 524,288 tokens per step on 8 GPUs.
+    assert pre["params"] == 560_988_160 and pre["grad_accum"] == 1
+    assert pre["tokens"] == pre["steps"] * 524_288 >= 20 * pre["params"] > (pre["steps"] - 1) * 524_288
+    assert 2 * 3600 < pre["estimate"]["seconds"] < 6 * 3600  # 8 × H100 at the assumed 40% MFU
+    assert "steps known once it is rendered" in plans["sft"]["budget"]
+    assert not list(tmp_path.iterdir())  # nothing downloaded, nothing written
+
+    # tiny: the same numbers `make run` trains with (150 steps, 614,400 tokens, 1,441,792 params)
+    assert kiln(["plan", "--preset", "tiny", "--stage", "pretrain", "--json"]) == 0
+    (tiny,) = json.loads(capsys.readouterr().out)
+    assert (tiny["params"], tiny["steps"], tiny["tokens"]) == (1_441_792, 150, 614_400)
+
+    # A batch that does not divide over the GPUs is the trainer's own error, before any compute.
+    assert kiln(["plan", "--preset", "d20", "--nproc", "3", "--stage", "pretrain"]) == 1
+    assert "not a multiple of device_batch_size 32 × seq_len 2048 × world_size 3" in capsys.readouterr().out
+    assert kiln(["plan", "--preset", "d20", "--gpu", "TPU"]) == 2
+    assert "no peak-FLOPs entry for GPU 'TPU'" in capsys.readouterr().err
