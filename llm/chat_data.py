@@ -132,8 +132,9 @@ class MixtureStream:
         return {SOURCE_NAMES[k]: v for k, v in self.targets.items()}
 
     def realised_ratio(self) -> float:
-        total = self.targets[WEB] + self.targets[CHAT]
-        return self.targets[CHAT] / total if total else 0.0
+        """Chat share of the input positions handed out: the numbers tokens_by_source reports."""
+        total = self.inputs[WEB] + self.inputs[CHAT]
+        return self.inputs[CHAT] / total if total else 0.0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -344,8 +345,7 @@ class MixtureLoader(_RankSlicer):
     def realised_chat_ratio(self) -> float:
         """Chat share of the input tokens so far, over all ranks: the same numbers as the ranks' summed
         ``tokens_seen_by_source`` (the manifest's tokens_by_source and chat_ratio_realised)."""
-        total = self.stream.inputs[WEB] + self.stream.inputs[CHAT]
-        return self.stream.inputs[CHAT] / total if total else 0.0
+        return self.stream.realised_ratio()
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "midtrain", "n_docs": list(self.n_docs), "seed": self.seed, "chat_ratio": self.ratio,
