@@ -18,17 +18,6 @@ from .config import ConfigError, KilnConfig, load_config
 STAGES = ("pretrain", "midtrain", "sft")
 
 
-def _fmt_count(n: float) -> str:
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
 def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu: float) -> dict[str, Any]:
     """The plan of one training stage, as the trainer would compute it with ``nproc`` processes."""
     from .model import GPT, GPTConfig
@@ -62,12 +51,14 @@ def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu:
 
 
 def _text(p: dict[str, Any]) -> str:
+    from .train import fmt_count, fmt_duration
+
     lines = [f"{p['stage']}"]
-    lines.append(f"  params     {p['params']:,} ({_fmt_count(p['params'])}); {p['flops_per_token']:,} FLOPs/token")
+    lines.append(f"  params     {p['params']:,} ({fmt_count(p['params'])}); {p['flops_per_token']:,} FLOPs/token")
     lines.append(f"  budget     {p['budget']}")
     if "steps" in p:
         lines.append(f"  steps      {p['steps']:,} × {p['tokens_per_step']:,} tokens = {p['tokens']:,} "
-                     f"({_fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param)")
+                     f"({fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param)")
         lines.append(f"  FLOPs      {p['flops']:.3e}")
     if "batch_error" in p:
         lines.append(f"  batch      ERROR on {p['nproc']} process(es): {p['batch_error']}")
@@ -76,7 +67,7 @@ def _text(p: dict[str, Any]) -> str:
                      f"{p['grad_accum']} accum = {p['total_batch_tokens']:,} tokens per step")
     if "estimate" in p:
         e = p["estimate"]
-        lines.append(f"  time       ~{_hours(e['seconds'])} on {p['nproc']} × {e['gpu']} at {e['mfu']:.0%} MFU "
+        lines.append(f"  time       ~{fmt_duration(e['seconds'])} on {p['nproc']} × {e['gpu']} at {e['mfu']:.0%} MFU "
                      "(an assumption: the trainer logs the real MFU)")
     return "\n".join(lines)
 

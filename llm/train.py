@@ -771,24 +771,29 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fmt_count(n: float) -> str:
+def fmt_count(n: float) -> str:
+    """1.44M, 11.22B: how people say model and data sizes."""
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return f"{n:.0f}"
 
 
+def fmt_duration(seconds: float) -> str:
+    return (f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min" if seconds >= 60
+            else f"{seconds:.0f} s")
+
+
 def _plan_text(p: dict[str, Any], m: Any) -> str:
-    eta = p["eta_s"]
-    eta_s = f"{eta / 3600:.2f} h" if eta >= 3600 else f"{eta / 60:.1f} min" if eta >= 60 else f"{eta:.0f} s"
+    eta_s = fmt_duration(p["eta_s"])
     return "\n".join([
         "token plan",
         f"  model      depth {m.depth}, dim {m.model_dim}, heads {m.n_heads}/{m.kv_heads} kv, head_dim {m.head_dim}, "
         f"seq_len {m.seq_len}, vocab {m.vocab_size}",
-        f"  params     {p['params']:,} ({_fmt_count(p['params'])}; non-embedding {p['params_non_embedding']:,})",
+        f"  params     {p['params']:,} ({fmt_count(p['params'])}; non-embedding {p['params_non_embedding']:,})",
         f"  budget     {p['budget']}",
         f"  steps      {p['steps']:,} (starting at {p['start_step']})",
-        f"  tokens     {p['tokens']:,} ({_fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param)",
+        f"  tokens     {p['tokens']:,} ({fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param)",
         f"  per step   {p['tokens_per_step']:,} tokens = {p['device_batch_size']} × {p['seq_len']} × "
         f"{p['world_size']} proc × {p['grad_accum']} accum",
         f"  FLOPs      {p['flops']:.3e} ({p['flops_per_token']:,} per token)",
