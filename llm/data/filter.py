@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 
 from ..config import FilterConfig, KilnConfig
 from ..stage import StageError, StageOutput
-from ..storage import Store
-from .docs import column_strings, list_doc_files, open_checked
+from ..storage import Store, join
+from .docs import check_published_docs, column_strings, list_doc_files, open_checked, output_names
 from .filters import FilterChain
 
 BATCH_ROWS = 1024
@@ -127,10 +127,16 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
 
 
 def input_shards(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
-    """(name, local path) of every shard of the ``docs`` input, each validated before any is filtered."""
+    """(name, local path) of every shard of the ``docs`` input, each validated before any is filtered.
+
+    The name is also the shard's output name, checked so that no two shards share one.
+    """
     if "docs" not in inputs:
         raise StageError("filter needs an input 'docs' (a download stage output)")
-    shards = list_doc_files(Store(cfg.run.artifact_root, cfg.run.s3_endpoint), inputs["docs"]["uri"])
+    docs_uri = inputs["docs"]["uri"]
+    listed = list_doc_files(Store(cfg.run.artifact_root, cfg.run.s3_endpoint), docs_uri)
+    names = output_names("filter", [(join(docs_uri, name), name) for name, _ in listed])
+    shards = [(name, path) for name, (_, path) in zip(names, listed)]
     for name, path in shards:
         open_shard(path, name)  # validate every shard before spending time on any
     return shards
@@ -161,6 +167,11 @@ def summarize(reports: list[ShardReport], examples_per_rule: int) -> dict[str, A
         "examples_per_rule": dict(sorted(examples.items())),
         "shards": {r.name: {"docs_in": r.docs_in, "docs_out": r.docs_out} for r in reports},
     }
+
+
+def check_output(out: StageOutput, reports: list[ShardReport]) -> None:
+    """Fail, rather than publish, unless the output holds exactly the kept documents the reports count."""
+    check_published_docs("filter", out.workdir, [r.name for r in reports], sum(r.docs_out for r in reports))
 
 
 def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
@@ -203,5 +214,5 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
             bar.refresh()
     if bar is not None:
         bar.close()
-
+    check_output(out, reports)
     return summarize(reports, fcfg.examples_per_rule)

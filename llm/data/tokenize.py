@@ -24,11 +24,11 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow.compute as pc
 
-from ..stage import StageError, StageOutput
+from ..stage import StageError, StageOutput, is_published
 from ..storage import Store
 from ..tokenizer import Tokenizer, load_tokenizer
 from .docs import RowGroup, column_strings, open_checked, row_groups
-from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, token_dtype
+from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, index_name, token_dtype
 
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
 
@@ -206,6 +206,7 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
     splits = {s: {**w.close(), "bytes": bytes_[s]} for s, w in writers.items()}
     if splits["train"]["docs"] == 0:
         raise StageError(f"{docs_uri}: no non-empty documents to tokenize")
+    check_published_tokens(root, splits, dtype)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -222,6 +223,26 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, root / META_FILE)
     return meta
+
+
+def check_published_tokens(root: Path, splits: dict[str, dict[str, Any]], dtype: np.dtype) -> None:
+    """Fail, rather than publish, unless the shards under ``root`` hold exactly the counted documents and tokens.
+
+    Loaders and the report trust ``meta.json``'s counts; a shard lost or left out by publish must not
+    ship behind them. Reads only file sizes and the document indexes (one int64 per document).
+    """
+    for split, sp in splits.items():
+        expected = sorted([*sp["shards"], *map(index_name, sp["shards"])])
+        present = sorted(rel for p in (root / split).rglob("*")
+                         if p.is_file() and is_published(rel := p.relative_to(root).as_posix())) \
+            if (root / split).is_dir() else []
+        if present != expected:
+            raise StageError(f"tokenize: {split} files {present} differ from the shards written {expected}; not publishing")
+        docs = sum(len(np.load(root / index_name(rel), mmap_mode="r")) for rel in sp["shards"])
+        tokens = sum((root / rel).stat().st_size // dtype.itemsize for rel in sp["shards"])
+        if (docs, tokens) != (sp["docs"], sp["tokens"]):
+            raise StageError(f"tokenize: the {split} shards hold {docs} documents and {tokens} tokens but the stage "
+                             f"counted {sp['docs']} and {sp['tokens']}; not publishing")
 
 
 def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
