@@ -36,7 +36,6 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,6 +58,7 @@ from .minhash import (
     normalize,
     shingles,
 )
+from .parallel import worker_pool
 
 NORMALISATION = (
     "lowercase (str.lower); every run of characters that are not Unicode letters or digits "
@@ -316,13 +316,11 @@ def _map(fn: Callable[[Any], dict[str, Any]], tasks: list[Any], pool: ProcessPoo
 
 
 def _pool(workers: int, tasks: int) -> ProcessPoolExecutor | None:
-    """One process pool for both parallel phases, so interpreter start-up is paid once.
-
-    spawn, not fork: workers must not inherit the caller's threads (Prefect, MLflow) mid-lock.
-    """
+    """One process pool for both parallel phases, so interpreter start-up is paid once (spawned
+    workers that die with this process, see llm/data/parallel.py)."""
     if workers <= 1 or tasks <= 1:
         return None
-    return ProcessPoolExecutor(max_workers=min(workers, tasks), mp_context=get_context("spawn"))
+    return worker_pool(min(workers, tasks))
 
 
 def _input_files(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:

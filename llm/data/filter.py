@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -30,6 +29,7 @@ from ..stage import StageError, StageOutput
 from ..storage import Store, join
 from .docs import check_published_docs, column_strings, list_doc_files, open_checked, output_names
 from .filters import FilterChain
+from .parallel import worker_pool
 
 BATCH_ROWS = 1024
 EXAMPLE_CHARS = 200
@@ -192,8 +192,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
 
         bar = tqdm(total=total_docs, desc="filter", unit="doc")
     workers = max(1, min(fcfg.workers, len(jobs)))
-    ctx = get_context("spawn")  # workers start clean: no inherited threads or locks from a Prefect/MLflow parent
-    queue = ctx.Queue() if bar is not None else None
+    queue = get_context("spawn").Queue() if bar is not None else None
     if workers == 1:
         _init_worker(None)
         for job in jobs:
@@ -201,7 +200,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
             if bar is not None:
                 bar.update(reports[-1].docs_in)
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        with worker_pool(workers, _init_worker, (queue,)) as pool:
             futures = [pool.submit(filter_shard, *job) for job in jobs]
             while bar is not None and not all(f.done() for f in futures):
                 try:

@@ -13,11 +13,10 @@ corpus. Empty documents are skipped (a lone BOS teaches nothing) and counted.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,6 +27,7 @@ from ..stage import StageError, StageOutput, is_published
 from ..storage import Store
 from ..tokenizer import Tokenizer, load_tokenizer
 from .docs import RowGroup, column_strings, open_checked, row_groups
+from .parallel import worker_pool
 from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, index_name, token_dtype
 
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
@@ -146,8 +146,7 @@ def _work(docs: Texts, val_fraction: float, dtype: str, batch_docs: int, method:
 def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, workers: int,
                 initializer: Callable[..., None], initargs: tuple) -> Iterator[Any]:
     """``fn(item, *args)`` for each item, in order, over ``workers`` processes, ≤ 2×workers in flight."""
-    ctx = mp.get_context("spawn")  # not fork: the parent may hold threads (Prefect, pyarrow, boto3)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs) as ex:
+    with worker_pool(workers, initializer, initargs) as ex:  # spawned, and they die with this process
         pending: deque[Future] = deque()
         it = iter(items)
         for item in it:
