@@ -24,7 +24,7 @@ from prefect_dask import DaskTaskRunner
 
 from flows.settings import flow_config
 from llm.config import FilterConfig, KilnConfig
-from llm.data.filter import ShardReport, filter_shard, input_shards, summarize
+from llm.data.filter import ShardReport, check_output, filter_shard, input_shards, summarize
 from llm.stage import StageOutput, run_stage
 from llm.stages import STAGES
 from llm.storage import Store
@@ -43,7 +43,9 @@ def _body(cfg: KilnConfig):
         fcfg = cfg.filter.model_dump(mode="json")
         futures = [filter_shard_task.submit(str(path), name, str(out.path(name)), fcfg, cfg.filter.examples_per_rule)
                    for name, path in shards]
-        return summarize([f.result() for f in futures], cfg.filter.examples_per_rule)
+        reports = [f.result() for f in futures]
+        check_output(out, reports)
+        return summarize(reports, cfg.filter.examples_per_rule)
 
     return body
 

@@ -114,6 +114,18 @@ def require_manifest(store: Store, uri: str, what: str) -> dict[str, Any]:
     return m
 
 
+def is_published(rel: str) -> bool:
+    """Whether a work-dir file at ``rel`` goes into the published output.
+
+    Dot-prefixed paths are scratch (half-written checkpoints, temp files from a killed writer), as
+    are ``*.tmp`` files, and the manifest is written by publish itself. One rule, so a stage can check
+    before publishing that what will be published holds what it counted.
+    """
+    parts = Path(rel).parts
+    return bool(parts) and parts[-1] != MANIFEST and not parts[-1].endswith(".tmp") \
+        and not any(part.startswith(".") for part in parts)
+
+
 @dataclass
 class StageOutput:
     """The place a running stage writes to, published atomically by :func:`run_stage`."""
@@ -134,10 +146,7 @@ class StageOutput:
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(self.workdir.rglob("*")):
             rel = p.relative_to(self.workdir).as_posix()
-            # Dot-prefixed paths are scratch (half-written checkpoints, temp files from a killed
-            # writer): never part of a published output.
-            hidden = any(part.startswith(".") for part in Path(rel).parts)
-            if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp") and not hidden:
+            if p.is_file() and is_published(rel):
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in sorted(self.workdir.rglob(".*")):  # leftover scratch from a killed writer
             if p.is_dir():

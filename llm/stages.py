@@ -62,8 +62,12 @@ STAGES: dict[str, StageDef] = {
     s.name: s
     for s in [
         StageDef("download", "llm.data.download:run", ("download",), description="fetch and verify parquet shards"),
-        StageDef("filter", "llm.data.filter:run", ("filter",), {"docs": "download"}, description="FineWeb-recipe quality filters"),
-        StageDef("dedup", "llm.data.dedup:run", ("dedup",), {"docs": "filter"}, description="exact + MinHash LSH dedup"),
+        # filter, dedup 2: file names kept whatever the root's spelling (under ./artifacts, version 1 shortened
+        # them and could drop shards behind an ok), so a version-1 output is not reused
+        StageDef("filter", "llm.data.filter:run", ("filter",), {"docs": "download"}, description="FineWeb-recipe quality filters",
+                 version="2"),
+        StageDef("dedup", "llm.data.dedup:run", ("dedup",), {"docs": "filter"}, description="exact + MinHash LSH dedup",
+                 version="2"),
         StageDef("tokenizer", "llm.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, description="train a byte-level BPE"),
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
                  description="encode documents into token shards"),

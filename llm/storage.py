@@ -293,19 +293,42 @@ class Store:
                 self.put(p, join(uri, p.relative_to(local_dir).as_posix()))
 
     def iter_files(self, uri: str) -> Iterator[tuple[str, str]]:
-        """(relative path, uri) for every file under ``uri``."""
-        base = uri.rstrip("/")
+        """(relative path, uri) for every file under ``uri``.
+
+        The relative path is computed against the prefix as the listing spells it, not by cutting
+        ``len(uri)`` characters: a local listing normalises ``./root`` to ``root`` and ``a//b`` to
+        ``a/b``, and cutting the written length shortened every name by the difference (issue 13).
+        """
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            prefix = f"s3://{bucket}/" + (key.rstrip("/") + "/" if key else "")
+            for u in self.list(uri):
+                yield u[len(prefix):], u
+            return
+        base = local_path(uri)
         for u in self.list(uri):
-            yield u[len(base) + 1 :], u
+            yield Path(u).relative_to(base).as_posix(), u
 
     def cache_path(self, uri: str) -> Path:
         """A local path holding the content of ``uri``: the file itself when local, else a cached download."""
         if not is_s3(uri):
             return local_path(uri)
-        cache = cache_root("s3", uri[len("s3://"):])
+        cache = cache_root("s3", *map(_cache_component, uri[len("s3://"):].split("/")))
         if not cache.exists():
             self.get(uri, cache)
         return cache
+
+
+def _cache_component(part: str) -> str:
+    """One S3 key component as a local path component, injectively and inside the cache.
+
+    S3 keys may hold empty, ``.`` and ``..`` components (``data//x``, ``data/../x``) that a local path
+    would merge with another key's file or lead out of the cache; those are escaped (``%`` first, so
+    no ordinary name is mistaken for an escape). Every other component is kept as is, so sibling
+    files (a shard and its index) stay siblings in the cache.
+    """
+    part = part.replace("%", "%25")
+    return {"": "%", ".": "%2E", "..": "%2E%2E"}.get(part, part)
 
 
 def store_for(root: str, endpoint_url: str = "") -> Store:

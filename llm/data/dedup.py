@@ -36,7 +36,6 @@ import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,8 +45,8 @@ import pyarrow.parquet as pq
 
 from ..config import KilnConfig
 from ..stage import StageError, StageOutput
-from ..storage import Store
-from .docs import column_strings, iter_row_groups, list_doc_files, open_checked
+from ..storage import Store, join
+from .docs import check_published_docs, column_strings, iter_row_groups, list_doc_files, open_checked, output_names
 from .minhash import (
     SCHEME,
     Signer,
@@ -59,6 +58,7 @@ from .minhash import (
     normalize,
     shingles,
 )
+from .parallel import worker_pool
 
 NORMALISATION = (
     "lowercase (str.lower); every run of characters that are not Unicode letters or digits "
@@ -316,20 +316,22 @@ def _map(fn: Callable[[Any], dict[str, Any]], tasks: list[Any], pool: ProcessPoo
 
 
 def _pool(workers: int, tasks: int) -> ProcessPoolExecutor | None:
-    """One process pool for both parallel phases, so interpreter start-up is paid once.
-
-    spawn, not fork: workers must not inherit the caller's threads (Prefect, MLflow) mid-lock.
-    """
+    """One process pool for both parallel phases, so interpreter start-up is paid once (spawned
+    workers that die with this process, see llm/data/parallel.py)."""
     if workers <= 1 or tasks <= 1:
         return None
-    return ProcessPoolExecutor(max_workers=min(workers, tasks), mp_context=get_context("spawn"))
+    return worker_pool(min(workers, tasks))
 
 
 def _input_files(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
+    """(name, local path) of every input shard, checked; the name is also the shard's output name."""
     if "docs" not in inputs:
         raise StageError(f"dedup needs an input named 'docs' (got {sorted(inputs)})")
     store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
-    files = list_doc_files(store, inputs["docs"]["uri"])
+    docs_uri = inputs["docs"]["uri"]
+    listed = list_doc_files(store, docs_uri)
+    names = output_names("dedup", [(join(docs_uri, name), name) for name, _ in listed])
+    files = [(name, path) for name, (_, path) in zip(names, listed)]
     if len(files) >= 1 << 31:
         raise StageError(f"dedup: {len(files)} input shards; at most 2^31 are supported")
     for name, path in files:
@@ -428,6 +430,7 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
     docs_out = sum(r["kept"] for r in filtered)
     exact_dups = len(exact_removed)
     assert docs_out == docs_in - exact_dups - near, "dedup bookkeeping mismatch"
+    check_published_docs("dedup", out.workdir, [files[r["shard"]][0] for r in filtered if r["kept"]], docs_out)
     return {
         "counts": {
             "docs_in": docs_in,

@@ -7,14 +7,15 @@ stays bounded by the largest row group, never by the shard or corpus size. S3 in
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..stage import StageError
+from ..stage import StageError, is_published
 from ..storage import Store, join
 
 
@@ -34,6 +35,51 @@ def list_doc_files(store: Store, uri: str) -> list[tuple[str, Path]]:
     if not files:
         raise StageError(f"{join(uri, 'data')}: no parquet files (expected data/<shard>.parquet from the upstream stage)")
     return [(f"data/{rel}", store.cache_path(u)) for rel, u in sorted(files)]
+
+
+def output_names(stage: str, pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """The output file name (``data/...``) of each ``(source, name)`` pair, normalised and checked.
+
+    A stage derives each output name from an input name; two inputs that land on one name would
+    overwrite each other (or race on one ``.tmp``) and half the documents would vanish behind an
+    ``ok``. So would a name that publish leaves out (hidden, ``.tmp``) or one that leads out of
+    ``data/``. All are a :class:`StageError` naming the source(s) and the name, before any work.
+    """
+    seen: dict[str, str] = {}
+    out: list[str] = []
+    for source, name in pairs:
+        norm = posixpath.normpath(name)
+        if not norm.startswith("data/") or ".." in norm.split("/"):
+            raise StageError(f"{stage}: {source} would be written to {name!r}, outside the output's data/")
+        if not is_published(norm):
+            raise StageError(f"{stage}: {source} would be written to {norm}, a hidden or .tmp name that "
+                             "publishing leaves out; rename the file")
+        if norm in seen:
+            raise StageError(f"{stage}: {seen[norm]} and {source} would both be written to {norm}")
+        seen[norm] = source
+        out.append(norm)
+    return out
+
+
+def check_published_docs(stage: str, workdir: Path, names: Iterable[str], docs: int, what: str = "docs_out") -> None:
+    """Refuse to publish unless the output's ``data/`` files are exactly ``names`` and hold ``docs`` rows.
+
+    The counts in a manifest are what every later stage and the report trust; a file lost to a name
+    clash or left out by publish must fail the stage, not ship an ``ok`` with fewer documents. Row
+    counts come from the parquet footers (cheap), over the files publish will include.
+    """
+    data = workdir / "data"
+    present = sorted(rel for p in data.rglob("*")
+                     if p.is_file() and is_published(rel := p.relative_to(workdir).as_posix())) if data.is_dir() else []
+    expected = sorted(set(names))
+    if present != expected:
+        missing, extra = sorted(set(expected) - set(present)), sorted(set(present) - set(expected))
+        raise StageError(f"{stage}: output files differ from the shards written (missing {missing}, unexpected "
+                         f"{extra}); not publishing")
+    rows = sum(pq.ParquetFile(workdir / rel).metadata.num_rows for rel in present)
+    if rows != docs:
+        raise StageError(f"{stage}: the output's {len(present)} files hold {rows} documents but the stage counted "
+                         f"{what}={docs}; not publishing")
 
 
 def _is_text_type(t: pa.DataType, binary: bool) -> bool:

@@ -80,6 +80,7 @@ from urllib.parse import quote, unquote
 from ..sources import resolve_source
 from ..stage import StageError, StageOutput
 from ..storage import Store, is_s3, is_transient, local_path, sha256_file, split_s3, with_retries
+from .docs import check_published_docs, output_names
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 PARQUET_MAGIC = b"PAR1"
@@ -1017,7 +1018,7 @@ def _check_shard(text_column: str) -> Callable[[FetchedFile], None]:
 
 
 def _check_utf8(col: Any, label: str, first_row: int) -> Any:
-    """Return ``col`` as a valid string array, or raise naming the first row that is not UTF-8."""
+    """Return ``col`` as a valid string array, or raise naming the first row that is null or not UTF-8."""
     import pyarrow as pa
 
     if isinstance(col, pa.Array):
@@ -1028,6 +1029,11 @@ def _check_utf8(col: Any, label: str, first_row: int) -> Any:
         col = pa.chunked_array([c.view(target) for c in col.chunks], target)
     elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         raise DownloadError(f"{label}: text column has type {col.type}, expected a string")
+    if col.null_count:  # filter and every later stage need a text per document
+        import pyarrow.compute as pc
+
+        row = pc.index(pc.is_null(col), True).as_py()
+        raise DownloadError(f"{label}: row {first_row + row}: text is null")
     offset = 0
     for chunk in col.chunks:
         try:
@@ -1120,7 +1126,12 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     if resolve_source(d.source, "pretrain", cfg.run.data_mirror) != d.source:
         # Said out loud: a mirror silently standing in for the hub would look like the real data.
         print(f"[download] data mirror in use: reading {source} instead of {d.source}", file=sys.stderr, flush=True)
-    fetched = fetch_files(pinned, raw_dir, max_files=d.max_files, max_rows=d.max_rows, workers=d.workers,
+    listed = list_files(pinned, s3_endpoint=cfg.run.s3_endpoint, timeout_s=d.timeout_s, retries=d.retries,
+                        backoff_s=d.backoff_s)[: d.max_files]
+    # Flattening hub subdirectories can map two files to one name: fail naming both, before fetching.
+    out_names = dict(zip((f.rel for f in listed),
+                         output_names("download", [(f.uri, f"data/{output_name(f.rel)}") for f in listed])))
+    fetched = fetch_files(listed, raw_dir, max_rows=d.max_rows, workers=d.workers,
                           retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s,
                           s3_endpoint=cfg.run.s3_endpoint, validate=_check_shard(d.text_column), progress=progress)
     if not fetched:
@@ -1129,9 +1140,7 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     if short:  # a budget the source cannot meet: fewer tokens than the preset planned for
         print(f"[download] download.max_files={d.max_files} but {source} has only {len(fetched)} matching "
               "files: all of them were taken", file=sys.stderr, flush=True)
-    names = [output_name(f.rel) for f in fetched]
-    if len(set(names)) != len(names):
-        raise DownloadError(f"{source}: two files map to the same output name")
+    names = [out_names[f.rel][len("data/"):] for f in fetched]
     remaining = d.max_rows
     shards: dict[str, dict[str, Any]] = {}
     for f, name in zip(fetched, names):
@@ -1146,6 +1155,7 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
             remaining -= rows
     shutil.rmtree(raw_dir, ignore_errors=True)
     rows = sum(s["rows"] for s in shards.values())
+    check_published_docs("download", out.workdir, [f"data/{name}" for name in shards], rows, what="rows")
     return {
         "counts": {"files": len(shards), "rows": rows, "docs_out": rows, "bytes": sum(s["bytes"] for s in shards.values()),
                    "resumed_files": sum(1 for s in shards.values() if s["resumed"]),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,9 +26,10 @@ import pyarrow.parquet as pq
 
 from ..config import FilterConfig, KilnConfig
 from ..stage import StageError, StageOutput
-from ..storage import Store
-from .docs import column_strings, list_doc_files, open_checked
+from ..storage import Store, join
+from .docs import check_published_docs, column_strings, list_doc_files, open_checked, output_names
 from .filters import FilterChain
+from .parallel import worker_pool
 
 BATCH_ROWS = 1024
 EXAMPLE_CHARS = 200
@@ -127,10 +127,16 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
 
 
 def input_shards(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
-    """(name, local path) of every shard of the ``docs`` input, each validated before any is filtered."""
+    """(name, local path) of every shard of the ``docs`` input, each validated before any is filtered.
+
+    The name is also the shard's output name, checked so that no two shards share one.
+    """
     if "docs" not in inputs:
         raise StageError("filter needs an input 'docs' (a download stage output)")
-    shards = list_doc_files(Store(cfg.run.artifact_root, cfg.run.s3_endpoint), inputs["docs"]["uri"])
+    docs_uri = inputs["docs"]["uri"]
+    listed = list_doc_files(Store(cfg.run.artifact_root, cfg.run.s3_endpoint), docs_uri)
+    names = output_names("filter", [(join(docs_uri, name), name) for name, _ in listed])
+    shards = [(name, path) for name, (_, path) in zip(names, listed)]
     for name, path in shards:
         open_shard(path, name)  # validate every shard before spending time on any
     return shards
@@ -163,6 +169,11 @@ def summarize(reports: list[ShardReport], examples_per_rule: int) -> dict[str, A
     }
 
 
+def check_output(out: StageOutput, reports: list[ShardReport]) -> None:
+    """Fail, rather than publish, unless the output holds exactly the kept documents the reports count."""
+    check_published_docs("filter", out.workdir, [r.name for r in reports], sum(r.docs_out for r in reports))
+
+
 def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
     fcfg = cfg.filter
     if fcfg.url_blocklist and not Path(fcfg.url_blocklist).is_file():
@@ -181,8 +192,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
 
         bar = tqdm(total=total_docs, desc="filter", unit="doc")
     workers = max(1, min(fcfg.workers, len(jobs)))
-    ctx = get_context("spawn")  # workers start clean: no inherited threads or locks from a Prefect/MLflow parent
-    queue = ctx.Queue() if bar is not None else None
+    queue = get_context("spawn").Queue() if bar is not None else None
     if workers == 1:
         _init_worker(None)
         for job in jobs:
@@ -190,7 +200,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
             if bar is not None:
                 bar.update(reports[-1].docs_in)
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+        with worker_pool(workers, _init_worker, (queue,)) as pool:
             futures = [pool.submit(filter_shard, *job) for job in jobs]
             while bar is not None and not all(f.done() for f in futures):
                 try:
@@ -203,5 +213,5 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
             bar.refresh()
     if bar is not None:
         bar.close()
-
+    check_output(out, reports)
     return summarize(reports, fcfg.examples_per_rule)

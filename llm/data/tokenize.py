@@ -13,22 +13,22 @@ corpus. Empty documents are skipped (a lone BOS teaches nothing) and counted.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow.compute as pc
 
-from ..stage import StageError, StageOutput
+from ..stage import StageError, StageOutput, is_published
 from ..storage import Store
 from ..tokenizer import Tokenizer, load_tokenizer
 from .docs import RowGroup, column_strings, open_checked, row_groups
-from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, token_dtype
+from .parallel import worker_pool
+from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, index_name, token_dtype
 
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
 
@@ -146,8 +146,7 @@ def _work(docs: Texts, val_fraction: float, dtype: str, batch_docs: int, method:
 def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, workers: int,
                 initializer: Callable[..., None], initargs: tuple) -> Iterator[Any]:
     """``fn(item, *args)`` for each item, in order, over ``workers`` processes, ≤ 2×workers in flight."""
-    ctx = mp.get_context("spawn")  # not fork: the parent may hold threads (Prefect, pyarrow, boto3)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=initializer, initargs=initargs) as ex:
+    with worker_pool(workers, initializer, initargs) as ex:  # spawned, and they die with this process
         pending: deque[Future] = deque()
         it = iter(items)
         for item in it:
@@ -206,6 +205,7 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
     splits = {s: {**w.close(), "bytes": bytes_[s]} for s, w in writers.items()}
     if splits["train"]["docs"] == 0:
         raise StageError(f"{docs_uri}: no non-empty documents to tokenize")
+    check_published_tokens(root, splits, dtype)
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -222,6 +222,26 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
     tmp.write_text(json.dumps(meta, indent=2))
     os.replace(tmp, root / META_FILE)
     return meta
+
+
+def check_published_tokens(root: Path, splits: dict[str, dict[str, Any]], dtype: np.dtype) -> None:
+    """Fail, rather than publish, unless the shards under ``root`` hold exactly the counted documents and tokens.
+
+    Loaders and the report trust ``meta.json``'s counts; a shard lost or left out by publish must not
+    ship behind them. Reads only file sizes and the document indexes (one int64 per document).
+    """
+    for split, sp in splits.items():
+        expected = sorted([*sp["shards"], *map(index_name, sp["shards"])])
+        present = sorted(rel for p in (root / split).rglob("*")
+                         if p.is_file() and is_published(rel := p.relative_to(root).as_posix())) \
+            if (root / split).is_dir() else []
+        if present != expected:
+            raise StageError(f"tokenize: {split} files {present} differ from the shards written {expected}; not publishing")
+        docs = sum(len(np.load(root / index_name(rel), mmap_mode="r")) for rel in sp["shards"])
+        tokens = sum((root / rel).stat().st_size // dtype.itemsize for rel in sp["shards"])
+        if (docs, tokens) != (sp["docs"], sp["tokens"]):
+            raise StageError(f"tokenize: the {split} shards hold {docs} documents and {tokens} tokens but the stage "
+                             f"counted {sp['docs']} and {sp['tokens']}; not publishing")
 
 
 def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
