@@ -144,8 +144,9 @@ def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: b
 def _locate(store: Store, root: str | None, uri: str) -> tuple[str, dict[str, Any] | None]:
     """The manifest of ``uri``, or of the same ``<stage>/<key>`` under ``root``.
 
-    Manifests record inputs as the run spelled them (often a relative ``./artifacts/...``, or a root
-    since moved or synced to S3); the key names the content, so the copy under this root is the same.
+    Manifests read back have their inputs resolved against where they were found; an old manifest's
+    input that resolves nowhere (its root since moved, its path relative to another directory) is
+    still found by ``<stage>/<key>``: the key names the content, so the copy under this root is the same.
     """
     m = read_manifest(store, uri)
     if m is None and root is not None:

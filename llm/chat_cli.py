@@ -13,12 +13,12 @@ checkpoint's stage manifest (a training stage output knows which tokenizer it wa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any, TextIO
 
 from .chat import ASSISTANT, USER, ChatSpecials, Message, render_prompt
-from .storage import Store, is_s3, join, local_path
+from .stage import read_manifest
+from .storage import Store, is_s3, local_path
 
 COMMANDS_HELP = "commands: /clear (new conversation), /quit (leave)"
 
@@ -44,12 +44,14 @@ def _manifest_near(uri: str, store: Store) -> dict[str, Any] | None:
         parts = uri.rstrip("/").split("/")
         candidates = ["/".join(parts[: len(parts) - k]) for k in range(3) if len(parts) - k > 3]
     for c in candidates:
+        # read_manifest resolves the recorded inputs against where this manifest is now, so a root
+        # that was moved or copied finds its own tokenizer whatever the current directory.
         try:
-            return json.loads(store.get_bytes(join(c, "manifest.json")))
-        except (FileNotFoundError, json.JSONDecodeError):
+            m = read_manifest(store, c)
+        except Exception:  # noqa: BLE001 - a corrupt manifest or an S3 error: not this candidate
             continue
-        except Exception:  # noqa: BLE001 - S3 "not found" surfaces as botocore errors
-            continue
+        if m is not None:
+            return m
     return None
 
 

@@ -67,7 +67,111 @@ def read_manifest(store: Store, uri: str) -> dict[str, Any] | None:
     problem = _manifest_shape_problem(m)
     if problem:
         raise StageError(f"{join(uri, MANIFEST)}: corrupt manifest ({problem})")
-    return m
+    return located_manifest(m, uri)
+
+
+# ---------------------------------------------------------------------------- paths in manifests
+#
+# On disk a manifest records its own place and its inputs' relative to its artifact root
+# ("pretrain/<key>", "tokenize/<key>"; an input outside the root stays absolute), so a root can be
+# moved, copied or synced to S3 whole. In memory (read_manifest, run_stage's results) every path is
+# where the files are now: resolved against the root the manifest was found in, two levels above it.
+# Neither the content key nor the manifest hash covers these fields, so keys do not depend on them.
+
+PATHS_FIELD = "paths"
+ROOT_RELATIVE = "root-relative"  # PATHS_FIELD's value in manifests written this way; older ones lack it
+
+
+def root_of(uri: str) -> str:
+    """The artifact root of the output at ``uri`` = ``<root>/<stage>/<key>``."""
+    uri = uri.rstrip("/")
+    if is_s3(uri):
+        return uri.rsplit("/", 2)[0]
+    return str(local_path(uri).parent.parent)
+
+
+def _is_path(uri: str) -> bool:
+    """A local path or s3:// URI (not some other scheme's URL, which is recorded as it is)."""
+    return bool(uri) and (is_s3(uri) or uri.startswith("file://") or "://" not in uri)
+
+
+def record_uri(root: str, uri: str) -> str:
+    """How a manifest under ``root`` records ``uri``: relative to the root when inside it, else absolute."""
+    if not _is_path(uri):
+        return uri
+    if is_s3(uri) or is_s3(root):
+        prefix = root.rstrip("/") + "/"
+        if is_s3(uri):
+            return uri[len(prefix):] if uri.startswith(prefix) else uri
+        return os.path.abspath(local_path(uri))
+    path, base = local_path(uri).resolve(), local_path(root).resolve()
+    if path.is_relative_to(base) and path != base:
+        return path.relative_to(base).as_posix()
+    return os.path.abspath(local_path(uri))
+
+
+def _legacy_candidates(recorded: str, old_root: str | None) -> list[str]:
+    """Places under a root that an old absolute or cwd-relative path may now be at (root moved)."""
+    out = []
+    norm = lambda u: u.rstrip("/") if is_s3(u) else os.path.normpath(u)  # noqa: E731
+    if old_root and _is_path(old_root):
+        prefix = norm(old_root) + "/"
+        if norm(recorded).startswith(prefix):
+            out.append(norm(recorded)[len(prefix):])
+    parts = norm(recorded).split("/")
+    if len(parts) >= 2:
+        out.append("/".join(parts[-2:]))  # <stage>/<key>
+    return out
+
+
+def resolve_uri(root: str, recorded: str, *, legacy: bool = False, old_root: str | None = None) -> str:
+    """Where a path recorded in a manifest found under ``root`` is now.
+
+    ``legacy``: the manifest predates root-relative paths; its paths are as that run spelled them
+    (absolute, or relative to the directory it ran in). Used as recorded while that exists, else at the
+    same place under this root.
+    """
+    if not _is_path(recorded) or is_s3(recorded):
+        return recorded
+    if not legacy:
+        return recorded if os.path.isabs(local_path(recorded)) else join(root, recorded)
+    if local_path(recorded).exists():
+        return recorded
+    for rel in _legacy_candidates(recorded, old_root):
+        cand = join(root, rel)
+        if is_s3(cand) or local_path(cand).exists():
+            return cand
+    return recorded
+
+
+def located_manifest(m: dict[str, Any], found_at: str) -> dict[str, Any]:
+    """``m`` as read from ``found_at``: its "uri" is that place and its inputs' are resolved from there."""
+    found_at = found_at.rstrip("/")
+    root = root_of(found_at)
+    legacy = m.get(PATHS_FIELD) != ROOT_RELATIVE
+    recorded_self = m.get("uri")
+    old_root = root_of(recorded_self) if legacy and isinstance(recorded_self, str) and recorded_self else None
+    out = {k: v for k, v in m.items() if k != PATHS_FIELD}
+    out["uri"] = found_at
+    inputs = m.get("inputs")
+    if isinstance(inputs, dict):
+        out["inputs"] = {
+            role: {**inp, "uri": resolve_uri(root, inp["uri"], legacy=legacy, old_root=old_root)}
+            if isinstance(inp, dict) and isinstance(inp.get("uri"), str) else inp
+            for role, inp in inputs.items()
+        }
+    return out
+
+
+def recorded_manifest(m: dict[str, Any], uri: str) -> dict[str, Any]:
+    """The on-disk form of the manifest of the output at ``uri``: its paths relative to its root."""
+    root = root_of(uri)
+    out = {**m, PATHS_FIELD: ROOT_RELATIVE, "uri": record_uri(root, uri)}
+    if isinstance(m.get("inputs"), dict):
+        out["inputs"] = {role: {**inp, "uri": record_uri(root, inp["uri"])}
+                         if isinstance(inp, dict) and isinstance(inp.get("uri"), str) else inp
+                         for role, inp in m["inputs"].items()}
+    return out
 
 
 def _manifest_shape_problem(m: Any) -> str:
@@ -155,7 +259,7 @@ class StageOutput:
                 p.unlink()
         manifest = {**manifest, "files": files}
         manifest["hash"] = manifest_hash(manifest)
-        body = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+        body = json.dumps(recorded_manifest(manifest, self.uri), indent=2, sort_keys=True, default=str).encode()
         if is_s3(self.uri):
             for rel in files:
                 self.store.put(self.workdir / rel, join(self.uri, rel))
@@ -194,6 +298,8 @@ ExternalInput = Callable[[str, str], "dict[str, Any] | None"]
 
 
 def input_manifest(store: Store, stage: str, role: str, uri: str, external: ExternalInput | None = None) -> dict[str, Any]:
+    """The manifest of input ``uri``, with ``m["uri"]`` the place it was found at (read_manifest sees
+    to that): stages read their files from there, never from where a copied output was first written."""
     m = verify_output(store, uri)
     if m is None and external is not None:
         m = external(role, uri)

@@ -675,7 +675,9 @@ class Trainer:
         if d.main:
             if status == "done":
                 save_checkpoint(self.out / "final", model_state=self.model.state_dict(), meta=self._meta("final"))
-                summary["final_uri"] = self._upload(self.out / "final", "final")
+                self._upload(self.out / "final", "final")
+                # Relative to the stage output: the work dir it was written in is renamed on publish.
+                summary["final_uri"] = "final"
             _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2, default=str))
             _atomic_write(self.out / "status.json", json.dumps({"status": status, "step": self.step}))
             self.tracker.log_metrics({f"final/{k}": v for k, v in summary.items()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import KilnConfig
+from llm.stage import located_manifest
 from llm.tracking import log_stage_inputs, read_stage_inputs
 from llm.tracking import tracking_uri as llm_tracking_uri
 from llm.stages import STAGES
@@ -218,7 +219,7 @@ class PipelineTracker:
         if manifest is not None:
             self.client.log_text(run_id, manifest.decode(), "manifest.json")
             # Cached or computed alike: the inputs are what the output was made from.
-            self._log_inputs(run_id, stage, json.loads(manifest))
+            self._log_inputs(run_id, stage, located_manifest(json.loads(manifest), summary["uri"]))
         self.client.set_terminated(run_id, status="FINISHED")
 
     def _log_inputs(self, run_id: str, stage: str, manifest: dict[str, Any]) -> None:
