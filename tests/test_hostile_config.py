@@ -212,3 +212,35 @@ def test_a_finished_stage_is_reused_on_a_machine_without_its_devices(artifact_ro
     assert execute("pretrain", cfg, inputs, progress=False).cached is True
     with pytest.raises(ConfigError, match=r"^pretrain\.device"):
         execute("pretrain", cfg, inputs, force=True, progress=False)
+
+
+# --------------------------------------------------------------------------- checkpoint meta
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    import torch
+
+    from llm.checkpoint import save_checkpoint
+
+    return save_checkpoint(tmp_path / "ckpt", model_state={"w": torch.zeros(2)}, meta={"step": 1, "model_config": {}})
+
+
+@pytest.mark.parametrize("files, says", [
+    (None, "no 'files' table"),
+    ([], "'files' entry that is a list, not a table"),
+    ({"model.safetensors": {"sha256": "ab"}}, "files['model.safetensors'] needs an integer 'size'"),
+])
+def test_checkpoint_meta_without_a_files_table_says_so(tmp_path: Path, files: Any, says: str) -> None:
+    from llm.checkpoint import CheckpointError, verify_checkpoint
+
+    ckpt = _checkpoint(tmp_path)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if files is None:
+        del meta["files"]
+    else:
+        meta["files"] = files
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        verify_checkpoint(ckpt)
+    assert str(e.value).startswith(f"{ckpt / 'meta.json'}: ") and says in str(e.value), str(e.value)
+    assert "has no model.safetensors" not in str(e.value)
