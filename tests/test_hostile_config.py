@@ -244,3 +244,34 @@ def test_checkpoint_meta_without_a_files_table_says_so(tmp_path: Path, files: An
         verify_checkpoint(ckpt)
     assert str(e.value).startswith(f"{ckpt / 'meta.json'}: ") and says in str(e.value), str(e.value)
     assert "has no model.safetensors" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- kiln stack --host
+
+
+def _stack_up_on_a_busy_port(tmp_path: Path, host: str) -> tuple[int, str, Path]:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind((host, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        rc = kiln(["stack", "up", "--home", str(tmp_path / "s"), "--host", host, "--prefect-port", str(port),
+                   "--mlflow-port", "0"])
+    return rc, port, tmp_path / "s"
+
+
+def test_stack_on_a_public_address_warns_that_the_servers_have_no_auth(tmp_path: Path, capsys) -> None:
+    rc, port, home = _stack_up_on_a_busy_port(tmp_path, "0.0.0.0")
+    assert rc == 1 and not list((home / "pids").glob("*.pid"))  # refused (busy port) before spawning anything
+    lines = capsys.readouterr().err.splitlines()
+    warning = [ln for ln in lines if "warning" in ln]
+    assert len(warning) == 1 and "--host 0.0.0.0" in warning[0] and "no authentication" in warning[0], lines
+    assert "reverse proxy" in warning[0] and "SSH tunnel" in warning[0]
+    heading = re.search(r"README: ([^)]+)\)", warning[0]).group(1)
+    assert f"### {heading}\n" in (REPO / "README.md").read_text()  # the section the warning points to exists
+
+
+def test_stack_on_loopback_does_not_warn(tmp_path: Path, capsys) -> None:
+    rc, _, _ = _stack_up_on_a_busy_port(tmp_path, "127.0.0.1")
+    assert rc == 1 and "warning" not in capsys.readouterr().err
