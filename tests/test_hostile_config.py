@@ -275,3 +275,30 @@ def test_stack_on_a_public_address_warns_that_the_servers_have_no_auth(tmp_path:
 def test_stack_on_loopback_does_not_warn(tmp_path: Path, capsys) -> None:
     rc, _, _ = _stack_up_on_a_busy_port(tmp_path, "127.0.0.1")
     assert rc == 1 and "warning" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- docker compose
+
+
+def test_compose_puts_no_secret_on_a_command_line() -> None:
+    """`ps` on the host shows every container's argv to every user; the environment it does not."""
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker" / "docker-compose.yml").read_text())["services"]
+    # ${VAR} is substituted by compose into the argv; $${VAR} is left for the container's shell.
+    secret = re.compile(r"(?<!\$)\$\{?(POSTGRES_PASSWORD|S3_SECRET_KEY|S3_ACCESS_KEY)\b")
+    for name, svc in services.items():
+        for field in ("command", "entrypoint"):
+            argv = svc.get(field) or []
+            text = " ".join(argv) if isinstance(argv, list) else str(argv)
+            assert not secret.search(text), f"{name}.{field} carries a secret: {text}"
+    mlflow = services["mlflow"]
+    assert not any(str(a).startswith("--backend-store-uri") for a in mlflow["command"])
+    assert "${POSTGRES_PASSWORD}" in mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+
+
+def test_installed_mlflow_server_reads_the_backend_store_uri_from_the_environment() -> None:
+    from mlflow.cli import cli
+
+    option = next(p for p in cli.commands["server"].params if p.name == "backend_store_uri")
+    assert option.envvar == "MLFLOW_BACKEND_STORE_URI"
