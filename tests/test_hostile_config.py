@@ -302,3 +302,88 @@ def test_installed_mlflow_server_reads_the_backend_store_uri_from_the_environmen
 
     option = next(p for p in cli.commands["server"].params if p.name == "backend_store_uri")
     assert option.envvar == "MLFLOW_BACKEND_STORE_URI"
+
+
+# --------------------------------------------------------------------------- Prefect results
+
+
+@pytest.fixture()
+def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from prefect.settings import PREFECT_HOME, PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    with temporary_settings(updates={PREFECT_HOME: tmp_path / "prefect-home", PREFECT_LOGGING_TO_API_ENABLED: False}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+
+
+def test_a_stage_tasks_persisted_result_is_plain_json(prefect_server, tmp_path: Path) -> None:
+    from prefect import flow
+
+    from tasks.stage_tasks import run_stage_task
+
+    results = tmp_path / "results"
+    cfg = load_config("tiny", {"run.artifact_root": str(tmp_path / "artifacts"), "orchestration.result_storage": str(results),
+                               "download.max_files": 1, "download.max_rows": 20})
+
+    @flow
+    def one_stage() -> tuple[dict[str, Any], bool]:
+        return run_stage_task("download", cfg, {})
+
+    summary, cached = one_stage()
+    (record_file,) = results.iterdir()
+    record = json.loads(record_file.read_bytes())
+    assert record["metadata"]["serializer"]["type"] == "json"
+    assert json.loads(record["result"]) == summary and summary["uri"].endswith(summary["key"])
+    again, cached_again = one_stage()  # the JSON record is what the cache hit reads back
+    assert (cached, cached_again) == (False, True) and again == summary
+
+    # A failed stage's exception is recorded as JSON too (type and message), not pickled.
+    cfg = cfg.model_copy(update={"download": cfg.download.model_copy(update={"source": str(tmp_path / "none/*.parquet")})})
+    with pytest.raises(Exception, match="no parquet files match"):
+        one_stage()
+    records = [json.loads(p.read_bytes()) for p in results.iterdir() if p != record_file]
+    assert [r["metadata"]["serializer"]["type"] for r in records] == ["json"]
+    assert json.loads(records[0]["result"]) == {"error": "DownloadError",
+                                                "message": f"no parquet files match {tmp_path / 'none/*.parquet'}"}
+
+
+def test_s3_result_storage_never_decodes_a_record_naming_another_serializer(s3_bucket, tmp_path: Path) -> None:
+    """Prefect decodes a record with the serializer written inside it, even to check that it exists: a
+    record rewritten as pickle would run its payload on every worker that looks the stage up."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+    from prefect.results import ResultStore
+    from prefect.serializers import PickleSerializer
+
+    from tasks.results import RESULT_SERIALIZER, KilnS3ResultStorage, UntrustedResultRecord
+
+    block = KilnS3ResultStorage(basepath=f"s3://{s3_bucket.name}/prefect-results",
+                                endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    store = ResultStore(result_storage=block, serializer=RESULT_SERIALIZER)
+
+    def put(key: str, serializer: Any, value: Any) -> None:
+        rec = ResultRecord(metadata=ResultRecordMetadata(serializer=serializer, storage_key=key), result=value)
+        block.write_path(key, rec.serialize(), _sync=True)
+
+    put("good", RESULT_SERIALIZER, {"uri": "s3://b/sft/k", "counts": {"steps": 3}})
+    assert store.exists("good") and store.read("good").result == {"uri": "s3://b/sft/k", "counts": {"steps": 3}}
+
+    sentinel = tmp_path / "payload-ran"
+    put("evil", PickleSerializer(), _Payload(str(sentinel)))
+    assert not store.exists("evil")  # no record, so the stage's own manifest check decides
+    with pytest.raises(UntrustedResultRecord, match="names serializer 'pickle'"):
+        block.read_path("evil", _sync=True)
+    put("sneaky", RESULT_SERIALIZER.model_copy(update={"object_decoder": "os.mkdir"}), {"x": 1})
+    assert not store.exists("sneaky")
+    assert not sentinel.exists()
+
+
+class _Payload:
+    """Unpickling this makes a directory: the stand-in for arbitrary code in a tampered record."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
