@@ -387,3 +387,36 @@ class _Payload:
 
     def __reduce__(self):
         return (os.mkdir, (self.path,))
+
+
+# --------------------------------------------------------------------------- make bench
+
+
+def _requirement_names(reqs: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower().replace("_", "-") for r in reqs}
+
+
+def test_make_bench_installs_what_the_benches_import() -> None:
+    """A fresh clone's `make bench` must not die on an import: it installs the bench extra first, and that
+    extra (with the core and dev dependencies) provides every third-party module bench/*.py imports."""
+    from importlib.metadata import packages_distributions
+
+    plan = subprocess.run(["make", "-n", "-B", "bench"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    install = next((ln for ln in plan.splitlines() if "pip install" in ln and "bench" in ln), None)
+    assert install is not None, plan
+    assert plan.index(install) < plan.index("bench/bench_*.py"), plan
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    declared = _requirement_names(project["dependencies"] + extras["dev"] + extras["bench"])
+    assert {"datatrove", "spacy"} <= _requirement_names(extras["bench"])  # spaCy: datatrove's word tokenizer
+
+    local = {p.stem for d in ("bench", "tests") for p in (REPO / d).glob("*.py")} | {"llm", "tasks", "flows"}
+    dists = packages_distributions()
+    for path in sorted((REPO / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - local:
+                provided_by = {d.lower().replace("_", "-") for d in dists.get(top, [])}
+                assert provided_by & declared, f"{path.name} imports {top}, which no declared dependency provides"
