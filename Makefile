@@ -23,7 +23,13 @@ run: .venv/.installed
 test: .venv/.installed
 	$(PY) -m pytest -q
 
-bench: .venv/.installed
+# The benches also run the reference implementations (datatrove, whose English word tokenizer needs
+# spaCy): the `bench` extra, installed on top of the dev environment the first time.
+.venv/.bench-installed: .venv/.installed pyproject.toml constraints.txt
+	.venv/bin/pip install -q -c constraints.txt -e ".[dev,bench]"
+	touch $@
+
+bench: .venv/.bench-installed
 	for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 include deployments/stack.mk

@@ -9,7 +9,8 @@ exact copies. Recall counts a planted pair as found when the output no longer ho
 datatrove's default English word tokenizer is spaCy, which is not a Kiln dependency; the
 default here gives datatrove a whitespace tokenizer (the cheapest one, and the same words as
 Kiln's normalisation produces). `--datatrove-tokenizer spacy` uses its stock tokenizer
-(needs spaCy importable, e.g. `--extra-site DIR` holding a `pip install --target DIR spacy`).
+(needs spaCy importable: `make bench` installs the `bench` extra; or `--extra-site DIR` holding a
+`pip install --target DIR spacy`).
 
     python bench/bench_dedup.py --docs 3000 --workers 1 --repeats 2
 """

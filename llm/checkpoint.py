@@ -113,7 +113,19 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p}: corrupt checkpoint meta ({e})") from e
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{p}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    _check_files_table(p, meta.get("files"))
     return meta
+
+
+def _check_files_table(meta_path: Path, files: Any) -> None:
+    """``files`` maps each file name to its size and sha256; say so when it does not, rather than
+    reporting the files it fails to list as missing."""
+    if not isinstance(files, dict):
+        what = "no 'files' table" if files is None else f"a 'files' entry that is a {type(files).__name__}, not a table"
+        raise CheckpointError(f"{meta_path}: {what} (it lists each file's size and sha256; rewritten or truncated meta?)")
+    for name, info in files.items():
+        if not (isinstance(info, dict) and isinstance(info.get("size"), int) and isinstance(info.get("sha256"), str)):
+            raise CheckpointError(f"{meta_path}: files[{name!r}] needs an integer 'size' and a 'sha256' (got {info!r})")
 
 
 def verify_checkpoint(ckpt_dir: str | Path, *, deep: bool = True) -> dict[str, Any]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -24,6 +24,20 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_nproc(v: Any) -> Any:
+    """A process count is a positive int or "auto"; one message instead of one per union member."""
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        return v
+    raise ValueError("must be an integer >= 1 or 'auto'")
+
+
+Nproc = Annotated[int | Literal["auto"], BeforeValidator(_check_nproc)]
+# A share of something (a fraction of the run, of the peak LR): 0..1 inclusive.
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
 # --------------------------------------------------------------------------- run / infra
@@ -179,47 +193,51 @@ class TokenizeConfig(Section):
 
 
 class ModelConfig(Section):
-    depth: int = 12
+    depth: int = Field(12, ge=1)
     # model_dim = aspect_ratio * depth (64 in nanochat's depth series)
-    aspect_ratio: int = 64
-    head_dim: int = 128
-    n_kv_heads: int | None = None  # None = same as query heads; fewer = GQA
-    seq_len: int = 2048
-    softcap: float = 15.0
-    rope_base: float = 10000.0
+    aspect_ratio: int = Field(64, ge=1)
+    head_dim: int = Field(128, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)  # None = same as query heads; fewer = GQA
+    seq_len: int = Field(2048, ge=1)
+    softcap: float = Field(15.0, ge=0.0)  # 0 = no soft cap
+    rope_base: float = Field(10000.0, gt=0.0)
 
 
 class TrainConfig(Section):
-    nproc: int | Literal["auto"] = "auto"
+    # Whether the devices exist is checked when the stage starts (check_devices), not here:
+    # a config is also built where the stage will not run (an orchestrator, `kiln config`).
+    nproc: Nproc = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    device_batch_size: int = 32
-    total_batch_tokens: int = 524_288
+    device_batch_size: int = Field(32, ge=1)
+    total_batch_tokens: int = Field(524_288, ge=1)
     # Token budget: exactly one of steps / target_param_data_ratio / target_flops is used
-    # (steps wins, then flops, then the ratio).
-    steps: int | None = None
-    target_param_data_ratio: float = 20.0
-    target_flops: float | None = None
+    # (steps wins, then flops, then the ratio). Each must be positive: a zero or negative
+    # budget would "finish" at step 0 and publish an untrained model as done.
+    steps: int | None = Field(None, ge=1)
+    target_param_data_ratio: float = Field(20.0, gt=0.0)
+    target_flops: float | None = Field(None, gt=0.0)
     optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = 3e-3
-    embedding_lr: float | None = None
+    lr: float = Field(3e-3, gt=0.0)
+    # 0 freezes that group; None = lr.
+    embedding_lr: float | None = Field(None, ge=0.0)
     # lm_head's Adam LR; None = lr with adamw, 0.004 with muon (where lr is Muon's matrix LR).
-    unembedding_lr: float | None = None
-    min_lr_frac: float = 0.0
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
+    unembedding_lr: float | None = Field(None, ge=0.0)
+    min_lr_frac: Fraction = 0.0
+    weight_decay: float = Field(0.0, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
     schedule: Literal["cosine", "wsd", "linear"] = "linear"
-    warmup_steps: int = 0
-    warmdown_frac: float = 0.2
+    warmup_steps: int = Field(0, ge=0)
+    warmdown_frac: Fraction = 0.2
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     compile: bool = False
-    eval_every: int = 250
-    eval_tokens: int = 10 * 524_288
-    log_every: int = 10
-    ckpt_every: int = 1000
-    keep_last: int = 2
-    sample_every: int = 0
+    eval_every: int = Field(250, ge=0)  # 0 = only at the end
+    eval_tokens: int = Field(10 * 524_288, ge=1)
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(1000, ge=0)  # 0 = only at the end
+    keep_last: int = Field(2, ge=1)
+    sample_every: int = Field(0, ge=0)  # 0 = with every eval
     sample_prompts: list[str] = [
         "The capital of France is",
         "The tallest mountain in the world is",
@@ -232,32 +250,32 @@ class MidtrainConfig(TrainConfig):
     # Fraction of tokens from chat data; the rest comes from the pretraining shards.
     chat_ratio: float = Field(0.3, ge=0.0, le=1.0)
     # Defaults repeated here (not only in KilnConfig) because a preset section rebuilds the class.
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0.0)
     # Scales lr (and embedding_lr): one knob to start below the pretraining preset's LR.
     init_lr_frac: float = Field(1.0, gt=0.0)
     # The LR decays linearly to zero over the whole stage (a preset that names only lr keeps this).
     schedule: Literal["cosine", "wsd", "linear"] = "linear"
-    warmdown_frac: float = 1.0
+    warmdown_frac: Fraction = 1.0
     # A document contributes at most this many tokens to the mixture (None = seq_len); bounds ratio error.
-    crop_tokens: int | None = None
+    crop_tokens: int | None = Field(None, ge=1)
 
 
 class SFTConfig(TrainConfig):
     # Passes over the chat set; used to size the run when `steps` is null (steps wins when set).
     epochs: int = Field(1, ge=1)
-    lr: float = 5e-4
+    lr: float = Field(5e-4, gt=0.0)
     # Longer conversations are truncated (their kept prefix must still hold an assistant token).
-    max_conversation_tokens: int = 2048
+    max_conversation_tokens: int = Field(2048, ge=1)
     init_lr_frac: float = Field(1.0, gt=0.0)
     schedule: Literal["cosine", "wsd", "linear"] = "linear"
-    warmdown_frac: float = 1.0
+    warmdown_frac: Fraction = 1.0
     # Chat prompts answered by the final model and logged (samples in chat_samples.json + MLflow).
     chat_prompts: list[str] = [
         "What is the capital of France?",
         "Write a short poem about the sea.",
         "Natalia sold 48 clips in April and half as many in May. How many clips did she sell in total?",
     ]
-    chat_sample_tokens: int = 96
+    chat_sample_tokens: int = Field(96, ge=0)
 
 
 class ChatDataConfig(Section):
@@ -273,24 +291,25 @@ class ChatDataConfig(Section):
 class EvalConfig(Section):
     bundle: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
     bundle_sha256: str = ""
-    max_per_task: int | None = None
+    max_per_task: int | None = Field(None, ge=1)
     # Evaluate only these CORE task labels (quick checks); None = every task with data. A subset
     # is labelled CORE-subset-<n>, never CORE.
     tasks: list[str] | None = None
-    batch_tokens: int = 16384
-    bpb_tokens: int = 1_048_576
+    batch_tokens: int = Field(16384, ge=1)
+    bpb_tokens: int = Field(1_048_576, ge=1)
     # Sequences longer than this are cropped from the left (None: the model's seq_len).
-    max_seq_len: int | None = None
+    max_seq_len: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Ranks for CORE/bpb: "auto" = every visible GPU (1 on CPU); >1 launches torchrun.
-    nproc: int | Literal["auto"] = "auto"
-    sample_max_tokens: int = 32
+    nproc: Nproc = "auto"
+    sample_max_tokens: int = Field(32, ge=0)
     sample_prompts: list[str] = [
         "The tallest mountain in the world is",
         "The chemical symbol of gold is",
         "The opposite of hot is",
     ]
-    stages: list[str] = ["pretrain", "midtrain", "sft"]
+    # Which training stages' models are evaluated.
+    stages: list[Literal["pretrain", "midtrain", "sft"]] = ["pretrain", "midtrain", "sft"]
 
 
 class ReportConfig(Section):
@@ -327,6 +346,27 @@ STAGES = [
     "download", "filter", "dedup", "tokenizer", "tokenize",
     "pretrain", "midtrain", "sft", "eval", "report",
 ]
+TRAIN_SECTIONS = ("pretrain", "midtrain", "sft")
+# The stages that pick devices; each reads `device` and `nproc` from its own config section.
+DEVICE_STAGES = (*TRAIN_SECTIONS, "eval")
+
+
+def _batch_problem(name: str, tr: TrainConfig, seq_len: int) -> str | None:
+    """Why ``tr``'s optimizer batch cannot be split into whole micro-batches, naming the keys.
+
+    With ``nproc: auto`` the world size is known only when the stage starts (the trainer checks
+    again then); one rank's micro-batch must divide the batch in any case, and more ranks (or
+    nodes) only multiply the divisor.
+    """
+    ranks = tr.nproc if isinstance(tr.nproc, int) else 1
+    per_micro = tr.device_batch_size * seq_len * ranks
+    if tr.total_batch_tokens % per_micro == 0:
+        return None
+    parts = f"{name}.device_batch_size {tr.device_batch_size} × model.seq_len {seq_len}"
+    if ranks > 1:
+        parts += f" × {name}.nproc {ranks}"
+    return (f"{name}.total_batch_tokens: {tr.total_batch_tokens} is not a multiple of {parts} "
+            f"= {per_micro} tokens per micro-step")
 
 
 class KilnConfig(Section):
@@ -354,6 +394,9 @@ class KilnConfig(Section):
         bad = [s for s in self.orchestration.fail_once if s not in STAGES]
         if bad:
             raise ValueError(f"orchestration.fail_once names unknown stages {bad}; known: {STAGES}")
+        problems = [p for name in TRAIN_SECTIONS if (p := _batch_problem(name, getattr(self, name), self.model.seq_len))]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def section(self, name: str) -> dict[str, Any]:
@@ -409,6 +452,13 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _yaml_error_line(path: Path, e: yaml.YAMLError) -> str:
+    """``file:line:col: invalid YAML: problem`` (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    return f"{where}: invalid YAML: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+
+
 def load_preset_dict(preset: str) -> dict[str, Any]:
     path = Path(preset)
     if not path.suffix:
@@ -418,22 +468,37 @@ def load_preset_dict(preset: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        raise ConfigError(_yaml_error_line(path, e)) from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     data.setdefault("preset", path.stem)
     return data
 
 
+# pydantic's bound errors, said the way a config key's limit is written: "must be >= 1".
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+           "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+
+
+def _error_text(e: Any) -> str:
+    """One pydantic error as ``key: problem (got value)``."""
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if e["type"] in _BOUNDS:
+        op, bound = _BOUNDS[e["type"]]
+        limit = e["ctx"][bound]
+        msg = f"must be {op} {limit:g}" if isinstance(limit, float) else f"must be {op} {limit}"
+    else:
+        msg = e["msg"].removeprefix("Value error, ")
+    if not loc:  # a cross-field check (model validator): its message names the keys itself
+        return msg
+    return f"{loc}: {msg} (got {e.get('input')!r})"
+
+
 def _format_validation_error(err: ValidationError, origin: str) -> str:
-    lines = [f"invalid config ({origin}):"]
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"  {loc}: unknown key")
-        else:
-            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+    """Every problem on ONE line (the CLI prints it as it is), then where the values came from."""
+    return "; ".join(_error_text(e) for e in err.errors()) + f" [{origin}]"
 
 
 def load_config(preset: str = "tiny", overrides: list[str] | dict[str, Any] | None = None) -> KilnConfig:
@@ -455,8 +520,35 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict[str, Any] | No
     try:
         return KilnConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, f"preset {preset!r} with overrides {[k for k, _ in items]}")) from None
+        origin = f"preset {preset!r}" + (f", overrides {', '.join(k for k, _ in items)}" if items else "")
+        raise ConfigError(_format_validation_error(e, origin)) from None
 
 
 def config_from_json(text: str) -> KilnConfig:
     return KilnConfig.model_validate(json.loads(text))
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def check_devices(cfg: KilnConfig, stage: str) -> None:
+    """Raise :class:`ConfigError` naming the key when ``stage`` asks for devices this machine lacks.
+
+    Called when the stage starts on the machine that runs it, before torchrun (or a model) is
+    launched, so a missing GPU is one line instead of a traceback from every rank. It is not part
+    of validation because configs are also built where the stage does not run: a CPU orchestrator
+    dispatching to a GPU pool, ``kiln config``, ``kiln ls``.
+    """
+    if stage not in DEVICE_STAGES:
+        return
+    import torch
+
+    name, sec = stage, getattr(cfg, stage)
+    cuda = torch.cuda.is_available()
+    if sec.device == "cuda" and not cuda:
+        raise ConfigError(f"{name}.device: cuda requested but torch.cuda.is_available() is False on this machine "
+                          f"(use 'auto' or 'cpu')")
+    on_cuda = sec.device == "cuda" or (sec.device == "auto" and cuda)
+    if on_cuda and isinstance(sec.nproc, int) and sec.nproc > torch.cuda.device_count():
+        raise ConfigError(f"{name}.nproc: {sec.nproc} processes but only {torch.cuda.device_count()} CUDA "
+                          f"device(s) visible (one process per GPU; use 'auto')")

@@ -18,6 +18,7 @@ environment; it imports neither (llm/ stays free of Prefect).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -117,6 +118,29 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    """True when every address ``host`` resolves to is a loopback one (127.0.0.0/8, ::1).
+
+    A name that does not resolve counts as not loopback: better a needless warning than none.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def exposure_warning(host: str) -> str | None:
+    """One line for stderr when the servers would be reachable from other machines: neither Prefect's
+    nor MLflow's server has authentication, so anyone who can reach the port can run flows and read
+    or delete runs."""
+    if is_loopback(host):
+        return None
+    return (f"kiln stack: warning: --host {host} exposes the Prefect and MLflow servers, which have no "
+            f"authentication, to every machine that can reach it; put them behind an authenticating "
+            f"reverse proxy or an SSH tunnel (README: Exposing the stack)")
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -264,6 +288,9 @@ def prefect_cli(stack: Stack, *args: str, check: bool = True, timeout: float = 6
 
 
 def up(args: argparse.Namespace) -> int:
+    warning = exposure_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     home = Path(args.home).resolve()
     for d in ("logs", "pids", "prefect", "mlflow/artifacts"):
         (home / d).mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import KilnConfig
+from .config import KilnConfig, check_devices
 from .stage import StageOutput, StageResult, run_stage
 from .storage import Store
 
@@ -144,6 +144,8 @@ def execute(
     fn = sd.function()
 
     def body(out: StageOutput, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        # Only when computing: a reused output needs no devices (the stage may have run elsewhere).
+        check_devices(cfg, name)
         return fn(cfg, out, manifests, progress=progress)
 
     check_inputs(name, cfg, inputs, store)

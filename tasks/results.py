@@ -12,18 +12,59 @@ machine). ``cfg.orchestration.result_storage`` names one shared place instead:
 
 The S3 block is saved on the Prefect server under a name derived from its location (Prefect
 requires saved blocks); any process that imports this module can load it back by id.
+
+Records are JSON (:data:`RESULT_SERIALIZER`), not Prefect's default pickle: a stage's result is
+its URI, key and counts, and unpickling a record runs whatever code its writer put there, so
+anyone who could write the shared storage could run code on every worker. Prefect decodes a
+record with the serializer named *inside* the record, so the S3 block also refuses, on read, a
+record that names any other serializer (it then counts as no record: the stage's own manifest
+check decides whether the work is done).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 from prefect._internal.compatibility.async_dispatch import async_dispatch
 from prefect.filesystems import WritableFileSystem
+from prefect.serializers import JSONSerializer
 
 from llm.config import KilnConfig
 from llm.storage import Store, is_s3, join
+
+
+def encode_error(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for task results: a failed task's exception is recorded as its type
+    and message; any other value that is not plain JSON is a bug in what a task returns, and fails the
+    write rather than being stored by class name."""
+    if isinstance(obj, BaseException):
+        return {"error": type(obj).__name__, "message": str(obj)}
+    raise TypeError(f"a task result holds a {type(obj).__name__}, which is not plain JSON")
+
+
+# Plain JSON: no object hook on reading, so decoding a record imports and calls nothing it names.
+RESULT_SERIALIZER = JSONSerializer(object_encoder=f"{__name__}.encode_error", object_decoder=None)
+
+
+class UntrustedResultRecord(ValueError):
+    """A result record that is not JSON written by :data:`RESULT_SERIALIZER`: never decoded."""
+
+
+def check_result_record(content: bytes, where: str) -> None:
+    """Raise :class:`UntrustedResultRecord` unless ``content`` is a record that names exactly
+    :data:`RESULT_SERIALIZER` (a record naming "pickle", or a JSON serializer whose ``jsonlib``
+    or ``object_decoder`` names some other callable, would run code when Prefect decodes it)."""
+    try:
+        named = json.loads(content)["metadata"]["serializer"]
+    except (ValueError, KeyError, TypeError):
+        raise UntrustedResultRecord(f"{where}: not a Prefect result record") from None
+    if named != RESULT_SERIALIZER.model_dump(mode="json"):
+        kind = named.get("type") if isinstance(named, dict) else named
+        raise UntrustedResultRecord(f"{where}: result record names serializer {kind!r}, not Kiln's plain JSON; "
+                                    f"not decoding it")
 
 
 class KilnS3ResultStorage(WritableFileSystem):
@@ -59,7 +100,10 @@ class KilnS3ResultStorage(WritableFileSystem):
 
     def _read(self, path: str) -> bytes:
         # FileNotFoundError for a missing key: Prefect treats any exception as "no record".
-        return self._store().get_bytes(self._resolve_path(path))
+        uri = self._resolve_path(path)
+        content = self._store().get_bytes(uri)
+        check_result_record(content, uri)
+        return content
 
     def _write(self, path: str, content: bytes) -> str:
         uri = self._resolve_path(path)

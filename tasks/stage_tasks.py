@@ -39,7 +39,7 @@ from llm.config import ConfigError, KilnConfig
 from llm.stage import StageError, content_key, require_manifest, verify_output
 from llm.stages import STAGES, execute
 from llm.storage import Store, is_transient as is_transient_storage_error, join
-from tasks.results import result_storage_for
+from tasks.results import RESULT_SERIALIZER, result_storage_for
 
 # --------------------------------------------------------------------------- errors / retries
 
@@ -211,9 +211,11 @@ def _summary(stage: str, manifest: dict[str, Any], *, reused: bool, mlflow_run_i
 
 
 # Both stage tasks (in-process and as a deployment) cache on the content key and retry only transient failures.
+# Their results (the summary above: strings, numbers, counts) are stored as JSON, never pickled: see tasks.results.
 STAGE_TASK_OPTIONS: dict[str, Any] = dict(
     cache_key_fn=_cache_key,
     persist_result=True,
+    result_serializer=RESULT_SERIALIZER,
     retries=2,
     retry_delay_seconds=[10, 60],
     retry_jitter_factor=0.2,

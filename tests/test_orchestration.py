@@ -203,11 +203,16 @@ def s3_server(monkeypatch):
 
 
 def test_s3_result_storage_round_trip(s3_server):
-    from tasks.results import KilnS3ResultStorage
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    from tasks.results import RESULT_SERIALIZER, KilnS3ResultStorage
 
     block = KilnS3ResultStorage(basepath="s3://kiln/prefect-results", endpoint_url=s3_server)
-    block.write_path("kiln-sft-abc", b"record", _sync=True)
-    assert block.read_path("kiln-sft-abc", _sync=True) == b"record"
+    # A record as a stage task writes it (JSON); others are refused on read (tests/test_hostile_config.py).
+    record = ResultRecord(metadata=ResultRecordMetadata(serializer=RESULT_SERIALIZER, storage_key="kiln-sft-abc"),
+                          result={"uri": "s3://kiln/sft/abc"}).serialize()
+    block.write_path("kiln-sft-abc", record, _sync=True)
+    assert block.read_path("kiln-sft-abc", _sync=True) == record
     with pytest.raises(FileNotFoundError):
         block.read_path("missing", _sync=True)
 
