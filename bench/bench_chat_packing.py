@@ -1,6 +1,6 @@
 """SFT packing efficiency and loader speed on the offline chat set.
 
-Compares Kiln's best-fit packing (``llm.chat_data.SFTStream``) with the padded reference most SFT
+Compares Kiln's best-fit packing (``llm.train.chat_loaders.SFTStream``) with the padded reference most SFT
 scripts use (nanochat's included): one conversation per row, padded to the longest conversation of its
 batch. Reports the share of row positions holding real tokens, supervised targets per row, and rows
 per optimizer step needed for one epoch; then the loaders' rows/s.
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.chat import DropReport, load_conversations, render_many
-from llm.chat_data import SFTStream
+from llm.chat.format import DropReport, load_conversations, render_many
+from llm.train.chat_loaders import SFTStream
 from llm.tokenizer import train_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "train.parquet"

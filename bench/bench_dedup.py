@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from llm.config import load_config  # noqa: E402
 from llm.data.minhash import jaccard, normalize, shingles  # noqa: E402
-from llm.stage import run_stage  # noqa: E402
-from llm.stages import execute  # noqa: E402
+from llm.stages.output import run_stage  # noqa: E402
+from llm.stages.registry import execute  # noqa: E402
 from llm.storage import Store  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "pretrain"

@@ -53,8 +53,8 @@ def one(corpus: Path, workers: int, partitions: int) -> dict:
     """Run the dedup stage on ``corpus`` in this (fresh) process; return the memory figures."""
     from llm.config import load_config
     from llm.data.dedup import peak_rss_mb
-    from llm.stage import run_stage
-    from llm.stages import execute
+    from llm.stages.output import run_stage
+    from llm.stages.registry import execute
     from llm.storage import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_dedup_mem_"))

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llm.data.tokenize import tokenize_docs  # noqa: E402
-from llm.stage import run_stage  # noqa: E402
+from llm.stages.output import run_stage  # noqa: E402
 from llm.storage import Store  # noqa: E402
 from llm.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 

@@ -8,7 +8,7 @@ What is compared (same machine, same run, same threads):
   opt.step()`` and nothing else — no data loader, no gradient clipping, no LR schedule, no logging,
   no checkpoints, no process launch. nanochat itself cannot be installed offline here, and its code is
   not copied; this loop is the upper bound any trainer with this model could reach on this CPU.
-* **kiln** — ``llm.train_stage.launch_training`` → ``torchrun`` → ``llm.train`` with the real pretrain
+* **kiln** — ``llm.train.stages.launch_training`` → ``torchrun`` → ``llm.train.trainer`` with the real pretrain
   loader reading memmapped token shards (BOS-aligned best-fit packing), grad clipping, the LR schedule,
   metrics.jsonl, periodic checkpoints (every ``--ckpt-every`` steps) and the end-of-run eval. Tokens/s
   is the trainer's own steady-state figure from metrics.jsonl (intervals after the first ``--warmup``
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from llm.config import TrainConfig  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
-from llm.optim import build_optimizers  # noqa: E402
+from llm.train.optim import build_optimizers  # noqa: E402
 
 CONFIGS = {
     "nanochat-cpu": dict(model=dict(depth=4, aspect_ratio=64, head_dim=128, seq_len=1024, vocab_size=65536),
@@ -99,7 +99,7 @@ def reference(cfg: dict, steps: int, warmup: int) -> dict:
 
 
 def kiln(cfg: dict, steps: int, warmup: int, ckpt_every: int, work: Path) -> dict:
-    from llm.train_stage import launch_training
+    from llm.train.stages import launch_training
 
     mc = GPTConfig(**cfg["model"])
     tc = TrainConfig(**{**cfg["train"], "device": "cpu", "steps": steps, "log_every": warmup, "eval_every": 0,

@@ -1,10 +1,10 @@
 """GPU training throughput and MFU of the Kiln trainer for the d12 and d20 presets (bf16, torch.compile).
 
-Runs the real path (``launch_training`` → torchrun → ``llm.train`` → pretrain loader on memmapped
+Runs the real path (``launch_training`` → torchrun → ``llm.train.trainer`` → pretrain loader on memmapped
 shards) for ``--steps`` optimizer steps on synthetic random-token shards (vocab 65,536, as in the
 presets) and reports the trainer's steady-state tokens/s and MFU from its metrics.jsonl (intervals
 after ``--warmup`` steps, so compilation is excluded). MFU = flops_per_token × tokens/s / (peak bf16
-FLOP/s × GPUs), with the 6N + 12·L·H·hd·T count of ``llm.model`` and the peak table in ``llm.train``.
+FLOP/s × GPUs), with the 6N + 12·L·H·hd·T count of ``llm.model`` and the peak table in ``llm.train.trainer``.
 The goal from the issue is ≥ 45% MFU on one H100 for d20.
 
 Reference in the same run: the plain loop of ``bench_train_cpu.reference`` (same model, same optimizer,
@@ -32,8 +32,8 @@ from bench_train_cpu import write_shards  # noqa: E402
 
 from llm.config import load_config  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
-from llm.optim import build_optimizers  # noqa: E402
-from llm.train import peak_flops  # noqa: E402
+from llm.train.optim import build_optimizers  # noqa: E402
+from llm.train.trainer import peak_flops  # noqa: E402
 
 
 def reference(mc: GPTConfig, tc, steps: int, warmup: int) -> float:
@@ -83,7 +83,7 @@ def main() -> int:
     print(f"{args.preset} on {name} (peak {peak:.3g} FLOP/s): {mc.to_dict()} | batch {tc.total_batch_tokens}", flush=True)
     ref = reference(mc, tc, min(args.steps, 20), min(args.warmup, 5))
     print(f"reference loop  {ref:,.0f} tokens/s  MFU {fpt * ref / peak:.1%}", flush=True)
-    from llm.train_stage import launch_training
+    from llm.train.stages import launch_training
 
     with tempfile.TemporaryDirectory() as tmp:
         tokens = write_shards(Path(tmp) / "tokens", 65536, n_tokens=(args.steps + 2) * tc.total_batch_tokens)

@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from flows.settings import flow_config
-from llm.stages import STAGES
+from llm.stages.registry import STAGES
 from tasks.stage_tasks import run_stage_task
 
 DATA_STAGES = ["download", "filter", "dedup", "tokenizer", "tokenize"]

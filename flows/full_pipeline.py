@@ -4,7 +4,7 @@
                                                           ↓           ↓        ↓
                                                    eval_pretrain eval_midtrain eval_sft → report
 
-Same shape as ``llm.pipeline.run_pipeline`` (one task per stage, stages pass artifact URIs).
+Same shape as ``llm.stages.pipeline.run_pipeline`` (one task per stage, stages pass artifact URIs).
 Every stage task is cached on its content key (tasks/stage_tasks.py), so an unchanged config
 finishes with every stage ``Cached``; ``force`` recomputes the named stages (``eval`` means
 every eval, ``all`` everything).
@@ -32,8 +32,8 @@ from prefect.futures import PrefectFuture
 
 from llm.config import STAGES as STAGE_NAMES
 from llm.config import ConfigError, KilnConfig
-from llm.pipeline import CHAIN
-from llm.stages import STAGES
+from llm.stages.pipeline import CHAIN
+from llm.stages.registry import STAGES
 from flows.settings import flow_config
 from tasks.stage_tasks import resolve_future, run_stage_task, submit_stage_task
 from tasks.tracking_tasks import PipelineTracker

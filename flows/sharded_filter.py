@@ -25,8 +25,8 @@ from prefect_dask import DaskTaskRunner
 from flows.settings import flow_config
 from llm.config import FilterConfig, KilnConfig
 from llm.data.filter import ShardReport, check_output, filter_shard, input_shards, summarize
-from llm.stage import StageOutput, run_stage
-from llm.stages import STAGES
+from llm.stages.output import StageOutput, run_stage
+from llm.stages.registry import STAGES
 from llm.storage import Store
 from tasks.stage_tasks import retry_on_transient
 
@@ -56,7 +56,7 @@ def filter_sharded(preset: str = "tiny", overrides: dict[str, Any] | list[str] |
     """Filter every shard of ``inputs["docs"]`` (default: this config's download output) as Dask tasks."""
     cfg = flow_config(preset, overrides)
     if not inputs:
-        from llm.pipeline import run_pipeline
+        from llm.stages.pipeline import run_pipeline
 
         inputs = {"docs": run_pipeline(cfg, until="download", progress=False)["download"].uri}
     sd = STAGES["filter"]

@@ -18,8 +18,8 @@ from prefect import flow
 
 from flows.settings import flow_config
 from llm.config import KilnConfig
-from llm.pipeline import eval_inputs, report_inputs, run_pipeline
-from llm.stages import STAGES
+from llm.stages.pipeline import eval_inputs, report_inputs, run_pipeline
+from llm.stages.registry import STAGES
 from tasks.stage_tasks import run_stage_task
 
 
@@ -32,7 +32,7 @@ def _upstream_inputs(stage: str, cfg: KilnConfig, model_stage: str) -> dict[str,
     ups = STAGES[stage].inputs
     if not ups:
         return {}
-    from llm.pipeline import CHAIN
+    from llm.stages.pipeline import CHAIN
 
     results = run_pipeline(cfg, until=max(ups.values(), key=CHAIN.index), progress=False)
     return {role: results[up].uri for role, up in ups.items()}

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .storage import cache_root, sha256_file
+from llm.storage import cache_root, sha256_file
 
 FORMAT = "kiln-ckpt-1"
 MODEL_FILE = "model.safetensors"
@@ -241,7 +241,7 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], wher
 def resolve_checkpoint_dir(uri: str, *, endpoint_url: str = "") -> Path:
     """A local checkpoint directory for ``uri``: a checkpoint dir, or a training stage output dir
     (its ``final/``, else its newest ``checkpoints/step_*``). ``s3://`` URIs are downloaded to KILN_CACHE."""
-    from .storage import Store, is_s3, join
+    from llm.storage import Store, is_s3, join
 
     if is_s3(uri):
         store = Store(uri, endpoint_url)
@@ -279,7 +279,7 @@ def as_stage_input(uri: str, *, endpoint_url: str = "") -> dict[str, Any] | None
 
 
 def _download_dir(store: Any, uri: str) -> Path:
-    from .storage import join
+    from llm.storage import join
 
     cache = cache_root("s3", uri[len("s3://"):])
     meta = json.loads(store.get_bytes(join(uri, META_FILE)))
@@ -294,7 +294,7 @@ def _download_dir(store: Any, uri: str) -> Path:
 
 def load_model(uri: str, device: str = "cpu", *, endpoint_url: str = "") -> tuple[Any, dict[str, Any]]:
     """(GPT in eval mode on ``device``, checkpoint meta) from a training stage output dir or checkpoint dir."""
-    from .model import GPT, GPTConfig
+    from llm.model import GPT, GPTConfig
 
     ckpt = resolve_checkpoint_dir(uri, endpoint_url=endpoint_url)
     meta = verify_checkpoint(ckpt)

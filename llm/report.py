@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .config import KilnConfig
-from .stage import StageOutput
-from .storage import Store, join
+from llm.config import KilnConfig
+from llm.stages.output import StageOutput
+from llm.storage import Store, join
 
 DATA_STAGES = ("download", "filter", "dedup", "tokenize")
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")

@@ -34,6 +34,27 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of either.
+
+    The bytes go to a temp name in the same directory (same filesystem, so the rename is atomic) and are
+    renamed over ``path``. The temp name carries the pid and a random part, so two writers of one path
+    never share a temp file, and it starts with a dot so a stage publish never lists it. A failed write
+    leaves no temp file behind. This is the only atomic file write in Kiln: use it, don't write another.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
@@ -191,11 +212,7 @@ class Store:
             bucket, key = split_s3(uri)
             with_retries(lambda: self._client().put_object(Bucket=bucket, Key=key, Body=data), what=f"put {uri}")
             return
-        dest = local_path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        write_atomic(local_path(uri), data)
 
     def get(self, uri: str, local: str | Path) -> Path:
         """Download/copy one file to ``local`` atomically; returns the local path."""

@@ -34,8 +34,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import tiktoken
 
-from .stage import StageError, StageOutput
-from .storage import Store, join
+from llm.stages.output import StageError, StageOutput
+from llm.storage import Store, join
 
 # GPT-4 (cl100k) split pattern: contractions, letter runs with one leading non-letter, numbers in
 # groups of up to 3 digits, punctuation runs, newlines and other whitespace.
@@ -359,7 +359,7 @@ def key_config(cfg) -> dict[str, Any]:
 def _training_stream(docs: Iterator[tuple[str, str]], doc_cap: int, max_chars: int, heldout: list[str],
                      stats: dict[str, int], batch: int = 256) -> Iterator[list[str]]:
     """Batches of training text (capped per doc and in total); held-out docs go to ``heldout`` instead."""
-    from .data.shards import doc_bucket
+    from llm.data.shards import doc_bucket
 
     buf: list[str] = []
     for doc_id, text in docs:
@@ -387,7 +387,7 @@ def _training_stream(docs: Iterator[tuple[str, str]], doc_cap: int, max_chars: i
 
 def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
     """Stage "tokenizer": train (or wrap a stock encoding) and save the portable tokenizer files."""
-    from .data.docs import iter_docs
+    from llm.data.docs import iter_docs
 
     tcfg = cfg.tokenizer
     store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
@@ -403,7 +403,7 @@ def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> di
             raise StageError(f"{docs_uri}: no training text (every document empty or held out)")
     elif tcfg.kind in STOCK_ENCODINGS:
         tok = stock_tokenizer(tcfg.kind)
-        from .data.shards import doc_bucket
+        from llm.data.shards import doc_bucket
 
         for doc_id, text in iter_docs(store, docs_uri):  # nothing to train: only the held-out sample is needed
             stats["docs_seen"] += 1

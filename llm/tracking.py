@@ -63,7 +63,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input-tag key (mlflow.utils.mlflow_tags)
 ROLE_TAG = "kiln.role"
-# <root>/<stage>/<key>: a stage output (llm/stage.py's layout; keys are 20 hex digits).
+# <root>/<stage>/<key>: a stage output (llm/stages/output.py's layout; keys are 20 hex digits).
 _STAGE_DIR = re.compile(r"(?:^|/)([A-Za-z0-9_.\-]+)/[0-9a-f]{20}(?=/|$)")
 
 
@@ -98,7 +98,7 @@ def read_stage_inputs(uris: dict[str, str | None], endpoint_url: str = "") -> di
     finished stage output (``tiktoken:gpt2``, a bare checkpoint) are left out: without a manifest
     there is no content hash to name the data by.
     """
-    from .storage import Store, join
+    from llm.storage import Store, join
 
     out: dict[str, dict[str, Any]] = {}
     for role, uri in uris.items():

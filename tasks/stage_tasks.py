@@ -1,4 +1,4 @@
-"""Prefect tasks for every stage: thin wrappers over ``llm.stages.execute``.
+"""Prefect tasks for every stage: thin wrappers over ``llm.stages.registry.execute``.
 
 Caching follows the stage's content key (config sections + upstream manifest hashes +
 the stage's explicit code version + the artifact root), never ``RUN_ID`` or
@@ -16,7 +16,7 @@ A Prefect cache record can outlive the artifacts it points to (someone cleaned t
 a stale record never hands a missing URI downstream.
 
 Retries: only transient failures (network, S3 5xx/throttling, a crashed child flow run =
-a lost worker) are retried, with backoff. A :class:`~llm.stage.StageError`, a config error,
+a lost worker) are retried, with backoff. A :class:`~llm.stages.output.StageError`, a config error,
 or any error we cannot show to be transient fails at once with the real message.
 """
 
@@ -36,8 +36,8 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 
 from llm.config import ConfigError, KilnConfig
-from llm.stage import StageError, content_key, require_manifest, verify_output
-from llm.stages import STAGES, execute
+from llm.stages.output import StageError, content_key, require_manifest, verify_output
+from llm.stages.registry import STAGES, execute
 from llm.storage import Store, is_transient as is_transient_storage_error, join
 from tasks.results import RESULT_SERIALIZER, result_storage_for
 
@@ -96,14 +96,14 @@ _INFRA_MARKERS = ("NCCL", "ProcessGroupNCCL", "Connection reset", "Broken pipe",
 def _lost_training_job(e: BaseException) -> bool:
     """A torchrun job killed by a signal (preempted, lost node) or broken by the network between ranks.
 
-    Training resumes from its newest checkpoint (llm/train_stage.py), so a retry costs only
+    Training resumes from its newest checkpoint (llm/train/stages.py), so a retry costs only
     the steps since then. An ordinary non-zero exit (a bug, bad data, CUDA OOM) is not retried.
     """
     if type(e).__name__ == "TrainingFailed":
         code = getattr(e, "code", 0)
         tail = "\n".join(getattr(e, "tail", []) or [])
         return code < 0 or code in (137, 143) or any(m in tail for m in _INFRA_MARKERS)
-    # llm.train_stage raises this when the job checkpointed and stopped on a signal.
+    # llm.train.stages raises this when the job checkpointed and stopped on a signal.
     return isinstance(e, RuntimeError) and "run again to resume" in str(e)
 
 
@@ -241,7 +241,7 @@ def stage_task(
         maybe_inject_failure(cfg, stage, key)
     from tasks.tracking_tasks import tracking_uri  # local: keeps the module import light
 
-    from llm.train_stage import line_sink
+    from llm.train.stages import line_sink
 
     # torchrun's output lines (plan, steps, evals, failures) go into this task's Prefect log.
     with stage_environment(mlflow_run_id, tracking_uri(cfg)), line_sink(logger.info):

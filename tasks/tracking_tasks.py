@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from llm.config import KilnConfig
-from llm.stage import located_manifest
+from llm.stages.output import located_manifest
 from llm.tracking import log_stage_inputs, read_stage_inputs
 from llm.tracking import tracking_uri as llm_tracking_uri
-from llm.stages import STAGES
+from llm.stages.registry import STAGES
 from llm.storage import Store, join
 
 PIPELINE_TAG = "kiln.kind"

@@ -8,7 +8,7 @@ from typing import Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm.stage import run_stage
+from llm.stages.output import run_stage
 from llm.storage import Store
 
 

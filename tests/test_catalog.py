@@ -8,9 +8,9 @@ from pathlib import Path
 
 from s3_server import moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
-from llm.catalog import lineage, list_outputs
-from llm.cli import main
-from llm.stage import run_stage
+from llm.cli.ls import lineage, list_outputs
+from llm.cli.main import main
+from llm.stages.output import run_stage
 from llm.storage import Store
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm.chat import RenderedChats
-from llm.chat_data import CHAT, WEB, DocTable, MixtureLoader, MixtureStream, SFTLoader, best_fit_rows
+from llm.chat.format import RenderedChats
+from llm.train.chat_loaders import CHAT, WEB, DocTable, MixtureLoader, MixtureStream, SFTLoader, best_fit_rows
 
 BOS = 0
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llm.chat import (
+from llm.chat.format import (
     ChatSchemaError,
     DropReport,
     detect_schema,

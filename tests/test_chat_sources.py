@@ -14,10 +14,10 @@ from hub_server import HubServer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 from test_chat_format import ByteTokenizer
 
-from llm.chat import RenderedChats, chat_cache_dir, load_conversations, render_many
-from llm.chat_stages import prepare_chats
+from llm.chat.format import RenderedChats, chat_cache_dir, load_conversations, render_many
+from llm.train.chat_stages import prepare_chats
 from llm.config import load_config
-from llm.stage import StageError
+from llm.stages.output import StageError
 from llm.storage import Store
 
 ROWS_PER_FILE = 60

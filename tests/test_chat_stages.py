@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llm.chat import load_conversations, render_conversation
+from llm.chat.format import load_conversations, render_conversation
 from llm.checkpoint import load_model, save_checkpoint
 from llm.config import load_config
 from llm.model import GPT, GPTConfig
-from llm.stage import run_stage
-from llm.stages import execute
+from llm.stages.output import run_stage
+from llm.stages.registry import execute
 from llm.storage import Store
 from llm.tokenizer import train_tokenizer
 
@@ -152,7 +152,7 @@ def test_chat_cli_through_a_pipe(tmp_path: Path) -> None:
     import argparse
     import io
 
-    from llm import chat_cli
+    from llm.cli import chat as chat_cli
 
     tok, _ = train_tokenizer(["hello world, how are you today? fine thanks."] * 50, 300)
     tok.save(tmp_path / "tok")
@@ -183,7 +183,7 @@ def test_chat_session_multi_turn_history(tmp_path: Path) -> None:
     """The prompt for turn 2 contains turn 1; /clear forgets it; long histories drop the oldest exchanges."""
     import io
 
-    from llm.chat_cli import ChatSession
+    from llm.cli.chat import ChatSession
 
     tok, _ = train_tokenizer(["one two three four five six seven"] * 50, 300)
     tok.save(tmp_path / "tok")

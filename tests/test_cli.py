@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.cli import main as kiln
+from llm.cli.main import main as kiln
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -34,7 +34,7 @@ def test_ls_lineage_of_a_corrupt_manifest(tmp_path: Path, capsys: pytest.Capture
 
 def _published(root: Path, stage: str) -> str:
     """A finished output of ``stage`` (any files): enough for input checks."""
-    from llm.stage import run_stage
+    from llm.stages.output import run_stage
     from llm.storage import Store
 
     def write(out, inputs):
@@ -64,8 +64,8 @@ def test_a_bad_explicit_input_fails_before_upstream_compute(artifact_root: Path,
 def test_summary_leads_with_headline_counts_and_rounds_floats() -> None:
     """A reused output's manifest has its counts in alphabetical order; the summary still shows
     the same headline counts as a fresh run (and as `kiln ls`), with floats a person can read."""
-    from llm.cli import summary
-    from llm.stage import StageResult
+    from llm.cli.main import summary
+    from llm.stages.output import StageResult
 
     counts = {"final_train_loss": 7.753876765569051, "final_val_loss": 7.226579427719116, "mfu": 0.0012345678,
               "params": 1441792, "steps": 10, "tokens": 40960, "tokens_per_s": 812.6230507268997,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm.cli import main as kiln
+from llm.cli.main import main as kiln
 from llm.config import ConfigError, list_presets, load_config
 
 

@@ -22,7 +22,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.data import DATA_STAGES, data_flow  # noqa: E402
 from llm.data.shards import open_split, read_meta  # noqa: E402
-from llm.stage import verify_output  # noqa: E402
+from llm.stages.output import verify_output  # noqa: E402
 from llm.storage import Store  # noqa: E402
 from llm.tokenizer import load_tokenizer  # noqa: E402
 

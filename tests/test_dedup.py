@@ -23,8 +23,8 @@ from llm.data.minhash import (
     normalize,
     shingles,
 )
-from llm.stage import StageError, run_stage
-from llm.stages import execute
+from llm.stages.output import StageError, run_stage
+from llm.stages.registry import execute
 from llm.storage import Store
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
@@ -274,7 +274,7 @@ def test_keep_rule_is_smallest_id_and_independent_of_workers(tmp_path, shared_da
 
 
 def test_kiln_dedup_cli(tmp_path, shared_data, capsys):
-    from llm.cli import main
+    from llm.cli.main import main
 
     root = tmp_path / "art"
     t = real_table(shared_data, 0, 0, 30)

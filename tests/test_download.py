@@ -18,8 +18,8 @@ from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fi
 
 from llm.config import load_config
 from llm.data.download import DownloadError, fetch_files, glob_regex, list_files, pin_source, verify_parquet
-from llm.stage import MANIFEST, StageError, verify_output
-from llm.stages import execute
+from llm.stages.output import MANIFEST, StageError, verify_output
+from llm.stages.registry import execute
 from llm.storage import Store
 
 TOKEN = "hf_test_token"
@@ -332,7 +332,7 @@ def test_max_rows_within_the_first_file(shared_data: Path, artifact_root: Path) 
 _STAGE_CHILD = """
 import json, sys
 from llm.config import load_config
-from llm.stages import execute
+from llm.stages.registry import execute
 execute("download", load_config("tiny", json.loads(sys.argv[1])), {}, progress=False)
 """
 
@@ -642,7 +642,7 @@ def test_glob_semantics() -> None:
 
 
 def test_kiln_download_cli_against_the_hub(hub: HubServer, artifact_root: Path, capsys) -> None:
-    from llm.cli import main
+    from llm.cli.main import main
 
     rc = main(["download", "--output", str(artifact_root), "--quiet", "--set", f"download.source={hub.source('*.parquet')}",
                "--set", "download.max_files=1", "--set", "download.max_rows=100"])
@@ -653,7 +653,7 @@ def test_kiln_download_cli_against_the_hub(hub: HubServer, artifact_root: Path, 
 
 
 def test_kiln_download_cli_reports_bad_input(tmp_path: Path, artifact_root: Path, capsys) -> None:
-    from llm.cli import main
+    from llm.cli.main import main
 
     write_parquet(tmp_path / "src/a.parquet", pa.table({"body": ["x"]}))
     rc = main(["download", "--output", str(artifact_root), "--quiet", "--set", f"download.source={tmp_path}/src/*.parquet"])

@@ -207,8 +207,8 @@ def _rank_worker(rank: int, world: int, store_file: str, shared_data: str, state
         dist.destroy_process_group()
         raise
     # Leave as the eval and train jobs do: a gloo teardown after the peer has gone can SIGABRT a
-    # finished rank (llm/distributed.py), and mp.spawn would report that as a failure.
-    from llm.distributed import finish
+    # finished rank (llm/dist.py), and mp.spawn would report that as a failure.
+    from llm.dist import finish
 
     finish(0)
 

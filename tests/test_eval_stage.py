@@ -11,8 +11,8 @@ import pytest
 
 from _tok_helpers import real_docs
 from llm.config import load_config
-from llm.stage import run_stage
-from llm.stages import execute
+from llm.stages.output import run_stage
+from llm.stages.registry import execute
 from llm.storage import Store
 
 VOCAB = 512
@@ -121,7 +121,7 @@ def test_eval_under_torchrun_with_two_ranks_matches_one_rank(upstream):
 
 
 def test_kiln_eval_checkpoint_cli(upstream, capsys):
-    from llm.cli import main
+    from llm.cli.main import main
 
     args = ["eval", "--checkpoint", upstream["model"], "--input", f"tokenizer={upstream['tokenizer']}",
             "--input", f"tokens={upstream['tokens']}", "--output", upstream["root"], "--quiet"]
@@ -135,7 +135,7 @@ def test_kiln_eval_checkpoint_cli(upstream, capsys):
 
 def test_kiln_eval_checkpoint_resolves_only_the_missing_inputs():
     # With --checkpoint given, the tokenizer/tokens come from the data chain; no training stage is run.
-    from llm.cli import _parse_inputs, _upstream_until
+    from llm.cli.main import _parse_inputs, _upstream_until
 
     inputs = _parse_inputs("eval", [], "/some/pretrain/output")
     assert inputs == {"model": "/some/pretrain/output"}
@@ -147,7 +147,7 @@ def test_kiln_eval_on_a_bare_checkpoint_dir(upstream, capsys, tmp_path):
     """A checkpoint directory (no stage manifest) is evaluated too; its meta.json is its identity."""
     import shutil
 
-    from llm.cli import main
+    from llm.cli.main import main
 
     ckpt = tmp_path / "step_000007"
     shutil.copytree(Path(upstream["model"]) / "final", ckpt)

@@ -30,8 +30,8 @@ from llm.data.filters import (
     gopher_repetition,
     url_filter,
 )
-from llm.stage import StageError, run_stage
-from llm.stages import execute
+from llm.stages.output import StageError, run_stage
+from llm.stages.registry import execute
 from llm.storage import Store
 
 # --------------------------------------------------------------------------- hand-made documents
@@ -428,7 +428,7 @@ def test_binary_utf8_text_is_decoded(artifact_root: Path) -> None:
 
 
 def test_cli_filter(artifact_root: Path, shard_slice: pa.Table, capsys: pytest.CaptureFixture[str]) -> None:
-    from llm.cli import main
+    from llm.cli.main import main
 
     uri = _publish_docs(artifact_root, {"a.parquet": shard_slice.slice(0, 64)})
     rc = main(["filter", "--input", f"docs={uri}", "--output", str(artifact_root), "--quiet", "--set", "filter.workers=1"])

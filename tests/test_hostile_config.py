@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from llm.cli import main as kiln
+from llm.cli.main import main as kiln
 from llm.config import ConfigError, check_devices, load_config
 from s3_server import moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
@@ -88,7 +88,7 @@ def test_every_token_budget_source_must_be_positive(overrides: dict[str, Any], k
 
 
 def test_positive_budgets_resolve_to_at_least_one_step() -> None:
-    from llm.train import plan_tokens
+    from llm.train.trainer import plan_tokens
 
     for overrides in ({"pretrain.steps": 1}, {"pretrain.steps": None, "pretrain.target_flops": 1.0},
                       {"pretrain.steps": None, "pretrain.target_param_data_ratio": 1e-9}):
@@ -146,7 +146,7 @@ def machine(monkeypatch: pytest.MonkeyPatch):
 
 def _published(root: Path, stage: str) -> str:
     """A finished output of ``stage`` (one small file): enough to be a downstream stage's input."""
-    from llm.stage import run_stage
+    from llm.stages.output import run_stage
     from llm.storage import Store
 
     def write(out, inputs):
@@ -197,13 +197,13 @@ def test_more_processes_than_gpus_names_nproc(machine) -> None:
 def test_a_finished_stage_is_reused_on_a_machine_without_its_devices(artifact_root: Path, machine,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The device check is for computing: reading a GPU-trained output on a laptop must still work."""
-    from llm.stages import execute
+    from llm.stages.registry import execute
 
     def fake_pretrain(cfg, out, inputs, *, progress):
         out.path("final/model.safetensors").write_bytes(b"weights")
         return {"counts": {"steps": cfg.pretrain.steps}}
 
-    monkeypatch.setattr("llm.train_stage.run_pretrain", fake_pretrain)
+    monkeypatch.setattr("llm.train.stages.run_pretrain", fake_pretrain)
     cfg = load_config("tiny", {"run.artifact_root": str(artifact_root), "pretrain.device": "cuda"})
     inputs = {"tokens": _published(artifact_root, "tokenize"), "tokenizer": _published(artifact_root, "tokenizer")}
     machine(1)

@@ -25,8 +25,8 @@ from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fi
 from llm.config import load_config
 from llm.data.docs import check_published_docs
 from llm.data.tokenize import check_published_tokens
-from llm.stage import StageError, manifest_hash, verify_output
-from llm.stages import execute
+from llm.stages.output import StageError, manifest_hash, verify_output
+from llm.stages.registry import execute
 from llm.storage import Store, cache_root, join
 
 REPO = Path(__file__).resolve().parents[1]

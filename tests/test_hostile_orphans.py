@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm.config import load_config
-from llm.stages import execute
+from llm.stages.registry import execute
 
 REPO = Path(__file__).resolve().parents[1]
 SHARDS, ROWS = 4, 400

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from s3_server import moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
-from llm.catalog import lineage, list_outputs
-from llm.cli import main as kiln
-from llm.stage import run_stage
+from llm.cli.ls import lineage, list_outputs
+from llm.cli.main import main as kiln
+from llm.stages.output import run_stage
 from llm.storage import Store
 
 # A chain that runs in seconds on 2 cores: one small shard, a 512-token BPE, 2 training steps.

@@ -9,7 +9,7 @@ import torch
 
 from llm.checkpoint import CheckpointError, load_model, save_checkpoint
 from llm.model import GPT, GPTConfig
-from llm.optim import lr_multiplier
+from llm.train.optim import lr_multiplier
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -76,7 +76,7 @@ def test_loss_reduction_and_ignore_index():
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_overfit_one_batch(optimizer):
     from llm.config import TrainConfig
-    from llm.optim import build_optimizers
+    from llm.train.optim import build_optimizers
 
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=64, depth=2, aspect_ratio=32, head_dim=16, seq_len=32))

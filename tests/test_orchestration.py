@@ -29,8 +29,8 @@ def _client_error(status: int, code: str = "X"):
 
 def test_transient_failures_are_retried_and_deterministic_ones_are_not():
     from llm.config import ConfigError
-    from llm.stage import StageError
-    from llm.train_stage import TrainingFailed
+    from llm.stages.output import StageError
+    from llm.train.stages import TrainingFailed
     from tasks.stage_tasks import ChildRunFailed, ChildRunLost, ChildRunTimeout, is_transient
 
     def wrapped(cause: BaseException) -> RuntimeError:
@@ -55,7 +55,7 @@ def test_transient_failures_are_retried_and_deterministic_ones_are_not():
 def test_retry_condition_reads_the_failed_states_exception():
     from prefect.states import Failed
 
-    from llm.stage import StageError
+    from llm.stages.output import StageError
     from tasks.stage_tasks import retry_on_transient
 
     assert retry_on_transient(None, None, Failed(data=ConnectionResetError("peer"))) is True
@@ -84,8 +84,8 @@ def test_a_child_flow_run_failure_becomes_the_parents_error():
 
 
 def test_rendezvous_args():
-    from llm.rendezvous import rendezvous_args
-    from llm.stage import StageError
+    from llm.torchrun import rendezvous_args
+    from llm.stages.output import StageError
 
     assert rendezvous_args({}) == ["--standalone"]
     assert rendezvous_args({"KILN_NNODES": "1"}) == ["--standalone"]
@@ -110,7 +110,7 @@ def test_prefect_yaml_is_generated_from_the_registry_and_current():
     finally:
         sys.path.pop(0)
     from llm.config import list_presets
-    from llm.stages import STAGES
+    from llm.stages.registry import STAGES
 
     text = (REPO / "deployments" / "prefect.yaml").read_text()
     assert text == render(), "deployments/prefect.yaml is stale: run .venv/bin/python deployments/render_prefect_yaml.py"
@@ -138,7 +138,7 @@ def test_prefect_yaml_renders_with_other_pool_names(tmp_path):
         from render_prefect_yaml import main as render_main
     finally:
         sys.path.pop(0)
-    from llm.stages import STAGES
+    from llm.stages.registry import STAGES
 
     out = tmp_path / "prefect.yaml"
     assert render_main(["--cpu-pool", "etl", "--gpu-pool", "a100s", "--out", str(out)]) == 0
@@ -167,7 +167,7 @@ def test_site_overrides_apply_under_the_runs_own(monkeypatch):
 
 def test_fail_once_fails_a_stage_exactly_once(artifact_root):
     from llm.config import load_config
-    from llm.stage import StageError
+    from llm.stages.output import StageError
     from tasks.stage_tasks import maybe_inject_failure
 
     cfg = load_config("tiny", {"run.artifact_root": str(artifact_root), "orchestration.fail_once": ["sft"]})
@@ -260,7 +260,7 @@ def test_cached_stage_child_run_names_the_run_that_computed_it(artifact_root, tm
 
 
 def test_stack_starts_and_stops_only_its_own_process_group(tmp_path):
-    from llm import stack as st
+    from deployments import stack as st
 
     s = st.Stack(home=tmp_path, ports={"prefect": 1, "mlflow": 2})
     (tmp_path / "logs").mkdir()
@@ -282,7 +282,7 @@ def test_stack_starts_and_stops_only_its_own_process_group(tmp_path):
 
 
 def test_stack_status_without_a_stack(tmp_path, capsys):
-    from llm.cli import main
+    from llm.cli.main import main
 
     assert main(["stack", "status", "--home", str(tmp_path / "none")]) == 1
     assert "kiln stack up" in capsys.readouterr().out
@@ -291,7 +291,7 @@ def test_stack_status_without_a_stack(tmp_path, capsys):
 def test_stack_up_refuses_a_busy_port_before_starting_anything(tmp_path, capsys):
     import socket
 
-    from llm.cli import main
+    from llm.cli.main import main
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -16,8 +16,8 @@ import pytest
 
 from llm.checkpoint import load_model
 from llm.config import load_config
-from llm.stage import run_stage
-from llm.stages import execute
+from llm.stages.output import run_stage
+from llm.stages.registry import execute
 from llm.storage import Store
 
 

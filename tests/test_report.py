@@ -9,7 +9,7 @@ import pytest
 
 from llm.config import load_config
 from llm.report import render_report, run
-from llm.stage import StageOutput
+from llm.stages.output import StageOutput
 from llm.storage import Store
 
 

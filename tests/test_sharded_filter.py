@@ -24,7 +24,7 @@ def test_dask_sharded_filter_matches_the_filter_stage(tmp_path, two_small_shards
 
     from flows.sharded_filter import filter_sharded, runner
     from llm.config import load_config
-    from llm.stages import execute
+    from llm.stages.registry import execute
 
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
     monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "prefect-results"))

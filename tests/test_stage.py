@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llm.stage import StageError, content_key, run_stage, verify_output
+from llm.stages.output import StageError, content_key, run_stage, verify_output
 from llm.storage import Store
 
 

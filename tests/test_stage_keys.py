@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 
 from llm.config import load_config
-from llm.stage import content_key
-from llm.stages import STAGES
+from llm.stages.output import content_key
+from llm.stages.registry import STAGES
 
 TINY_KEYS = {
     "download": "161d2614ca05213d525b",

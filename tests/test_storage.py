@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 from s3_server import FaultProxy, S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
-from llm.stage import MANIFEST, StageError, run_stage, verify_output
+from llm.stages.output import MANIFEST, StageError, run_stage, verify_output
 from llm.storage import Store, sha256_file
 
 MiB = 1024 * 1024

@@ -1,6 +1,6 @@
 """Token accounting, end to end: every count Kiln reports is exact and means the same thing everywhere.
 
-The rules these tests pin down (also stated in ``llm/train.py``, ``llm/loaders.py`` and ``llm/data/shards.py``):
+The rules these tests pin down (also stated in ``llm/train/trainer.py``, ``llm/train/loaders.py`` and ``llm/data/shards.py``):
 
 - **Trainer "tokens"** = optimizer steps × ``total_batch_tokens`` = input positions computed
   (``device_batch_size × seq_len × world_size × grad_accum`` per step). The same number is in
@@ -34,11 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fixtures import BOS, tiny_job, write_token_shards  # noqa: E402
 
-from llm.chat import RenderedChats  # noqa: E402
+from llm.chat.format import RenderedChats  # noqa: E402
 from llm.config import TrainConfig  # noqa: E402
-from llm.loaders import PretrainLoader  # noqa: E402
-from llm.train import plan_tokens  # noqa: E402
-from llm.train_stage import launch_training  # noqa: E402
+from llm.train.loaders import PretrainLoader  # noqa: E402
+from llm.train.trainer import plan_tokens  # noqa: E402
+from llm.train.stages import launch_training  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -183,7 +183,7 @@ def test_plan_printed_and_logged_is_what_ran_and_throughput_skips_pauses(small_t
                 ckpt_every=2, eval_every=3)
     job["step_sleep_s"], job["progress"] = sleep, True
     (tmp_path / "job.json").write_text(json.dumps(job))
-    proc = subprocess.run([sys.executable, "-m", "llm.train", "--job", str(tmp_path / "job.json")],
+    proc = subprocess.run([sys.executable, "-m", "llm.train.trainer", "--job", str(tmp_path / "job.json")],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -282,7 +282,7 @@ def test_tokenize_manifest_equals_the_shard_files(tmp_path):
     from llm.config import load_config
     from llm.data import tokenize as tokenize_stage
     from llm.data.shards import doc_bucket
-    from llm.stage import run_stage
+    from llm.stages.output import run_stage
     from llm.storage import Store
     from llm.tokenizer import load_tokenizer, train_tokenizer
 
@@ -354,7 +354,7 @@ def chat_dir(tmp_path_factory) -> Path:
 
 
 def test_midtrain_tokens_by_source_sum_to_tokens_and_ratio_uses_them(small_tokens, chat_dir, tmp_path):
-    from llm.chat_data import MixtureLoader
+    from llm.train.chat_loaders import MixtureLoader
 
     spec = {"tokens_uri": str(small_tokens), "chat_dir": str(chat_dir), "chat_ratio": 0.3}
     job = _fast(small_tokens, tmp_path / "mid", steps=4)
@@ -378,7 +378,7 @@ def test_midtrain_tokens_by_source_sum_to_tokens_and_ratio_uses_them(small_token
 def test_sft_tokens_are_positions_and_supervised_tokens_are_reported(small_tokens, chat_dir, tmp_path):
     """SFT "tokens" = positions computed (chat + padding); supervised_tokens = assistant targets, the
     number SFT users compare. Both are in metrics.jsonl, summary.json and the checkpoint meta."""
-    from llm.chat_data import SFTLoader
+    from llm.train.chat_loaders import SFTLoader
 
     spec = {"chat_dir": str(chat_dir), "pad_id": BOS}
     job = _fast(small_tokens, tmp_path / "sft", steps=4)  # 256 tokens/step = 4 rows × 32 × 2 accumulation

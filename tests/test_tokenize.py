@@ -14,8 +14,8 @@ import tiktoken
 from llm.config import load_config
 from llm.data.shards import ShardError, ShardWriter, doc_bucket, open_split, read_meta, token_dtype
 from llm.data.tokenize import tokenize_docs
-from llm.stage import StageError
-from llm.stages import execute
+from llm.stages.output import StageError
+from llm.stages.registry import execute
 from llm.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 from tests._tok_helpers import publish_docs, real_docs
@@ -264,7 +264,7 @@ def test_invalid_utf8_names_file_row_and_field(corpus, tmp_path: Path) -> None:
     """Arrow does not check UTF-8 when reading parquet; both stages must, and name where it broke."""
     import pyarrow.parquet as pq
 
-    from llm.stage import run_stage
+    from llm.stages.output import run_stage
     from llm.storage import Store
 
     text = pa.array([b"fine", b"also fine", b"bad \xff\xfe bytes"], pa.binary()).view(pa.string())

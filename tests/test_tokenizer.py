@@ -13,8 +13,8 @@ import pytest
 import tiktoken
 
 from llm.config import load_config
-from llm.stage import StageError
-from llm.stages import execute
+from llm.stages.output import StageError
+from llm.stages.registry import execute
 from llm.tokenizer import (
     BOS,
     SPECIAL_TOKENS,

@@ -24,9 +24,9 @@ from s3_server import FaultProxy, moto_server, s3_bucket  # noqa: E402,F401  (py
 from train_fixtures import BOS, tiny_job, write_token_shards  # noqa: E402
 
 from llm.config import TrainConfig  # noqa: E402
-from llm.loaders import PretrainLoader  # noqa: E402
-from llm.stage import StageError  # noqa: E402
-from llm.train_stage import launch_training  # noqa: E402
+from llm.train.loaders import PretrainLoader  # noqa: E402
+from llm.stages.output import StageError  # noqa: E402
+from llm.train.stages import launch_training  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def _metrics(out: Path) -> list[dict]:
 
 def _run_job(job: dict, path: Path, **popen) -> subprocess.Popen:
     path.write_text(json.dumps(job))
-    return subprocess.Popen([sys.executable, "-m", "llm.train", "--job", str(path)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "llm.train.trainer", "--job", str(path)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
 
 
@@ -199,7 +199,7 @@ def test_sigterm_checkpoints_and_exits_cleanly(tokens, tmp_path):
 
 def test_resume_with_a_different_model_is_refused(tokens, tmp_path):
     from llm.checkpoint import CheckpointError
-    from llm.train import Trainer
+    from llm.train.trainer import Trainer
 
     job = tiny_job(tokens, tmp_path / "run", steps=4, ckpt_every=4, eval_every=0)
     _launch(job)
@@ -250,7 +250,7 @@ def test_checkpoints_mirror_to_s3_and_resume_from_there(tokens, tmp_path, s3_buc
 
 
 def test_a_failing_job_reports_its_exit_code_and_last_lines(tokens, tmp_path):
-    from llm.train_stage import TrainingFailed
+    from llm.train.stages import TrainingFailed
 
     job = tiny_job(tmp_path / "no-such-tokens", tmp_path / "out")
     seen: list[str] = []
@@ -263,7 +263,7 @@ def test_a_failing_job_reports_its_exit_code_and_last_lines(tokens, tmp_path):
 
 
 def test_output_pump_separates_lines_from_progress_redraws():
-    from llm.train_stage import _pump
+    from llm.train.stages import _pump
 
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdout.write('a\\n 10%\\r 20%\\rb\\nc')"],
                             stdout=subprocess.PIPE)

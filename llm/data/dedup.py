@@ -43,11 +43,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import KilnConfig
-from ..stage import StageError, StageOutput
-from ..storage import Store, join
-from .docs import check_published_docs, column_strings, iter_row_groups, list_doc_files, open_checked, output_names
-from .minhash import (
+from llm.config import KilnConfig
+from llm.stages.output import StageError, StageOutput
+from llm.storage import Store, join
+from llm.data.docs import check_published_docs, column_strings, iter_row_groups, list_doc_files, open_checked, output_names
+from llm.data.minhash import (
     SCHEME,
     Signer,
     UnionFind,
@@ -58,7 +58,7 @@ from .minhash import (
     normalize,
     shingles,
 )
-from .parallel import worker_pool
+from llm.data.parallel import worker_pool
 
 NORMALISATION = (
     "lowercase (str.lower); every run of characters that are not Unicode letters or digits "

@@ -15,8 +15,8 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..stage import StageError, is_published
-from ..storage import Store, join
+from llm.stages.output import StageError, is_published
+from llm.storage import Store, join
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ the joined file passes every check above (failing, it is fetched once more from 
 ``FetchedFile.reused_bytes`` counts those bytes. A deterministic failure removes the partial, a
 publish removes the sidecar; ``.part`` files are never listed as fetched files. A
 ``.<name>.part.lock`` keeps two processes sharing a directory from writing one partial together.
-Every failure is a :class:`DownloadError` (a :class:`llm.stage.StageError`) naming the file.
+Every failure is a :class:`DownloadError` (a :class:`llm.stages.output.StageError`) naming the file.
 
 Budgets: ``max_files`` takes the first N files in path order. ``max_rows`` fetches files in path
 order until those fetched hold at least ``max_rows`` rows. The stage then makes the budget exact
@@ -77,10 +77,10 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, unquote
 
-from ..sources import resolve_source
-from ..stage import StageError, StageOutput
-from ..storage import Store, is_s3, is_transient, local_path, sha256_file, split_s3, with_retries
-from .docs import check_published_docs, output_names
+from llm.sources import resolve_source
+from llm.stages.output import StageError, StageOutput
+from llm.storage import Store, is_s3, is_transient, local_path, sha256_file, split_s3, with_retries
+from llm.data.docs import check_published_docs, output_names
 
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 PARQUET_MAGIC = b"PAR1"

@@ -24,12 +24,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import FilterConfig, KilnConfig
-from ..stage import StageError, StageOutput
-from ..storage import Store, join
-from .docs import check_published_docs, column_strings, list_doc_files, open_checked, output_names
-from .filters import FilterChain
-from .parallel import worker_pool
+from llm.config import FilterConfig, KilnConfig
+from llm.stages.output import StageError, StageOutput
+from llm.storage import Store, join
+from llm.data.docs import check_published_docs, column_strings, list_doc_files, open_checked, output_names
+from llm.data.filters import FilterChain
+from llm.data.parallel import worker_pool
 
 BATCH_ROWS = 1024
 EXAMPLE_CHARS = 200
@@ -37,7 +37,7 @@ EXAMPLE_CHARS = 200
 
 def key_config(cfg: KilnConfig) -> dict[str, Any]:
     """The filter config plus the block list's content, so editing that file invalidates the cache."""
-    from llm.stages import without_operational
+    from llm.stages.registry import without_operational
 
     key: dict[str, Any] = {"filter": without_operational(cfg.section("filter"))}
     if cfg.filter.url_blocklist:

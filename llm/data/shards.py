@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..storage import Store, join
+from llm.storage import Store, join
 
 META_FILE = "meta.json"
 FORMAT = "kiln-tokens"
@@ -287,6 +287,6 @@ class DocTable:
 
     @classmethod
     def from_chats(cls, chats: Any) -> "DocTable":
-        """From one token array with document boundaries, e.g. ``llm.chat.RenderedChats`` (``ids``, ``offsets``)."""
+        """From one token array with document boundaries, e.g. ``llm.chat.format.RenderedChats`` (``ids``, ``offsets``)."""
         off = np.asarray(chats.offsets, dtype=np.int64)
         return cls([chats.ids], np.zeros(len(off) - 1, dtype=np.int32), off[:-1], np.diff(off))

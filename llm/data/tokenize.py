@@ -23,12 +23,12 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import pyarrow.compute as pc
 
-from ..stage import StageError, StageOutput, is_published
-from ..storage import Store
-from ..tokenizer import Tokenizer, load_tokenizer
-from .docs import RowGroup, column_strings, open_checked, row_groups
-from .parallel import worker_pool
-from .shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, index_name, token_dtype
+from llm.stages.output import StageError, StageOutput, is_published
+from llm.storage import Store
+from llm.tokenizer import Tokenizer, load_tokenizer
+from llm.data.docs import RowGroup, column_strings, open_checked, row_groups
+from llm.data.parallel import worker_pool
+from llm.data.shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, index_name, token_dtype
 
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
 

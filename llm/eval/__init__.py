@@ -1,1 +1,1 @@
-"""Evaluation: CORE (llm.eval.core), bits-per-byte (llm.eval.bpb), samples, and the eval stage (llm.eval.stage)."""
+"""Evaluation: CORE (llm.eval.core), bits-per-byte (llm.eval.loss), samples, and the eval stage (llm.eval.stage)."""

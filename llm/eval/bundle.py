@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..storage import cache_root, sha256_file, with_retries
+from llm.storage import cache_root, sha256_file, with_retries
 
 import yaml
 
@@ -178,7 +178,7 @@ def fetch_bundle(source: str, *, sha256: str = "", cache_dir: Path | None = None
         if source.startswith(("http://", "https://")):
             _download(source, zpath)
         elif source.startswith("s3://"):
-            from ..storage import Store
+            from llm.storage import Store
 
             Store(source.rsplit("/", 1)[0], s3_endpoint).get(source, zpath)
         else:

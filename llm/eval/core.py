@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .bundle import Bundle, TaskSpec, load_task_data
+from llm.eval.bundle import Bundle, TaskSpec, load_task_data
 
 Scorer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 SHUFFLE_SEED = 1337
@@ -366,7 +366,7 @@ def core_csv(result: CoreResult) -> str:
 
 def comparison_table(result: CoreResult, bundle: Bundle) -> list[dict[str, Any]]:
     """Rows (task, ours, gpt2, gpt2-medium, ...) of centered scores; the CORE row recomputed on the same tasks."""
-    from .bundle import reference_core
+    from llm.eval.bundle import reference_core
 
     models = sorted(bundle.references, key=lambda m: (len(m), m))
     rows: list[dict[str, Any]] = []

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import KilnConfig, config_from_json
-from ..stage import StageError, StageOutput
+from llm.config import KilnConfig, config_from_json
+from llm.stages.output import StageError, StageOutput
 
 RESULT_FILES = ("core.json", "core.csv", "bpb.json", "samples.json")
 
@@ -80,12 +80,12 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
     import torch
     import torch.distributed as dist
 
-    from ..checkpoint import load_model
-    from ..sources import resolve_source
-    from ..tokenizer import load_tokenizer
-    from .bpb import evaluate_bpb, val_tokens
-    from .bundle import load_bundle
-    from .core import comparison_table, core_csv, evaluate_core, model_scorer
+    from llm.checkpoint import load_model
+    from llm.sources import resolve_source
+    from llm.tokenizer import load_tokenizer
+    from llm.eval.loss import evaluate_bpb, val_tokens
+    from llm.eval.bundle import load_bundle
+    from llm.eval.core import comparison_table, core_csv, evaluate_core, model_scorer
 
     cfg = config_from_json(spec["config"])
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -118,7 +118,7 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
     # ---- bits per byte
     bpb: dict[str, Any]
     if spec.get("tokens"):
-        from ..data.shards import open_split
+        from llm.data.shards import open_split
 
         toks = val_tokens(open_split(spec["tokens"], "val", cfg.run.s3_endpoint), cfg.eval.bpb_tokens + 1)
         seq_len = min(model.config.seq_len, max(1, len(toks) - 1))
@@ -161,7 +161,7 @@ def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: di
                 inputs: dict[str, dict] | None = None) -> None:
     """Per-task centered/accuracy, CORE and bpb; never fails the stage (logging is best effort)."""
     try:
-        from ..tracking import start_tracker
+        from llm.tracking import start_tracker
     except ImportError:  # pragma: no cover - tracking is part of the package
         return
     tracker = start_tracker(tracking_uri_=cfg.run.mlflow_tracking_uri, experiment=cfg.run.mlflow_experiment,
@@ -244,7 +244,7 @@ def _main(argv: list[str]) -> int:
     except BaseException:
         dist.destroy_process_group()
         raise
-    from ..distributed import finish
+    from llm.dist import finish
 
     return finish(0)
 

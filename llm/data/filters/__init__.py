@@ -4,13 +4,13 @@ Each rule is a pure function of a document (a ``str`` or a shared :class:`Doc` v
 config section, returning ``(keep, reason)``; :class:`FilterChain` runs them in FineWeb's order.
 """
 
-from .c4 import C4Result, c4_clean, c4_quality, count_sentences
-from .chain import Decision, FilterChain
-from .fineweb import fineweb_quality
-from .gopher import gopher_quality, gopher_repetition
-from .language import language_filter
-from .text import Doc
-from .urls import UrlBlocklist, url_filter
+from llm.data.filters.c4 import C4Result, c4_clean, c4_quality, count_sentences
+from llm.data.filters.chain import Decision, FilterChain
+from llm.data.filters.fineweb import fineweb_quality
+from llm.data.filters.gopher import gopher_quality, gopher_repetition
+from llm.data.filters.language import language_filter
+from llm.data.filters.text import Doc
+from llm.data.filters.urls import UrlBlocklist, url_filter
 
 __all__ = [
     "C4Result", "Decision", "Doc", "FilterChain", "UrlBlocklist", "c4_clean", "c4_quality", "count_sentences",

@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ...config import C4Config
-from .text import Doc, as_doc
+from llm.config import C4Config
+from llm.data.filters.text import Doc, as_doc
 
 CITATION_RE = re.compile(r"\[\d*]|\[edit]|\[citation needed]")
 TERMINAL = (".", "?", "!", '"', "'")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...config import FilterConfig
-from .c4 import c4_clean
-from .fineweb import fineweb_quality
-from .gopher import gopher_quality, gopher_repetition
-from .language import language_filter
-from .text import Doc
-from .urls import UrlBlocklist, url_filter
+from llm.config import FilterConfig
+from llm.data.filters.c4 import c4_clean
+from llm.data.filters.fineweb import fineweb_quality
+from llm.data.filters.gopher import gopher_quality, gopher_repetition
+from llm.data.filters.language import language_filter
+from llm.data.filters.text import Doc
+from llm.data.filters.urls import UrlBlocklist, url_filter
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class FilterChain:
             blocklist = UrlBlocklist.from_file(cfg.url_blocklist)
         self.blocklist = blocklist
         if cfg.language.enabled:
-            from .language import load_model
+            from llm.data.filters.language import load_model
 
             load_model()  # fail at start-up, not on the first document, if the detector is missing
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from operator import methodcaller
 
-from ...config import FineWebQualityConfig
-from .text import Doc, as_doc, duplicate_stats, terminal_punctuation
+from llm.config import FineWebQualityConfig
+from llm.data.filters.text import Doc, as_doc, duplicate_stats, terminal_punctuation
 
 Verdict = tuple[bool, str | None]
 

@@ -15,8 +15,8 @@ import re
 
 import numpy as np
 
-from ...config import GopherQualityConfig, GopherRepetitionConfig
-from .text import Doc, as_doc, duplicate_stats
+from llm.config import GopherQualityConfig, GopherRepetitionConfig
+from llm.data.filters.text import Doc, as_doc, duplicate_stats
 
 Verdict = tuple[bool, str | None]
 

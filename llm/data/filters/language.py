@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ...config import LanguageFilterConfig
+from llm.config import LanguageFilterConfig
 
 Verdict = tuple[bool, str | None]
 

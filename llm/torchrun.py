@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
-from .stage import StageError
+from llm.stages.output import StageError
 
 
 def rendezvous_args(env: Mapping[str, str] | None = None) -> list[str]:

@@ -1,14 +1,14 @@
-"""Training stages: launch ``torchrun -m llm.train`` as a subprocess and turn its result into a manifest.
+"""Training stages: launch ``torchrun -m llm.train.trainer`` as a subprocess and turn its result into a manifest.
 
 :func:`launch_training` is the one reusable entry point — pretraining (:func:`run_pretrain`, registry
 stage "pretrain") and the chat stages (midtrain/SFT) all call it with their own train config, loader
 kind/spec and init checkpoint. It
 
 1. picks the process count (``train.nproc``, or the GPU count, or 1 on CPU) and the rendezvous
-   (``--standalone``, or multi-node from ``KILN_NNODES``/``KILN_RDZV_ENDPOINT``: ``llm.rendezvous``),
-2. checks the batch plan BEFORE launching (an indivisible batch is a :class:`~llm.stage.StageError`),
+   (``--standalone``, or multi-node from ``KILN_NNODES``/``KILN_RDZV_ENDPOINT``: ``llm.torchrun``),
+2. checks the batch plan BEFORE launching (an indivisible batch is a :class:`~llm.stages.output.StageError`),
 3. writes ``job.json`` into the output dir and runs ``python -m torch.distributed.run --standalone
-   --nproc_per_node=N -m llm.train --job job.json`` in its own process group,
+   --nproc_per_node=N -m llm.train.trainer --job job.json`` in its own process group,
 4. streams every output line to stdout (progress bars pass through) or to a sink — a callback argument,
    or one installed with :func:`line_sink` (how a Prefect task routes lines into its run logger without
    ``llm/`` importing Prefect),
@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .stage import StageError, StageOutput
+from llm.stages.output import StageError, StageOutput
 
 LineSink = Callable[[str], None]
 _SINK: contextvars.ContextVar[LineSink | None] = contextvars.ContextVar("kiln_train_line_sink", default=None)
@@ -91,16 +91,16 @@ def launch_training(
     """Run one training job to completion under torchrun and return its ``summary.json``.
 
     ``model_config``: ``GPTConfig.to_dict()``. ``train_config``: a ``TrainConfig`` (or subclass) instance.
-    ``loader_kind``/``loader_spec``: see ``llm.loaders``. ``out_dir``: local dir for checkpoints/, final/,
+    ``loader_kind``/``loader_spec``: see ``llm.train.loaders``. ``out_dir``: local dir for checkpoints/, final/,
     metrics.jsonl, samples.json, summary.json (resumed from when it has checkpoints and ``resume="auto"``).
     ``init_checkpoint``: weights to start from when not resuming. ``upload_uri``: mirror checkpoints there.
     ``mlflow``: {"enabled", "tracking_uri", "experiment", "run_name"}. Raises StageError for a bad batch
     plan, :class:`TrainingFailed` for a non-zero exit, RuntimeError when the job stopped early (signal).
     """
-    from .model import GPTConfig
-    from .train import BatchPlanError, plan_batch
+    from llm.model import GPTConfig
+    from llm.train.trainer import BatchPlanError, plan_batch
 
-    from .rendezvous import rendezvous_args
+    from llm.torchrun import rendezvous_args
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +132,9 @@ def launch_training(
     os.replace(tmp, job_path)
 
     cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={n}",
-           "-m", "llm.train", "--job", str(job_path)]
+           "-m", "llm.train.trainer", "--job", str(job_path)]
     child_env["PYTHONUNBUFFERED"] = "1"
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     child_env["PYTHONPATH"] = repo + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
     sink = on_line or _SINK.get()
     tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
@@ -214,7 +214,7 @@ def _pump(proc: subprocess.Popen, emit: Callable[[str, bool], None]) -> None:
 
 
 def read_vocab_size(tokens_uri: str, store: Any) -> int:
-    from .storage import join
+    from llm.storage import join
 
     try:
         meta = json.loads(store.get_bytes(join(tokens_uri, "meta.json")))
@@ -245,7 +245,7 @@ def mlflow_settings(cfg: Any, stage: str) -> dict[str, Any]:
 def upload_uri_for(cfg: Any, out: StageOutput) -> str | None:
     """Where to mirror checkpoints while training: the stage's ``.partial`` prefix on S3 (a local
     artifact root already holds the work dir, so nothing to mirror)."""
-    from .storage import is_s3
+    from llm.storage import is_s3
 
     if is_s3(cfg.run.artifact_root):
         return out.store.uri(out.stage, f"{out.key}.partial")
@@ -254,8 +254,8 @@ def upload_uri_for(cfg: Any, out: StageOutput) -> str | None:
 
 def run_pretrain(cfg: Any, out: StageOutput, inputs: dict[str, dict[str, Any]], *, progress: bool) -> dict[str, Any]:
     """Registry stage "pretrain": inputs "tokens" (tokenize output) and "tokenizer"."""
-    from .model import GPTConfig
-    from .storage import Store
+    from llm.model import GPTConfig
+    from llm.storage import Store
 
     store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
     tokens_uri = inputs["tokens"]["uri"]

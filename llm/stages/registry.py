@@ -18,9 +18,9 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .config import KilnConfig, check_devices
-from .stage import StageOutput, StageResult, run_stage
-from .storage import Store
+from llm.config import KilnConfig, check_devices
+from llm.stages.output import StageOutput, StageResult, run_stage
+from llm.storage import Store
 
 
 # Fields that change how a stage runs, never what it produces: changing them must find the same
@@ -38,7 +38,7 @@ class StageDef:
     name: str
     impl: str  # "module:function"
     sections: tuple[str, ...]
-    # role name -> upstream stage name (documentation + the default chain in llm.pipeline)
+    # role name -> upstream stage name (documentation + the default chain in llm.stages.pipeline)
     inputs: dict[str, str] = field(default_factory=dict)
     version: str = "1"
     # Stages that launch torchrun or other heavy work are "training" and go to the gpu pool.
@@ -71,14 +71,14 @@ STAGES: dict[str, StageDef] = {
         StageDef("tokenizer", "llm.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, description="train a byte-level BPE"),
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
                  description="encode documents into token shards"),
-        StageDef("pretrain", "llm.train_stage:run_pretrain", ("model", "pretrain"),
+        StageDef("pretrain", "llm.train.stages:run_pretrain", ("model", "pretrain"),
                  {"tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True, description="pretrain the GPT",
                  # 2: loader epochs read every document once; supervised_tokens; budgets round up
                  version="2"),
-        StageDef("midtrain", "llm.chat_stages:run_midtrain", ("model", "midtrain", "chat_data"),
+        StageDef("midtrain", "llm.train.chat_stages:run_midtrain", ("model", "midtrain", "chat_data"),
                  {"model": "pretrain", "tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True,
                  description="midtrain on a web/chat mixture", version="2"),  # 2: as pretrain; ratio from counts
-        StageDef("sft", "llm.chat_stages:run_sft", ("model", "sft", "chat_data"),
+        StageDef("sft", "llm.train.chat_stages:run_sft", ("model", "sft", "chat_data"),
                  {"model": "midtrain", "tokenizer": "tokenizer"}, gpu=True, description="supervised fine-tuning",
                  version="2"),  # 2: supervised_tokens in metrics and summary
         StageDef("eval", "llm.eval.stage:run", ("eval",), {"model": "sft", "tokenizer": "tokenizer", "tokens": "tokenize"},
@@ -105,16 +105,16 @@ ROLE_PRODUCERS: dict[str, tuple[str, ...]] = {
 def _external_input(cfg: KilnConfig, name: str) -> Callable[[str, str], dict[str, Any] | None] | None:
     if "model" not in STAGES[name].inputs:
         return None
-    from .checkpoint import as_stage_input
+    from llm.checkpoint import as_stage_input
 
     # A model input may also be a bare checkpoint dir (a step of a running or unpublished run).
     return lambda role, uri: as_stage_input(uri, endpoint_url=cfg.run.s3_endpoint) if role == "model" else None
 
 
 def check_inputs(name: str, cfg: KilnConfig, inputs: dict[str, str], store: Store | None = None) -> None:
-    """Raise :class:`~llm.stage.StageError` naming the role and URI of an input that is missing,
+    """Raise :class:`~llm.stages.output.StageError` naming the role and URI of an input that is missing,
     unfinished, or another kind of stage's output. Cheap (manifests and file sizes only)."""
-    from .stage import StageError, input_manifest
+    from llm.stages.output import StageError, input_manifest
 
     store = store or Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
     external = _external_input(cfg, name)

@@ -13,15 +13,15 @@ import json
 import sys
 from typing import Any
 
-from .config import ConfigError, KilnConfig, load_config
+from llm.config import ConfigError, KilnConfig, load_config
 
 STAGES = ("pretrain", "midtrain", "sft")
 
 
 def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu: float) -> dict[str, Any]:
     """The plan of one training stage, as the trainer would compute it with ``nproc`` processes."""
-    from .model import GPT, GPTConfig
-    from .train import BatchPlanError, peak_flops, plan_batch, plan_tokens
+    from llm.model import GPT, GPTConfig
+    from llm.train.trainer import BatchPlanError, peak_flops, plan_batch, plan_tokens
 
     import torch
 
@@ -51,7 +51,7 @@ def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu:
 
 
 def _text(p: dict[str, Any]) -> str:
-    from .train import fmt_count, fmt_duration
+    from llm.train.trainer import fmt_count, fmt_duration
 
     lines = [f"{p['stage']}"]
     lines.append(f"  params     {p['params']:,} ({fmt_count(p['params'])}); {p['flops_per_token']:,} FLOPs/token")
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"kiln plan: {e}", file=sys.stderr)
         return 2
-    from .train import peak_flops
+    from llm.train.trainer import peak_flops
 
     if args.gpu and peak_flops(args.gpu) is None:
         print(f"kiln plan: no peak-FLOPs entry for GPU {args.gpu!r} (try H100, H200, A100, L4, ...)", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The two chat stages: midtraining on a web/chat mixture, then supervised fine-tuning.
 
-Both reuse the trainer unchanged (``llm.train_stage.launch_training``): what they add is the
+Both reuse the trainer unchanged (``llm.train.stages.launch_training``): what they add is the
 data. Before launching, conversations are read (``datasets``), validated and rendered ONCE in
 this process into ``chat/{train,val}.{ids,mask,offsets}.npy`` inside the stage output, so
 
@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .chat import DropReport, iter_conversations, render_many, render_prompt
-from .chat_data import SFTLoader, SFTStream
-from .config import KilnConfig
-from .sources import resolve_source
-from .stage import StageError, StageOutput
+from llm.chat.format import DropReport, iter_conversations, render_many, render_prompt
+from llm.train.chat_loaders import SFTLoader, SFTStream
+from llm.config import KilnConfig
+from llm.sources import resolve_source
+from llm.stages.output import StageError, StageOutput
 
 CHAT_DIR = "chat"
 
@@ -73,7 +73,7 @@ def _scaled(train_cfg: Any, **extra: Any) -> Any:
 
 def _init_model_config(model_uri: str, cfg: KilnConfig) -> dict[str, Any]:
     """The upstream checkpoint's model config: downstream stages must build exactly that model."""
-    from .checkpoint import read_meta, resolve_checkpoint_dir
+    from llm.checkpoint import read_meta, resolve_checkpoint_dir
 
     meta = read_meta(resolve_checkpoint_dir(model_uri, endpoint_url=cfg.run.s3_endpoint))
     mc = meta.get("model_config")
@@ -87,7 +87,7 @@ def _log_to_run(cfg: KilnConfig, run_id: str | None, stage: str, metrics: dict[s
     """Add the stage's own results to the MLflow run the trainer created (rank 0 is us, now)."""
     import os
 
-    from .tracking import start_tracker
+    from llm.tracking import start_tracker
 
     if not run_id and not os.environ.get("KILN_MLFLOW_RUN_ID"):
         return  # the trainer was not tracking: do not start a stray run just for these
@@ -104,8 +104,8 @@ def _log_to_run(cfg: KilnConfig, run_id: str | None, stage: str, metrics: dict[s
 
 def run_midtrain(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
     """Registry stage "midtrain": inputs "model" (pretrain output), "tokens" (tokenize), "tokenizer"."""
-    from .tokenizer import load_tokenizer
-    from .train_stage import launch_training, mlflow_settings, training_counts, upload_uri_for
+    from llm.tokenizer import load_tokenizer
+    from llm.train.stages import launch_training, mlflow_settings, training_counts, upload_uri_for
 
     mt = cfg.midtrain
     tokens_uri, tok_uri, model_uri = inputs["tokens"]["uri"], inputs["tokenizer"]["uri"], inputs["model"]["uri"]
@@ -181,7 +181,7 @@ def heldout_loss(model: Any, spec: dict[str, Any], *, batch_size: int, seq_len: 
 
 def chat_samples(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
     """Greedy answers (temperature 0: reproducible, comparable between runs) to single-turn prompts."""
-    from .chat import ChatSpecials
+    from llm.chat.format import ChatSpecials
 
     sp = ChatSpecials.of(tok)
     stops = {sp.assistant_end, sp.bos, sp.user_start}
@@ -201,10 +201,10 @@ def sft_steps(rows_per_epoch: int, epochs: int, total_batch_tokens: int, seq_len
 
 def run_sft(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
     """Registry stage "sft": inputs "model" (midtrain output) and "tokenizer"."""
-    from .checkpoint import load_model
-    from .chat import RenderedChats
-    from .tokenizer import load_tokenizer
-    from .train_stage import launch_training, mlflow_settings, training_counts, upload_uri_for
+    from llm.checkpoint import load_model
+    from llm.chat.format import RenderedChats
+    from llm.tokenizer import load_tokenizer
+    from llm.train.stages import launch_training, mlflow_settings, training_counts, upload_uri_for
 
     sft = cfg.sft
     tok_uri, model_uri = inputs["tokenizer"]["uri"], inputs["model"]["uri"]

@@ -35,8 +35,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .stage import StageError
-from .storage import cache_root
+from llm.stages.output import StageError
+from llm.storage import cache_root
 
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 
@@ -495,7 +495,7 @@ def fetch_remote_files(uri: str, *, max_rows: int | None = None, s3_endpoint: st
     order, until those fetched hold enough rows (parquet footers, JSON lines), so a small budget
     costs one file, not the whole dataset. Returns the local paths in path order.
     """
-    from .data.download import DownloadError
+    from llm.data.download import DownloadError
 
     try:
         return _fetch_remote_files(uri, max_rows=max_rows, s3_endpoint=s3_endpoint, progress=progress)
@@ -509,7 +509,7 @@ def fetch_remote_files(uri: str, *, max_rows: int | None = None, s3_endpoint: st
 def _fetch_remote_files(uri: str, *, max_rows: int | None, s3_endpoint: str, progress: bool) -> list[Path]:
     from dataclasses import replace
 
-    from .data.download import DownloadError, fetch_files, list_files
+    from llm.data.download import DownloadError, fetch_files, list_files
 
     listed = list_files(uri, s3_endpoint=s3_endpoint)
     files = [f for f in listed if f.rel.endswith(DATA_SUFFIXES)]

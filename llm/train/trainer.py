@@ -1,13 +1,13 @@
-"""The trainer: ``torchrun --standalone --nproc_per_node=N -m llm.train --job job.json``.
+"""The trainer: ``torchrun --standalone --nproc_per_node=N -m llm.train.trainer --job job.json``.
 
 One program for pretraining, midtraining and SFT; what differs is in the job file (written by
-``llm.train_stage.launch_training``)::
+``llm.train.stages.launch_training``)::
 
     {
       "stage": "pretrain",                       # label for logs/MLflow
       "model": {GPTConfig fields incl. vocab_size},
       "train": {TrainConfig fields},             # llm.config.TrainConfig (or a subclass) as JSON
-      "loader": {"kind": "pretrain", "spec": {...}},   # llm.loaders.LOADER_KINDS
+      "loader": {"kind": "pretrain", "spec": {...}},   # llm.train.loaders.LOADER_KINDS
       "tokenizer": "<uri>" | null,               # for bits-per-byte and samples
       "init_checkpoint": "<uri>" | null,         # start weights (midtrain/SFT); ignored when resuming
       "out_dir": "<local dir>",                  # checkpoints/, final/, metrics.jsonl, samples.json, summary.json
@@ -20,7 +20,7 @@ One program for pretraining, midtraining and SFT; what differs is in the job fil
       "step_sleep_s": 0.0                        # optional throttle (tests that kill a run mid-way)
     }
 
-It also runs without torchrun (``python -m llm.train --job ...``) as a single process.
+It also runs without torchrun (``python -m llm.train.trainer --job ...``) as a single process.
 
 Order of events: validate the batch plan (error before anything heavy) → init process group → build
 model (or load init weights) → resume state if any → measure throughput on one micro-batch → print and
@@ -183,8 +183,8 @@ def barrier(d: Dist) -> None:
 
 class Trainer:
     def __init__(self, job: dict[str, Any]):
-        from .config import TrainConfig
-        from .model import GPT, GPTConfig
+        from llm.config import TrainConfig
+        from llm.model import GPT, GPTConfig
 
         self.job = job
         self.train = _train_config(job["train"], TrainConfig)
@@ -217,7 +217,7 @@ class Trainer:
         self.flops_per_token = model.flops_per_token()
         self.opt = _build_opt(model, tr, d)
         self.tokenizer = _load_tokenizer(job.get("tokenizer"))
-        from .loaders import make_loader
+        from llm.train.loaders import make_loader
 
         loader = job["loader"]
         self.loader = make_loader(loader["kind"], loader.get("spec", {}), batch_size=tr.device_batch_size,
@@ -253,7 +253,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def _restore_or_init(self) -> None:
-        from .checkpoint import (CheckpointError, check_model_config, latest_checkpoint, load_state_into,
+        from llm.checkpoint import (CheckpointError, check_model_config, latest_checkpoint, load_state_into,
                                  load_training_state, resolve_checkpoint_dir)
 
         resume = self.job.get("resume", "auto") or "none"
@@ -323,7 +323,7 @@ class Trainer:
         if init:
             from safetensors.torch import load_file
 
-            from .checkpoint import MODEL_FILE, verify_checkpoint
+            from llm.checkpoint import MODEL_FILE, verify_checkpoint
 
             cdir = resolve_checkpoint_dir(init, endpoint_url=self.job.get("s3_endpoint", ""))
             meta = verify_checkpoint(cdir)
@@ -332,7 +332,7 @@ class Trainer:
             self._log0(f"initialised weights from {cdir} (step {meta.get('step')} of {meta.get('stage')})")
 
     def _save(self, *, reason: str) -> Path:
-        from .checkpoint import prune_checkpoints, save_checkpoint, step_dir_name
+        from llm.checkpoint import prune_checkpoints, save_checkpoint, step_dir_name
 
         d = self.d
         states = gather_objects(self.loader.state_dict(), d)
@@ -362,8 +362,8 @@ class Trainer:
         up = self.job.get("upload_uri")
         if not up:
             return str(path)
-        from .checkpoint import META_FILE, STEP_RE
-        from .storage import Store, join
+        from llm.checkpoint import META_FILE, STEP_RE
+        from llm.storage import Store, join
 
         store = Store(up, self.job.get("s3_endpoint", ""))
         dest = join(up, rel)
@@ -480,7 +480,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
-        from .tracking import read_stage_inputs, start_tracker
+        from llm.tracking import read_stage_inputs, start_tracker
 
         d, tr = self.d, self.train
         mlf = self.job.get("mlflow", {}) or {}
@@ -653,7 +653,7 @@ class Trainer:
         self._log0(" | ".join(parts))
 
     def _finish(self, status: str, last_train_loss: float | None) -> dict[str, Any]:
-        from .checkpoint import save_checkpoint
+        from llm.checkpoint import save_checkpoint
 
         d = self.d
         by_source: dict[str, int] = {}
@@ -720,13 +720,13 @@ def _train_config(data: dict[str, Any], base: type) -> Any:
 
 
 def _build_opt(model, tr, d: Dist):
-    from .optim import build_optimizers
+    from llm.train.optim import build_optimizers
 
     return build_optimizers(model, tr, fused=d.device.type == "cuda")
 
 
 def _lr_mult(tr, step: int, steps: int) -> float:
-    from .optim import lr_multiplier
+    from llm.train.optim import lr_multiplier
 
     return lr_multiplier(step, steps, schedule=tr.schedule, warmup_steps=tr.warmup_steps,
                          warmdown_frac=tr.warmdown_frac, min_lr_frac=tr.min_lr_frac)
@@ -735,14 +735,14 @@ def _lr_mult(tr, step: int, steps: int) -> float:
 def _load_tokenizer(uri: str | None):
     if not uri:
         return None
-    from .tokenizer import load_tokenizer  # type: ignore[import-not-found]
+    from llm.tokenizer import load_tokenizer  # type: ignore[import-not-found]
 
     return load_tokenizer(uri)
 
 
 def _fetch_remote_latest(upload_uri: str, endpoint: str, d: Dist) -> Path | None:
-    from .checkpoint import META_FILE, resolve_checkpoint_dir
-    from .storage import Store, join
+    from llm.checkpoint import META_FILE, resolve_checkpoint_dir
+    from llm.storage import Store, join
 
     store = Store(upload_uri, endpoint)
     # An empty prefix lists as []; any other error (credentials, endpoint) must surface, not silently restart.
@@ -806,8 +806,8 @@ def _plan_text(p: dict[str, Any], m: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="llm.train", description="Kiln trainer (run under torchrun)")
-    ap.add_argument("--job", required=True, help="job JSON written by llm.train_stage.launch_training")
+    ap = argparse.ArgumentParser(prog="llm.train.trainer", description="Kiln trainer (run under torchrun)")
+    ap.add_argument("--job", required=True, help="job JSON written by llm.train.stages.launch_training")
     args = ap.parse_args(argv)
     job = json.loads(Path(args.job).read_text())
     try:
@@ -821,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
-    from .distributed import finish
+    from llm.dist import finish
 
     return finish(0 if summary["status"] in ("done", "interrupted") else 1)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .stage import MANIFEST, read_manifest
-from .storage import Store, is_s3, join, local_path, sha256_file
+from llm.stages.output import MANIFEST, read_manifest
+from llm.storage import Store, is_s3, join, local_path, sha256_file
 
 # The counts worth a column, per stage: a glance tells a user which output is which.
 HEADLINE: dict[str, tuple[str, ...]] = {
@@ -223,12 +223,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     root = args.root
     if root is None:
-        from .config import load_config
+        from llm.config import load_config
 
         root = load_config(args.preset).run.artifact_root
     store = Store(root, args.s3_endpoint)
     if args.stage is not None:
-        from .stages import STAGES
+        from llm.stages.registry import STAGES
 
         if args.stage not in STAGES:
             print(f"kiln ls: unknown stage {args.stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)

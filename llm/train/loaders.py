@@ -1,6 +1,6 @@
 """Trainer data loaders: one protocol, pluggable by kind.
 
-The trainer (``llm.train``) never knows where tokens come from. A job names a loader *kind* and a JSON
+The trainer (``llm.train.trainer``) never knows where tokens come from. A job names a loader *kind* and a JSON
 *spec*; :func:`make_loader` imports the class registered in :data:`LOADER_KINDS` and builds it with::
 
     Loader(spec: dict, *, batch_size: int, seq_len: int, rank: int, world_size: int, seed: int, tokenizer)
@@ -55,12 +55,12 @@ from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .data.shards import DocTable, open_split
+from llm.data.shards import DocTable, open_split
 
 LOADER_KINDS: dict[str, str] = {
-    "pretrain": "llm.loaders:PretrainLoader",
-    "midtrain": "llm.chat_data:MixtureLoader",
-    "sft": "llm.chat_data:SFTLoader",
+    "pretrain": "llm.train.loaders:PretrainLoader",
+    "midtrain": "llm.train.chat_loaders:MixtureLoader",
+    "sft": "llm.train.chat_loaders:SFTLoader",
 }
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -186,7 +186,7 @@ class PretrainLoader:
         self.val_split = spec.get("val_split", "val")
         self.buffer_docs = int(spec.get("buffer_docs", 64))
         self.B, self.T, self.rank, self.W, self.seed = batch_size, seq_len, rank, world_size, seed
-        # The S3 endpoint, when there is one, reaches open_split through AWS_ENDPOINT_URL (set by llm.train_stage).
+        # The S3 endpoint, when there is one, reaches open_split through AWS_ENDPOINT_URL (set by llm.train.stages).
         self.docs = DocTable.from_shards(open_split(self.uri, self.split), f"{self.uri} split {self.split!r}")
         n = self.docs.n_docs
         self.packer = _Packer(self.docs, seq_len + 1,

@@ -20,15 +20,15 @@ import sys
 import time
 from typing import Any, Callable
 
-from .config import ConfigError, KilnConfig, list_presets, load_config
-from .stages import STAGES
+from llm.config import ConfigError, KilnConfig, list_presets, load_config
+from llm.stages.registry import STAGES
 
 # Extra commands live in their own modules; imported only when used so `kiln --help` is fast.
 EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
-    "chat": ("llm.chat_cli:add_arguments", "llm.chat_cli:main"),
-    "stack": ("llm.stack:add_arguments", "llm.stack:main"),
-    "ls": ("llm.catalog:add_arguments", "llm.catalog:main"),
-    "plan": ("llm.plan_cli:add_arguments", "llm.plan_cli:main"),
+    "chat": ("llm.cli.chat:add_arguments", "llm.cli.chat:main"),
+    "stack": ("deployments.stack:add_arguments", "deployments.stack:main"),
+    "ls": ("llm.cli.ls:add_arguments", "llm.cli.ls:main"),
+    "plan": ("llm.cli.plan:add_arguments", "llm.cli.plan:main"),
 }
 
 
@@ -139,7 +139,7 @@ def _shown_counts(stage: str, counts: dict[str, Any], n: int = 5) -> str:
     A reused output's manifest has its counts in alphabetical order, so "the first five" would
     show a different, less useful set for the same output depending on whether it was cached.
     """
-    from .catalog import HEADLINE, _fmt_counts
+    from llm.cli.ls import HEADLINE, _fmt_counts
 
     order = [k for k in HEADLINE.get(stage, ()) if k in counts] + [k for k in counts if k not in HEADLINE.get(stage, ())]
     return _fmt_counts({k: counts[k] for k in order[:n]})
@@ -176,7 +176,7 @@ def _guarded(fn: Callable[[], int]) -> int:
         print(f"kiln: config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - top-level: one clear line, the traceback on demand
-        from .stage import StageError
+        from llm.stages.output import StageError
 
         if isinstance(e, (StageError, FileNotFoundError, ValueError)):
             print(f"kiln: error: {e}", file=sys.stderr)
@@ -189,8 +189,8 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    from .pipeline import run_pipeline
-    from .stages import check_inputs, execute
+    from llm.stages.pipeline import run_pipeline
+    from llm.stages.registry import check_inputs, execute
 
     t0 = time.time()
     progress = not args.quiet
@@ -202,7 +202,7 @@ def _run_command(args: argparse.Namespace) -> int:
         missing = [r for r in STAGES[args.command].inputs if r not in inputs]
         # The inputs given on the command line are checked now: a typo must not cost an upstream run.
         check_inputs(args.command, cfg, inputs)
-        from .pipeline import report_inputs
+        from llm.stages.pipeline import report_inputs
 
         if missing and args.command != "report":
             # Only the missing roles decide how far upstream to run: `kiln eval --checkpoint X`
@@ -220,7 +220,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def _upstream_until(stage: str, roles: list[str] | None = None) -> str:
     """The last chain stage this stage's default inputs (or just ``roles``) need."""
-    from .pipeline import CHAIN
+    from llm.stages.pipeline import CHAIN
 
     ups = [u for r, u in STAGES[stage].inputs.items() if roles is None or r in roles]
     return max(ups, key=CHAIN.index)

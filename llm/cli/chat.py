@@ -16,9 +16,9 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from .chat import ASSISTANT, USER, ChatSpecials, Message, render_prompt
-from .stage import read_manifest
-from .storage import Store, is_s3, local_path
+from llm.chat.format import ASSISTANT, USER, ChatSpecials, Message, render_prompt
+from llm.stages.output import read_manifest
+from llm.storage import Store, is_s3, local_path
 
 COMMANDS_HELP = "commands: /clear (new conversation), /quit (leave)"
 
@@ -147,8 +147,8 @@ def _device(choice: str) -> str:
 
 
 def main(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
-    from .checkpoint import load_model
-    from .tokenizer import load_tokenizer
+    from llm.checkpoint import load_model
+    from llm.tokenizer import load_tokenizer
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     store = Store(".", args.s3_endpoint)

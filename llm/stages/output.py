@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .storage import Store, cache_root, is_s3, join, local_path, sha256_file
+from llm.storage import Store, cache_root, is_s3, join, local_path, sha256_file
 
 MANIFEST = "manifest.json"
 

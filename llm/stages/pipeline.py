@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from .config import KilnConfig
-from .stage import StageResult
-from .stages import STAGES, execute
+from llm.config import KilnConfig
+from llm.stages.output import StageResult
+from llm.stages.registry import STAGES, execute
 
 CHAIN = ["download", "filter", "dedup", "tokenizer", "tokenize", "pretrain", "midtrain", "sft"]
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .chat import RenderedChats
-from .data.shards import DocTable, open_split
+from llm.chat.format import RenderedChats
+from llm.data.shards import DocTable, open_split
 
 WEB, CHAT = 0, 1
 SOURCE_NAMES = {WEB: "web", CHAT: "chat"}
@@ -264,7 +264,7 @@ def rows_to_xy(rows: list[np.ndarray], masks: list[np.ndarray] | None) -> tuple[
     return x, y
 
 
-# --------------------------------------------------------------------------- trainer loaders (llm.loaders protocol)
+# --------------------------------------------------------------------------- trainer loaders (llm.train.loaders protocol)
 
 
 def _load_chats(spec: dict[str, Any], key: str) -> RenderedChats:
