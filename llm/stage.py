@@ -25,6 +25,7 @@ import os
 import platform
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,14 @@ MANIFEST = "manifest.json"
 
 class StageError(RuntimeError):
     """A deterministic stage failure (bad input, bad config): retrying will not help."""
+
+
+class FollowerDone(Exception):
+    """Raised by a stage function on a multi-node follower once its share of the work is done.
+
+    Not an error: the node hosting global rank 0 publishes the output, this one publishes nothing.
+    The message is the line the user sees.
+    """
 
 
 def canonical_json(obj: Any) -> str:
@@ -131,6 +140,8 @@ class StageOutput:
     uri: str
     workdir: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    # A multi-node follower: ``workdir`` is node-local scratch and the stage raises FollowerDone.
+    follower: bool = False
 
     def path(self, rel: str) -> Path:
         p = self.workdir / rel
@@ -188,6 +199,10 @@ class StageResult:
     uri: str
     manifest: dict[str, Any]
     cached: bool
+    # Non-empty on a multi-node follower: the line saying it took part and published nothing. Then
+    # ``uri`` is where the leader publishes (on this root only if the root is shared) and
+    # ``manifest`` holds only stage, key, uri and follower: there are no files to describe.
+    follower: str = ""
 
 
 StageFn = Callable[[StageOutput, dict[str, dict[str, Any]]], dict[str, Any]]
@@ -215,12 +230,16 @@ def run_stage(
     *,
     force: bool = False,
     external: ExternalInput | None = None,
+    follower: bool = False,
 ) -> StageResult:
     """Run ``fn`` unless an identical, verified output exists; publish it with its manifest.
 
     ``inputs`` maps names to upstream output URIs; their manifests are verified first and
     their hashes enter the key. ``fn(out, input_manifests)`` returns a dict whose ``counts``
     and other keys are merged into the manifest.
+
+    ``follower``: this node takes part in a multi-node job whose leader publishes. It takes no
+    lock (the leader holds it, and its job waits for this node) and works in node-local scratch.
     """
     in_manifests = {name: input_manifest(store, stage, name, uri, external) for name, uri in inputs.items()}
     key = content_key(stage, config, {n: m["hash"] for n, m in in_manifests.items()}, code_version)
@@ -228,6 +247,8 @@ def run_stage(
     seen = verify_output(store, uri)
     if seen is not None and not force:
         return StageResult(uri=uri, manifest=seen, cached=True)
+    if follower:
+        return _follow(store, stage, key, uri, in_manifests, fn)
 
     def published() -> dict[str, Any] | None:
         """A verified output this run did not see at its start (forced) or at all (not forced)."""
@@ -279,3 +300,20 @@ def _drop_if_empty(workdir: Path) -> None:
     if workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
         shutil.rmtree(workdir, ignore_errors=True)
 
+
+def _follow(store: Store, stage: str, key: str, uri: str, in_manifests: dict[str, dict[str, Any]],
+            fn: StageFn) -> StageResult:
+    """Run ``fn`` as a multi-node follower: in node-local scratch, removed afterwards, nothing published."""
+    base = cache_root("follower")
+    base.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-", dir=base))
+    out = StageOutput(store=store, stage=stage, key=key, uri=uri, workdir=scratch, follower=True)
+    try:
+        fn(out, in_manifests)
+    except FollowerDone as done:
+        return StageResult(uri=uri, manifest={"stage": stage, "key": key, "uri": uri, "follower": str(done)},
+                           cached=False, follower=str(done))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    raise StageError(f"{stage}: ran as a multi-node follower but the stage does not support it "
+                     f"(it returned instead of raising FollowerDone)")
