@@ -10,9 +10,12 @@ a line saying so, and writes nothing to the root: neither on a root of its own n
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,26 +53,42 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(upstream: list[str], roots: tuple[Path, Path], tmp: Path) -> list[tuple[int, str]]:
-    """Run `kiln pretrain` as node 1 and node 0 (in that order: the start order must not matter)."""
+def _start_nodes(upstream: list[str], roots: tuple[Path, Path], tmp: Path, train: list[str] = TRAIN,
+                 ) -> dict[int, subprocess.Popen]:
+    """Start `kiln pretrain` as node 1 and node 0 (in that order: the start order must not matter)."""
     port = _free_port()
     procs = {}
     for rank in (1, 0):
         env = _env(KILN_NNODES="2", KILN_NODE_RANK=str(rank), KILN_RDZV_ENDPOINT=f"127.0.0.1:{port}",
                    KILN_RDZV_ID=f"test-{port}", KILN_CACHE=str(tmp / f"cache-node{rank}"))
         procs[rank] = subprocess.Popen([sys.executable, "-m", "llm.cli", "pretrain", *upstream, "--output",
-                                        str(roots[rank]), *TRAIN], env=env, stdout=subprocess.PIPE,
+                                        str(roots[rank]), *train], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.STDOUT, text=True)
+    return procs
+
+
+def _collect(procs: dict[int, subprocess.Popen]) -> list[tuple[int, str]]:
+    """(exit code, output) of node 0 and node 1."""
     results = []
     for rank in (0, 1):
         try:
             out, _ = procs[rank].communicate(timeout=240)
         except subprocess.TimeoutExpired:
+            # Ctrl-C, not SIGKILL: kiln then stops its torchrun job (in a session of its own) on the way out.
             for p in procs.values():
-                p.kill()
+                p.send_signal(signal.SIGINT)
+            for p in procs.values():
+                try:
+                    p.communicate(timeout=90)
+                except subprocess.TimeoutExpired:
+                    p.kill()
             raise
         results.append((procs[rank].returncode, out))
     return results
+
+
+def _two_nodes(upstream: list[str], roots: tuple[Path, Path], tmp: Path) -> list[tuple[int, str]]:
+    return _collect(_start_nodes(upstream, roots, tmp))
 
 
 def _published(root: Path) -> list[Path]:
@@ -107,6 +126,29 @@ def test_shared_root_one_output_and_no_error(upstream: list[str], tmp_path: Path
     ls = subprocess.run([sys.executable, "-m", "llm.cli", "ls", "--root", str(shared), "--stage", "pretrain",
                          "--verify"], env=_env(), capture_output=True, text=True, timeout=120)
     assert ls.returncode == 0 and "1 outputs" in ls.stdout and "1 ok, 0 unfinished" in ls.stdout, ls.stdout + ls.stderr
+
+
+def test_an_interrupted_job_on_a_shared_root_resumes_on_both_nodes(upstream: list[str], tmp_path: Path) -> None:
+    """The follower's scratch has no checkpoint: it must resume from rank 0's, in the leader's .partial,
+    or its ranks would start at step 0 while rank 0 resumes (a hang, or a wrong model)."""
+    shared = tmp_path / "shared-root"
+    train = [a.replace("pretrain.steps=4", "pretrain.steps=160").replace("pretrain.ckpt_every=4", "pretrain.ckpt_every=20")
+             .replace("pretrain.eval_every=4", "pretrain.eval_every=1000") for a in TRAIN]
+    procs = _start_nodes(upstream, (shared, shared), tmp_path, train)
+    deadline = time.monotonic() + 180
+    while not list(shared.glob("pretrain/*.partial/checkpoints/step_0000[4-9]0")):  # a checkpoint, mid-run
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs.values())
+        time.sleep(0.05)
+    for p in procs.values():
+        p.send_signal(signal.SIGINT)  # Ctrl-C: the trainer checkpoints and stops
+    _collect(procs)
+    assert not _published(shared)
+    (rc0, out0), (rc1, out1) = _collect(_start_nodes(upstream, (shared, shared), tmp_path, train))
+    assert rc0 == 0 and rc1 == 0, out0 + out1
+    assert re.search(r"resumed from \S+\.partial/checkpoints/step_\d+ at step [1-9]", out0), out0
+    (published,) = _published(shared)
+    assert verify_output(Store(str(shared)), str(published))["counts"]["steps"] == 160
+    _follower_line_and_no_scratch(out1, tmp_path / "cache-node1")
 
 
 def _overrides(args: list[str]) -> dict[str, object]:
