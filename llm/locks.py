@@ -131,8 +131,20 @@ class _FileLock:
             return True
         except FileExistsError:
             return False
+        except OSError:  # no hard links on this file system (some FUSE/SMB mounts): an exclusive create
+            return self._create_exclusive(body)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _create_exclusive(self, body: bytes) -> bool:
+        """O_CREAT|O_EXCL: as atomic, but a reader may see the record half-written (it then waits)."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        return True
 
     def read(self) -> Held | None:
         try:
@@ -190,7 +202,7 @@ class _S3Lock:
         client = self.store._client()  # conditional requests are this module's alone: not a Store operation
         try:
             with_retries(lambda: client.put_object(Bucket=self.bucket, Key=self.key, Body=body, **cond),
-                                what=f"lock {self.where}")
+                         what=f"lock {self.where}")
         except Exception as exc:  # noqa: BLE001 - a failed precondition is an answer, anything else is raised
             if _precondition_failed(exc):
                 return False
@@ -290,6 +302,8 @@ class StageLock:
             held = self.backend.read()
             if held is None:
                 continue  # released just now: try again at once
+            if (held.record or {}).get("token") == self.token:
+                return self._taken(ready)  # our own create: its answer was lost and the retry found it done
             if self.stale(held):
                 self.say(f"[kiln] {self.stage}: taking over the stale lock {self.backend.where} ({_who(held)})")
                 if self.backend.replace(held, self._record()):

@@ -160,8 +160,14 @@ def test_a_lock_left_by_a_killed_run_or_a_vanished_machine_is_taken_over(tmp_pat
     # 1. kill -9 in the middle of the stage: its lock stays, naming a pid that is gone.
     a = _frozen_while_working(["tokenize", "--force", *SMALL], tmp_path, lambda: root.glob("tokenize/*.partial"),
                               tmp_path / "a.log")
+    ls = subprocess.run([sys.executable, "-m", "llm.cli", "ls", "--root", "artifacts", "--stage", "tokenize"],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert f"running: pid {a.pid} on" in ls.stdout, ls.stdout + ls.stderr  # kiln ls tells running from crashed
     os.killpg(a.pid, signal.SIGKILL)
     a.wait()
+    ls = subprocess.run([sys.executable, "-m", "llm.cli", "ls", "--root", "artifacts", "--stage", "tokenize"],
+                        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert "unfinished: crashed or failed" in ls.stdout, ls.stdout + ls.stderr
     t0 = time.monotonic()
     rc, out = _finish(_kiln(["tokenize", "--force", *SMALL], tmp_path, tmp_path / "b.log"), tmp_path / "b.log", 120)
     assert rc == 0 and _status(out) == "computed", out
