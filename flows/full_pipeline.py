@@ -99,7 +99,8 @@ class _Runner:
 
     def _done(self, name: str, label: str, summary: dict[str, Any], cached: bool) -> dict[str, Any]:
         self.tracker.stage_done(label, name, summary, cached)
-        self.status[label] = "cached" if cached else ("reused" if summary.get("reused") else "computed")
+        self.status[label] = ("follower" if summary.get("follower") else "cached" if cached
+                              else "reused" if summary.get("reused") else "computed")
         print(f"[kiln] {label}: {self.status[label]} -> {summary['uri']}")
         return summary
 

@@ -65,7 +65,10 @@ def run_one(stage: str, *, preset: str, overrides: dict[str, Any] | list[str] | 
         tracker.finish(ok=True)
     else:
         summary, cached = run_stage_task(stage, cfg, inputs, force=force, mlflow_run_id=mlflow_run_id, label=label)
-    print(f"[kiln] {stage}: {'cached' if cached else ('reused' if summary['reused'] else 'computed')} -> {summary['uri']}")
+    if summary.get("follower"):
+        print(f"[kiln] {summary['follower']}")
+    else:
+        print(f"[kiln] {stage}: {'cached' if cached else ('reused' if summary['reused'] else 'computed')} -> {summary['uri']}")
     return summary
 
 

@@ -128,7 +128,11 @@ def stage_key(stage: str, cfg: KilnConfig, inputs: dict[str, str]) -> tuple[str,
     return key, store.uri(stage, key)
 
 
-def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:  # noqa: ARG001
+def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:  # noqa: ARG001
+    from llm.torchrun import is_follower
+
+    if STAGES[parameters["stage"]].multinode and is_follower():
+        return None  # a multi-node follower's result names no output of its own: never a cache record
     cfg = KilnConfig.model_validate(parameters["config"])
     key, _ = stage_key(parameters["stage"], cfg, parameters["inputs"])
     # The root is part of the key (two roots hold two copies), hashed to keep the record name short.
@@ -198,7 +202,9 @@ def _summary(stage: str, manifest: dict[str, Any], *, reused: bool, mlflow_run_i
         "stage": stage,
         "uri": manifest["uri"],
         "key": manifest["key"],
-        "hash": manifest["hash"],
+        # None on a multi-node follower, which publishes nothing ("follower" says what it did instead).
+        "hash": manifest.get("hash"),
+        "follower": manifest.get("follower", ""),
         "counts": manifest.get("counts", {}),
         "seconds": manifest.get("timings", {}).get("seconds"),
         # False when this call computed the output; True when a verified output was reused.
@@ -246,7 +252,10 @@ def stage_task(
     # torchrun's output lines (plan, steps, evals, failures) go into this task's Prefect log.
     with stage_environment(mlflow_run_id, tracking_uri(cfg)), line_sink(logger.info):
         res = execute(stage, cfg, inputs, force=force, progress=False)
-    logger.info("%s %s -> %s", stage, "reused" if res.cached else "computed", res.uri)
+    if res.follower:
+        logger.info("%s", res.follower)
+    else:
+        logger.info("%s %s -> %s", stage, "reused" if res.cached else "computed", res.uri)
     return _summary(stage, res.manifest, reused=res.cached, mlflow_run_id=mlflow_run_id)
 
 

@@ -184,6 +184,13 @@ class PipelineTracker:
         run_id = self.children[label]
         if label in self.done_before:
             return
+        if summary.get("follower"):  # a multi-node follower: no output, no lineage; say what it was
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(run_id, tags=[RunTag("kiln.follower", summary["follower"]),
+                                                RunTag("kiln.key", summary["key"])])
+            self.client.set_terminated(run_id, status="FINISHED")
+            return
         cached = prefect_cached or bool(summary.get("reused"))
         tags = {
             "kiln.cached": "true" if cached else "false",

@@ -91,11 +91,18 @@ def test_rendezvous_args():
     assert rendezvous_args({"KILN_NNODES": "1"}) == ["--standalone"]
     assert rendezvous_args({"KILN_NNODES": "2", "KILN_RDZV_ENDPOINT": "10.0.0.1:29500", "KILN_NODE_RANK": "1",
                             "KILN_RDZV_ID": "d20"}) == [
-        "--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29500", "--rdzv-id=d20", "--node-rank=1"]
+        "--nnodes=2", "--rdzv-backend=static", "--rdzv-endpoint=10.0.0.1:29500", "--rdzv-id=d20", "--node-rank=1"]
     with pytest.raises(StageError, match="KILN_RDZV_ENDPOINT"):
         rendezvous_args({"KILN_NNODES": "2"})
     with pytest.raises(StageError, match="host:port"):
         rendezvous_args({"KILN_NNODES": "2", "KILN_RDZV_ENDPOINT": "10.0.0.1"})
+    # Which node publishes must be fixed before training: a node rank on every node, static rendezvous.
+    two = {"KILN_NNODES": "2", "KILN_RDZV_ENDPOINT": "10.0.0.1:29500"}
+    for bad, match in (({}, "KILN_NODE_RANK"), ({"KILN_NODE_RANK": "2"}, "KILN_NODE_RANK=0..1"),
+                       ({"KILN_NODE_RANK": "0", "KILN_RDZV_BACKEND": "c10d"}, "join order"),
+                       ({"KILN_NNODES": "1:4", "KILN_NODE_RANK": "0"}, "fixed number of nodes")):
+        with pytest.raises(StageError, match=match):
+            rendezvous_args({**two, **bad})
 
 
 # --------------------------------------------------------------------------- deployments / config

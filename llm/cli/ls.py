@@ -6,7 +6,9 @@ has to juggle checkpoint directories by hand. It answers three questions:
 
 * what is there (stage, key, when, size, headline counts), newest first;
 * is it intact (``--verify`` re-hashes every file against its manifest; a ``.partial`` directory
-  is a stage that crashed or is still running, and it resumes on the next run with the same key);
+  is a stage that crashed, failed or is still running (it says which: a running one holds the
+  stage's lock), and it resumes on the next run with the same key; empty ones and, for an S3 root,
+  this machine's local work dirs are shown too);
 * where did it come from (``--lineage URI`` walks the manifests' inputs back to the download).
 
 Nothing here deletes anything: outputs are immutable and shared between runs by their key.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.stages.output import MANIFEST, read_manifest
+from llm.stages.output import MANIFEST, read_manifest, work_root
 from llm.storage import Store, is_s3, join, local_path, sha256_file
 
 # The counts worth a column, per stage: a glance tells a user which output is which.
@@ -116,8 +118,7 @@ def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: b
         uri = join(join(root, st), keydir)
         size = sum(files.values())
         if keydir.endswith(".partial"):
-            entries.append(Entry(st, keydir.removesuffix(".partial"), uri, "partial", size,
-                                 problem="unfinished: crashed, failed or still running; the next run with this key resumes it"))
+            entries.append(_partial(store, st, keydir, uri, size))
             continue
         if MANIFEST not in files:
             entries.append(Entry(st, keydir, uri, "partial", size, problem=f"no {MANIFEST}: never published"))
@@ -137,8 +138,43 @@ def list_outputs(store: Store, root: str, *, stage: str | None = None, verify: b
             inputs={role: v.get("uri", "") for role, v in (manifest.get("inputs") or {}).items()},
             problem=problem,
         ))
+    listed = {(e.stage, e.key) for e in entries if e.status == "partial"}
+    for (st, keydir), path in sorted(_local_partials(store).items()):
+        if (stage is None or st == stage) and (st, keydir.removesuffix(".partial")) not in listed:
+            entries.append(_partial(store, st, keydir, str(path), sum(_file_sizes(path)),
+                                    where="" if path == local_path(join(root, st, keydir)) else " on this machine"))
     entries.sort(key=lambda e: (e.status == "partial", -(e.started or 0.0)))
     return entries
+
+
+def _local_partials(store: Store) -> dict[tuple[str, str], Path]:
+    """Every ``<stage>/<key>.partial`` work dir on this machine for the root, files or not.
+
+    A listing of files misses an empty one (a stage that failed before writing), and for an S3
+    root the work dirs are in this machine's cache, not under the root at all.
+    """
+    base = work_root(store)
+    if not base.is_dir():
+        return {}
+    return {(p.parent.name, p.name): p for p in base.glob("*/*.partial") if p.is_dir()}
+
+
+def _file_sizes(path: Path) -> list[int]:
+    return [p.stat().st_size for p in path.rglob("*") if p.is_file()]
+
+
+def _partial(store: Store, stage: str, keydir: str, uri: str, size: int, where: str = "") -> Entry:
+    """An unfinished output, saying whether a run is at it now (it holds the stage's lock)."""
+    from llm.stages.locks import read_lock
+
+    key = keydir.removesuffix(".partial")
+    holder = read_lock(store, stage, key)
+    if holder is not None:
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(holder.get("since", 0)))
+        problem = f"running{where}: pid {holder.get('pid')} on {holder.get('host')} since {since}"
+    else:
+        problem = f"unfinished{where}: crashed or failed; the next run with this key resumes it"
+    return Entry(stage, key, uri, "partial", size, problem=problem)
 
 
 def _locate(store: Store, root: str | None, uri: str) -> tuple[str, dict[str, Any] | None]:

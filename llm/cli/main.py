@@ -148,11 +148,13 @@ def _shown_counts(stage: str, counts: dict[str, Any], n: int = 5) -> str:
 def summary(results: dict[str, Any], seconds: float) -> str:
     lines = [f"{'stage':<16} {'status':<9} {'secs':>8}  counts / uri"]
     for name, r in results.items():
-        status = "cached" if r.cached else "computed"
+        status = "follower" if r.follower else ("cached" if r.cached else "computed")
         secs = r.manifest.get("timings", {}).get("seconds", 0.0)
         counts = _shown_counts(r.manifest.get("stage", name), r.manifest.get("counts", {}))
         lines.append(f"{name:<16} {status:<9} {secs:>8.1f}  {counts}")
         lines.append(f"{'':<16} {'':<9} {'':>8}  {r.uri}")
+        if r.follower:
+            lines.append(f"{'':<16} {'':<9} {'':>8}  {r.follower}")
     lines.append(f"total wall time {seconds:.1f}s")
     return "\n".join(lines)
 
@@ -196,7 +198,8 @@ def _run_command(args: argparse.Namespace) -> int:
     progress = not args.quiet
     if args.command == "run":
         results = run_pipeline(cfg, until=args.until, force=args.force, progress=progress,
-                               on_stage=lambda n, r: print(f"[kiln] {n}: {'cached' if r.cached else 'done'} -> {r.uri}", flush=True))
+                               on_stage=lambda n, r: print(f"[kiln] {r.follower}" if r.follower else
+                                                          f"[kiln] {n}: {'cached' if r.cached else 'done'} -> {r.uri}", flush=True))
     else:
         inputs = _parse_inputs(args.command, args.input, getattr(args, "checkpoint", None))
         missing = [r for r in STAGES[args.command].inputs if r not in inputs]

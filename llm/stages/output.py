@@ -9,6 +9,12 @@ and reused instead of recomputed.
 treated as done: locally the stage works in ``<key>.partial/`` and the directory is
 renamed into place with its manifest inside; on S3 the manifest object is uploaded after
 every file it lists.
+
+One computation per output: a run takes the lock ``<root>/<stage>/<key>.lock`` (llm/stages/locks.py)
+before it works in the ``.partial``; an identical run started meanwhile waits and reuses what the
+first one publishes. That holds with ``force`` too: a forced run that finds the same output being
+computed reuses that fresh result instead of computing it a second time, and computes only when
+the holder fails or dies. A stage that fails before writing anything leaves no ``.partial``.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import os
 import platform
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from llm.stages.locks import StageLock
 from llm.storage import Store, cache_root, is_s3, join, local_path, sha256_file
 
 MANIFEST = "manifest.json"
@@ -31,6 +39,14 @@ MANIFEST = "manifest.json"
 
 class StageError(RuntimeError):
     """A deterministic stage failure (bad input, bad config): retrying will not help."""
+
+
+class FollowerDone(Exception):
+    """Raised by a stage function on a multi-node follower once its share of the work is done.
+
+    Not an error: the node hosting global rank 0 publishes the output, this one publishes nothing.
+    The message is the line the user sees.
+    """
 
 
 def canonical_json(obj: Any) -> str:
@@ -240,6 +256,8 @@ class StageOutput:
     uri: str
     workdir: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    # A multi-node follower: ``workdir`` is node-local scratch and the stage raises FollowerDone.
+    follower: bool = False
 
     def path(self, rel: str) -> Path:
         p = self.workdir / rel
@@ -276,12 +294,17 @@ class StageOutput:
         return manifest
 
 
+def work_root(store: Store) -> Path:
+    """The local directory holding this root's ``<stage>/<key>.partial`` work dirs: the root itself, or
+    for an S3 root a per-root directory of this machine's cache."""
+    if is_s3(store.root):
+        return cache_root("work") / store.root.replace("s3://", "").replace("/", "_")
+    return local_path(store.root)
+
+
 def workdir_for(store: Store, stage: str, key: str) -> Path:
     """Local scratch for a stage. Kept across crashes so training can resume from it."""
-    if is_s3(store.root):
-        base = cache_root("work")
-        return base / store.root.replace("s3://", "").replace("/", "_") / stage / f"{key}.partial"
-    return local_path(store.uri(stage, f"{key}.partial"))
+    return work_root(store) / stage / f"{key}.partial"
 
 
 @dataclass
@@ -289,6 +312,10 @@ class StageResult:
     uri: str
     manifest: dict[str, Any]
     cached: bool
+    # Non-empty on a multi-node follower: the line saying it took part and published nothing. Then
+    # ``uri`` is where the leader publishes (on this root only if the root is shared) and
+    # ``manifest`` holds only stage, key, uri and follower: there are no files to describe.
+    follower: str = ""
 
 
 StageFn = Callable[[StageOutput, dict[str, dict[str, Any]]], dict[str, Any]]
@@ -318,25 +345,53 @@ def run_stage(
     *,
     force: bool = False,
     external: ExternalInput | None = None,
+    follower: bool = False,
 ) -> StageResult:
     """Run ``fn`` unless an identical, verified output exists; publish it with its manifest.
 
     ``inputs`` maps names to upstream output URIs; their manifests are verified first and
     their hashes enter the key. ``fn(out, input_manifests)`` returns a dict whose ``counts``
     and other keys are merged into the manifest.
+
+    ``follower``: this node takes part in a multi-node job whose leader publishes. It takes no
+    lock (the leader holds it, and its job waits for this node) and works in node-local scratch.
     """
     in_manifests = {name: input_manifest(store, stage, name, uri, external) for name, uri in inputs.items()}
     key = content_key(stage, config, {n: m["hash"] for n, m in in_manifests.items()}, code_version)
     uri = store.uri(stage, key)
-    if not force:
-        done = verify_output(store, uri)
-        if done is not None:
-            return StageResult(uri=uri, manifest=done, cached=True)
+    seen = verify_output(store, uri)
+    if seen is not None and not force:
+        return StageResult(uri=uri, manifest=seen, cached=True)
+    if follower:
+        return _follow(store, stage, key, uri, in_manifests, fn)
+
+    def published() -> dict[str, Any] | None:
+        """A verified output this run did not see at its start (forced) or at all (not forced)."""
+        m = verify_output(store, uri)
+        return m if m is not None and m != seen else None
+
+    lock = StageLock(store, stage, key)
+    done = lock.acquire(published)
+    if done is not None:
+        return StageResult(uri=uri, manifest=done, cached=True)
+    try:
+        return _compute(store, stage, key, uri, config, inputs, in_manifests, code_version, fn)
+    finally:
+        lock.release()
+
+
+def _compute(store: Store, stage: str, key: str, uri: str, config: dict[str, Any], inputs: dict[str, str],
+             in_manifests: dict[str, dict[str, Any]], code_version: str, fn: StageFn) -> StageResult:
+    """Run ``fn`` in the stage's work dir and publish (the caller holds the stage's lock)."""
     workdir = workdir_for(store, stage, key)
     workdir.mkdir(parents=True, exist_ok=True)
     out = StageOutput(store=store, stage=stage, key=key, uri=uri, workdir=workdir)
     started = time.time()
-    result = fn(out, in_manifests) or {}
+    try:
+        result = fn(out, in_manifests) or {}
+    except BaseException:
+        _drop_if_empty(workdir)
+        raise
     manifest = {
         "stage": stage,
         "key": key,
@@ -350,3 +405,30 @@ def run_stage(
         "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "python": platform.python_version()},
     }
     return StageResult(uri=uri, manifest=out.publish(manifest), cached=False)
+
+
+def _drop_if_empty(workdir: Path) -> None:
+    """Remove a work dir that holds no file (a stage that failed on its config before writing).
+
+    One with files stays: training resumes from its checkpoints, and `kiln ls` shows it.
+    """
+    if workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _follow(store: Store, stage: str, key: str, uri: str, in_manifests: dict[str, dict[str, Any]],
+            fn: StageFn) -> StageResult:
+    """Run ``fn`` as a multi-node follower: in node-local scratch, removed afterwards, nothing published."""
+    base = cache_root("follower")
+    base.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{stage}-{key}-", dir=base))
+    out = StageOutput(store=store, stage=stage, key=key, uri=uri, workdir=scratch, follower=True)
+    try:
+        fn(out, in_manifests)
+    except FollowerDone as done:
+        return StageResult(uri=uri, manifest={"stage": stage, "key": key, "uri": uri, "follower": str(done)},
+                           cached=False, follower=str(done))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    raise StageError(f"{stage}: ran as a multi-node follower but the stage does not support it "
+                     f"(it returned instead of raising FollowerDone)")

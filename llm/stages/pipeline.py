@@ -47,8 +47,8 @@ def run_pipeline(
 
     for name in CHAIN:
         inputs = {role: results[up].uri for role, up in STAGES[name].inputs.items()}
-        step(name, name, inputs)
-        if name == until:
+        # A multi-node follower publishes nothing: what comes next needs the leader's output.
+        if step(name, name, inputs).follower or name == until:
             return results
     if until in (None, "eval", "report"):
         for model_stage in cfg.eval.stages:

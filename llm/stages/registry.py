@@ -43,6 +43,9 @@ class StageDef:
     version: str = "1"
     # Stages that launch torchrun or other heavy work are "training" and go to the gpu pool.
     gpu: bool = False
+    # Stages whose torchrun job may span nodes (KILN_NNODES): on a node other than node 0 they run as a
+    # follower that publishes nothing (llm/torchrun.py).
+    multinode: bool = False
     description: str = ""
 
     def function(self) -> Callable[..., dict[str, Any]]:
@@ -72,14 +75,15 @@ STAGES: dict[str, StageDef] = {
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
                  description="encode documents into token shards"),
         StageDef("pretrain", "llm.train.stages:run_pretrain", ("model", "pretrain"),
-                 {"tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True, description="pretrain the GPT",
+                 {"tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True, multinode=True, description="pretrain the GPT",
                  # 2: loader epochs read every document once; supervised_tokens; budgets round up
                  version="2"),
         StageDef("midtrain", "llm.train.chat_stages:run_midtrain", ("model", "midtrain", "chat_data"),
-                 {"model": "pretrain", "tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True,
+                 {"model": "pretrain", "tokens": "tokenize", "tokenizer": "tokenizer"}, gpu=True, multinode=True,
                  description="midtrain on a web/chat mixture", version="2"),  # 2: as pretrain; ratio from counts
         StageDef("sft", "llm.train.chat_stages:run_sft", ("model", "sft", "chat_data"),
-                 {"model": "midtrain", "tokenizer": "tokenizer"}, gpu=True, description="supervised fine-tuning",
+                 {"model": "midtrain", "tokenizer": "tokenizer"}, gpu=True, multinode=True,
+                 description="supervised fine-tuning",
                  version="2"),  # 2: supervised_tokens in metrics and summary
         StageDef("eval", "llm.eval.stage:run", ("eval",), {"model": "sft", "tokenizer": "tokenizer", "tokens": "tokenize"},
                  gpu=True, description="CORE, bits-per-byte and samples for one checkpoint",
@@ -149,5 +153,7 @@ def execute(
         return fn(cfg, out, manifests, progress=progress)
 
     check_inputs(name, cfg, inputs, store)
+    from llm.torchrun import is_follower
+
     return run_stage(store, name, sd.key_config(cfg), inputs, sd.version, body, force=force,
-                     external=_external_input(cfg, name))
+                     external=_external_input(cfg, name), follower=sd.multinode and is_follower())

@@ -12,7 +12,9 @@ kind/spec and init checkpoint. It
 4. streams every output line to stdout (progress bars pass through) or to a sink — a callback argument,
    or one installed with :func:`line_sink` (how a Prefect task routes lines into its run logger without
    ``llm/`` importing Prefect),
-5. fails with the exit code and the last lines of output, or returns ``summary.json``.
+5. fails with the exit code and the last lines of output, or returns ``summary.json``; on a multi-node
+   follower (``KILN_NODE_RANK`` > 0) it raises :class:`~llm.stages.output.FollowerDone` instead: rank 0, on
+   node 0, wrote the summary and that node publishes.
 
 Resume is automatic: the stage work dir (``<key>.partial``) survives a crash, and the trainer resumes
 from its newest checkpoint (or from the S3 mirror of it when the artifact root is ``s3://``).
@@ -31,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llm.stages.output import StageError, StageOutput
+from llm.stages.output import FollowerDone, StageError, StageOutput
 
 LineSink = Callable[[str], None]
 _SINK: contextvars.ContextVar[LineSink | None] = contextvars.ContextVar("kiln_train_line_sink", default=None)
@@ -100,7 +102,7 @@ def launch_training(
     from llm.model import GPTConfig
     from llm.train.trainer import BatchPlanError, plan_batch
 
-    from llm.torchrun import rendezvous_args
+    from llm.torchrun import multi_node, rendezvous_args
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -112,13 +114,12 @@ def launch_training(
     child_env.update({k: str(v) for k, v in train_config.nccl_env.items()})
     child_env.update(env or {})
     rdzv = rendezvous_args(child_env)  # --standalone, or multi-node args from KILN_NNODES etc.
-    nnodes = child_env.get("KILN_NNODES", "1").strip() or "1"
-    try:  # an elastic range ("1:4") has no fixed world size: the trainer checks the plan itself then
+    nodes = multi_node(child_env)
+    try:
         plan_batch(train_config.total_batch_tokens, train_config.device_batch_size, mc.seq_len,
-                   n * (int(nnodes) if nnodes.isdigit() else 1))
+                   n * (nodes.nnodes if nodes else 1))
     except BatchPlanError as e:
-        if nnodes.isdigit():
-            raise StageError(f"{stage}: {e}") from None
+        raise StageError(f"{stage}: {e}") from None
     job = {
         "stage": stage, "model": mc.to_dict(), "train": train_config.model_dump(mode="json"),
         "loader": {"kind": loader_kind, "spec": loader_spec}, "tokenizer": tokenizer_uri,
@@ -155,6 +156,10 @@ def launch_training(
         if code == 2 and any("batch plan error" in t for t in tail):
             raise StageError(f"{stage}: " + next(t for t in tail if "batch plan error" in t))
         raise TrainingFailed(stage, code, list(tail))
+    if nodes is not None and not nodes.leader:
+        # Global rank 0, the only rank that writes checkpoints and summary.json, runs on node 0.
+        raise FollowerDone(f"{stage}: node {nodes.rank} of {nodes.nnodes} is a follower: training finished on every "
+                           f"node; node 0 publishes the output, this node publishes nothing")
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
         raise TrainingFailed(stage, code, list(tail) + ["(no summary.json written)"])
@@ -244,11 +249,19 @@ def mlflow_settings(cfg: Any, stage: str) -> dict[str, Any]:
 
 def upload_uri_for(cfg: Any, out: StageOutput) -> str | None:
     """Where to mirror checkpoints while training: the stage's ``.partial`` prefix on S3 (a local
-    artifact root already holds the work dir, so nothing to mirror)."""
+    artifact root already holds the work dir, so nothing to mirror).
+
+    Rank 0 writes the mirror; every rank resumes from it when its own dir has no checkpoint. So a
+    multi-node follower, whose work dir is node-local scratch, gets the leader's ``.partial`` on a
+    local root too: on a shared root (NFS) that is where rank 0's checkpoints are.
+    """
+    from llm.stages.output import workdir_for
     from llm.storage import is_s3
 
     if is_s3(cfg.run.artifact_root):
         return out.store.uri(out.stage, f"{out.key}.partial")
+    if out.follower:
+        return str(workdir_for(out.store, out.stage, out.key))
     return None
 
 
