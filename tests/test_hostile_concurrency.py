@@ -188,12 +188,24 @@ def test_a_lock_left_by_a_killed_run_or_a_vanished_machine_is_taken_over(tmp_pat
 
 
 def test_a_stage_that_fails_on_its_config_leaves_no_empty_partial(tmp_path: Path, prepared) -> None:
-    """A batch plan that does not divide fails inside the pretrain stage, before it writes anything."""
+    """A batch plan that does not divide is refused (by config validation, before the stage starts) and
+    leaves nothing behind."""
     _copy_of(prepared, tmp_path)
     rc, out = _finish(_kiln(["pretrain", *SMALL, "--set", "pretrain.total_batch_tokens=1000"], tmp_path,
                             tmp_path / "a.log"), tmp_path / "a.log")
-    assert rc == 1 and "total_batch_tokens 1000" in out, out
+    assert rc != 0 and "total_batch_tokens: 1000" in out, out
     assert not list((tmp_path / "artifacts").glob("*/*.partial")), list((tmp_path / "artifacts").rglob("*"))
+
+
+def test_a_stage_that_fails_before_writing_leaves_no_empty_partial(artifact_root: Path) -> None:
+    """Config checks that only the stage itself can make (it raises before writing a file) leave no
+    empty ``.partial`` for ``kiln ls`` to puzzle over."""
+    def refuse(out, inputs):
+        raise StageError("pretrain: bad setting")
+
+    with pytest.raises(StageError, match="bad setting"):
+        run_stage(Store(str(artifact_root)), "s", {"a": 1}, {}, "1", refuse)
+    assert not list(artifact_root.glob("*/*.partial"))
 
 
 def test_a_failed_stage_keeps_a_partial_it_wrote_to(artifact_root: Path) -> None:
