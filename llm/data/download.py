@@ -25,7 +25,7 @@ from llm.data.docs import check_published_docs, output_names
 from llm.fetch import DownloadError, FetchedFile, fetch_files, list_files, parse_hf, pin_source, split_glob
 from llm.sources import resolve_source
 from llm.stages.output import StageOutput
-from llm.storage import is_s3, split_s3
+from llm.storage import atomic_path, is_s3, split_s3
 
 
 def _stage_source(cfg: Any) -> str:
@@ -107,24 +107,22 @@ def _check_utf8(col: Any, label: str, first_row: int) -> Any:
 
 
 def finalize_shard(src: Path, dest: Path, *, label: str, text_column: str, keep_rows: int | None, id_prefix: str) -> int:
-    """Write ``src`` as an output shard at ``dest``; returns its row count.
+    """Write ``src`` as an output shard at ``dest`` (atomically); returns its row count.
 
     Checks the text is UTF-8, renames ``text_column`` to ``text``, adds an ``id`` column
     (``<id_prefix>:<row>``) when missing and keeps only the first ``keep_rows`` rows. When none of
     that changes anything the verified file is hard-linked as is (no copy, same bytes).
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(src)
     total = pf.metadata.num_rows
     keep = total if keep_rows is None else min(keep_rows, total)
     add_id = "id" not in pf.schema_arrow.names
-    rewrite = add_id or text_column != "text" or keep < total
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        if not rewrite:
+    with atomic_path(dest) as tmp:
+        if add_id or text_column != "text" or keep < total:
+            _rewrite_shard(pf, tmp, label=label, text_column=text_column, keep=keep, id_prefix=id_prefix if add_id else None)
+        else:
             first = 0
             for g in range(pf.metadata.num_row_groups):
                 _check_utf8(pf.read_row_group(g, columns=[text_column]).column(0), label, first)
@@ -133,31 +131,35 @@ def finalize_shard(src: Path, dest: Path, *, label: str, text_column: str, keep_
                 os.link(src, tmp)
             except OSError:  # another filesystem or no hard links: copy
                 shutil.copyfile(src, tmp)
-        else:
-            writer = None
-            row = 0
-            try:
-                for g in range(pf.metadata.num_row_groups):
-                    if row >= keep:
-                        break
-                    table = pf.read_row_group(g)
-                    table = table.slice(0, keep - row)
-                    i = table.schema.get_field_index(text_column)
-                    table = table.set_column(i, "text", _check_utf8(table.column(i), label, row))
-                    if add_id:
-                        ids = pa.array([f"{id_prefix}:{r}" for r in range(row, row + table.num_rows)], pa.string())
-                        table = table.append_column("id", ids)
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                    writer.write_table(table, row_group_size=max(1, table.num_rows))
-                    row += table.num_rows
-            finally:
-                if writer is not None:
-                    writer.close()
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
     return keep
+
+
+def _rewrite_shard(pf: Any, tmp: Path, *, label: str, text_column: str, keep: int, id_prefix: str | None) -> None:
+    """Stream the first ``keep`` rows of ``pf`` into ``tmp`` one row group at a time (bounded memory),
+    with ``text_column`` checked and renamed to ``text`` and, given an ``id_prefix``, an ``id`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    row = 0
+    try:
+        for g in range(pf.metadata.num_row_groups):
+            if row >= keep:
+                break
+            table = pf.read_row_group(g)
+            table = table.slice(0, keep - row)
+            i = table.schema.get_field_index(text_column)
+            table = table.set_column(i, "text", _check_utf8(table.column(i), label, row))
+            if id_prefix is not None:
+                ids = pa.array([f"{id_prefix}:{r}" for r in range(row, row + table.num_rows)], pa.string())
+                table = table.append_column("id", ids)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+            row += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def output_name(rel: str) -> str:
@@ -172,42 +174,23 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     source = _stage_source(cfg)
     # Pin a hub branch to its commit once, before listing: every file then comes from one snapshot.
     # A resume after a crash may pin a newer commit; files left in _raw from the older one are
-    # refetched when their sha256 no longer matches the listing (see _Fetcher), so no mix survives.
+    # refetched when their sha256 no longer matches the listing (see llm.fetch), so no mix survives.
     pinned, commit = pin_source(source, retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s)
+    if resolve_source(d.source, "pretrain", cfg.run.data_mirror) != d.source:
+        # Said out loud: a mirror silently standing in for the hub would look like the real data.
+        print(f"[download] data mirror in use: reading {source} instead of {d.source}", file=sys.stderr, flush=True)
     # Verified downloads, plus hidden `.<name>.part` files (with sidecars) a crashed run was fetching;
     # kept across crashes for resume, removed before publishing. Only fetch_files' results are
     # published, never a listing of this directory, so a partial cannot pass for a shard.
     raw_dir = out.workdir / "_raw"
-    if resolve_source(d.source, "pretrain", cfg.run.data_mirror) != d.source:
-        # Said out loud: a mirror silently standing in for the hub would look like the real data.
-        print(f"[download] data mirror in use: reading {source} instead of {d.source}", file=sys.stderr, flush=True)
-    listed = list_files(pinned, s3_endpoint=cfg.run.s3_endpoint, timeout_s=d.timeout_s, retries=d.retries,
-                        backoff_s=d.backoff_s)[: d.max_files]
-    # Flattening hub subdirectories can map two files to one name: fail naming both, before fetching.
-    out_names = dict(zip((f.rel for f in listed),
-                         output_names("download", [(f.uri, f"data/{output_name(f.rel)}") for f in listed])))
-    fetched = fetch_files(listed, raw_dir, max_rows=d.max_rows, workers=d.workers,
-                          retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s,
-                          s3_endpoint=cfg.run.s3_endpoint, validate=_check_shard(d.text_column), progress=progress)
+    fetched, names = _fetch_shards(cfg, pinned, raw_dir, progress)
     if not fetched:
         raise DownloadError(f"no parquet files match {source}")
     short = d.max_files is not None and d.max_rows is None and len(fetched) < d.max_files
     if short:  # a budget the source cannot meet: fewer tokens than the preset planned for
         print(f"[download] download.max_files={d.max_files} but {source} has only {len(fetched)} matching "
               "files: all of them were taken", file=sys.stderr, flush=True)
-    names = [out_names[f.rel][len("data/"):] for f in fetched]
-    remaining = d.max_rows
-    shards: dict[str, dict[str, Any]] = {}
-    for f, name in zip(fetched, names):
-        if remaining is not None and remaining <= 0:
-            break
-        dest = out.path(f"data/{name}")
-        rows = finalize_shard(f.path, dest, label=f.uri, text_column=d.text_column, keep_rows=remaining, id_prefix=name)
-        shards[name] = {"rows": rows, "bytes": dest.stat().st_size, "source": f.uri, "source_rows": f.rows,
-                        "source_bytes": f.size, "resumed": f.resumed, "transferred_bytes": f.transferred,
-                        "reused_bytes": f.reused_bytes}
-        if remaining is not None:
-            remaining -= rows
+    shards = _publish_shards(out, fetched, names, text_column=d.text_column, max_rows=d.max_rows)
     shutil.rmtree(raw_dir, ignore_errors=True)
     rows = sum(s["rows"] for s in shards.values())
     check_published_docs("download", out.workdir, [f"data/{name}" for name in shards], rows, what="rows")
@@ -227,3 +210,36 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
         "pinned_source": pinned,
         "shards": shards,
     }
+
+
+def _fetch_shards(cfg: Any, pinned: str, raw_dir: Path, progress: bool) -> tuple[list[FetchedFile], list[str]]:
+    """The verified files of the (pinned) source within the budget, in path order, and their output names."""
+    d = cfg.download
+    listed = list_files(pinned, s3_endpoint=cfg.run.s3_endpoint, timeout_s=d.timeout_s, retries=d.retries,
+                        backoff_s=d.backoff_s)[: d.max_files]
+    # Flattening hub subdirectories can map two files to one name: fail naming both, before fetching.
+    out_names = dict(zip((f.rel for f in listed),
+                         output_names("download", [(f.uri, f"data/{output_name(f.rel)}") for f in listed])))
+    fetched = fetch_files(listed, raw_dir, max_rows=d.max_rows, workers=d.workers,
+                          retries=d.retries, timeout_s=d.timeout_s, backoff_s=d.backoff_s,
+                          s3_endpoint=cfg.run.s3_endpoint, validate=_check_shard(d.text_column), progress=progress)
+    return fetched, [out_names[f.rel][len("data/"):] for f in fetched]
+
+
+def _publish_shards(out: StageOutput, fetched: list[FetchedFile], names: list[str], *, text_column: str,
+                    max_rows: int | None) -> dict[str, dict[str, Any]]:
+    """Write each fetched file as ``data/<name>`` until ``max_rows`` rows are out (the last one trimmed to
+    the exact budget); returns the manifest's per-shard record."""
+    remaining = max_rows
+    shards: dict[str, dict[str, Any]] = {}
+    for f, name in zip(fetched, names):
+        if remaining is not None and remaining <= 0:
+            break
+        dest = out.path(f"data/{name}")
+        rows = finalize_shard(f.path, dest, label=f.uri, text_column=text_column, keep_rows=remaining, id_prefix=name)
+        shards[name] = {"rows": rows, "bytes": dest.stat().st_size, "source": f.uri, "source_rows": f.rows,
+                        "source_bytes": f.size, "resumed": f.resumed, "transferred_bytes": f.transferred,
+                        "reused_bytes": f.reused_bytes}
+        if remaining is not None:
+            remaining -= rows
+    return shards
