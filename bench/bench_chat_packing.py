@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.chat.format import DropReport, load_conversations, render_many
+from llm.chat.format import DropReport, render_many
+from llm.chat.sources import load_conversations
 from llm.train.chat_loaders import SFTStream
 from llm.tokenizer import train_tokenizer
 

@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llm.chat.format import load_conversations, render_conversation
+from llm.chat.format import render_conversation
+from llm.chat.sources import load_conversations
 from llm.checkpoint import load_model, save_checkpoint
 from llm.config import load_config
 from llm.model import GPT, GPTConfig
