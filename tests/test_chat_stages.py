@@ -26,7 +26,7 @@ from llm.model import GPT, GPTConfig
 from llm.stages.output import run_stage
 from llm.stages.registry import execute
 from llm.storage import Store
-from llm.tokenizer import train_tokenizer
+from llm.data.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
