@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.storage import cache_root, sha256_file
+from llm.storage import cache_root, sha256_file, write_atomic
 
 import yaml
 
@@ -184,7 +184,7 @@ def fetch_bundle(source: str, *, sha256: str = "", cache_dir: Path | None = None
             raise BundleError(f"CORE bundle {source}: not a zip file ({e})") from e
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-        (target / ".complete").write_text(source + "\n")
+        write_atomic(target / ".complete", source + "\n")
         zpath.unlink(missing_ok=True)
         return _find_root(target)
 
