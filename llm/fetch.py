@@ -1,7 +1,8 @@
 """The resumable, verified fetcher: files from the Hugging Face hub, S3, an http(s) URL or a local
-path, into a local directory. Plain file transfer: it knows no stage, config or artifact layout, so
-the download stage, the remote chat sets (llm/chat/sources.py) and the CORE eval bundle
-(llm/eval/bundle.py) all fetch through it and get the same guarantees.
+path, into a local directory. Plain file transfer: it knows no stage, config or artifact layout
+(only its hint for a host that does not resolve names the offline mirror setting), so the download
+stage, the remote chat sets (llm/chat/sources.py) and the CORE eval bundle (llm/eval/bundle.py) all
+fetch through it and get the same guarantees.
 
 API::
 
