@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llm.chat.format import DropReport, load_conversations, render_many
+from llm.chat.format import DropReport, render_many
+from llm.chat.sources import load_conversations
 from llm.train.chat_loaders import SFTStream
-from llm.tokenizer import train_tokenizer
+from llm.data.tokenizer import train_tokenizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chat" / "train.parquet"
 

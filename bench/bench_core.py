@@ -29,7 +29,7 @@ def bench_tokenizer(mirror: Path, vocab: int):
     """A BPE trained on a slice of the offline pretraining kit (seconds), so token lengths are realistic."""
     import pyarrow.parquet as pq
 
-    from llm.tokenizer import train_tokenizer
+    from llm.data.tokenizer import train_tokenizer
 
     pf = pq.ParquetFile(mirror / "pretrain" / "shard_00000.parquet")
     texts = next(pf.iter_batches(batch_size=800, columns=["text"])).column("text").to_pylist()

@@ -1,6 +1,6 @@
 """Bytes and time a faulty download costs, with ranged resume vs a full refetch on every retry.
 
-Both runs use the same downloader (llm.data.download.fetch_files) against the loopback hub server
+Both runs use the same fetcher (llm.fetch.fetch_files) against the loopback hub server
 (tests/hub_server.py) serving one offline-kit shard, with the same injected faults. The reference
 is the server with ``range_mode="none"``: it advertises no byte ranges, so every retry fetches the
 whole file again (what Kiln did before ranged resume). Prints bytes received and wall time per
@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from hub_server import HubServer  # noqa: E402
 
-import llm.data.download as download  # noqa: E402
-from llm.data.download import fetch_files  # noqa: E402
+import llm.fetch as fetch  # noqa: E402
+from llm.fetch import fetch_files  # noqa: E402
 
 SHARD = "shard_00000.parquet"
 # (label, fault kind, times, fraction, client timeout): each pattern hits the first `times` requests.
@@ -60,7 +60,7 @@ def one_run(data_dir: Path, mode: str, kind: str, times: int, fraction: float, t
 _CHILD = """
 import sys
 from pathlib import Path
-from llm.data.download import fetch_files
+from llm.fetch import fetch_files
 fetch_files(sys.argv[1], Path(sys.argv[2]), retries=0, timeout_s=60.0)
 """
 
@@ -100,16 +100,16 @@ def checkpoint_overhead(size_mb: int, repeats: int) -> tuple[float, float]:
             os.environ["HF_ENDPOINT"] = hub.url
             for _ in range(repeats):
                 for on in (True, False):
-                    saved = download._CHECKPOINT_BYTES, download._CHECKPOINT_S
+                    saved = fetch._CHECKPOINT_BYTES, fetch._CHECKPOINT_S
                     if not on:
-                        download._CHECKPOINT_BYTES, download._CHECKPOINT_S = 1 << 62, float("inf")
+                        fetch._CHECKPOINT_BYTES, fetch._CHECKPOINT_S = 1 << 62, float("inf")
                     try:
                         with tempfile.TemporaryDirectory() as tmp:
                             t0 = time.perf_counter()
                             fetch_files(hub.source("blob.bin"), Path(tmp) / "dl", retries=0, timeout_s=60.0)
                             walls[on].append(time.perf_counter() - t0)
                     finally:
-                        download._CHECKPOINT_BYTES, download._CHECKPOINT_S = saved
+                        fetch._CHECKPOINT_BYTES, fetch._CHECKPOINT_S = saved
         return statistics.median(walls[True]), statistics.median(walls[False])
 
 

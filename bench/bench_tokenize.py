@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 from llm.data.tokenize import tokenize_docs  # noqa: E402
 from llm.stages.output import run_stage  # noqa: E402
 from llm.storage import Store  # noqa: E402
-from llm.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
+from llm.data.tokenizer import train_tokenizer  # noqa: E402
+from llm.tokenizer import load_tokenizer  # noqa: E402
 
 
 def load_docs(data_dir: Path, mb: float) -> list[dict]:

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm.storage import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -96,8 +98,8 @@ class Stack:
         self.home.mkdir(parents=True, exist_ok=True)
         data = {"host": self.host, "ports": self.ports, "pools": self.pools, "prefect_ui": self.prefect_url,
                 "mlflow_ui": self.mlflow_url, "env": self.client_env()}
-        _atomic_write(self.home / "stack.json", json.dumps(data, indent=2))
-        _atomic_write(self.home / "env", "".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
+        write_atomic(self.home / "stack.json", json.dumps(data, indent=2))
+        write_atomic(self.home / "env", "".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
 
     @classmethod
     def load(cls, home: Path) -> "Stack | None":
@@ -106,12 +108,6 @@ class Stack:
         except FileNotFoundError:
             return None
         return cls(home=home, host=data["host"], ports=data["ports"], pools=data.get("pools", {}))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def free_port(host: str) -> int:
@@ -199,7 +195,7 @@ def spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str], marker: 
     log.flush()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
                             env={**os.environ, **env}, start_new_session=True)
-    _atomic_write(stack.pid_file(name), f"{proc.pid} {marker}\n")
+    write_atomic(stack.pid_file(name), f"{proc.pid} {marker}\n")
     return proc.pid
 
 

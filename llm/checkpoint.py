@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from llm.storage import cache_root, sha256_file
+from llm.storage import cache_root, sha256_file, write_atomic
 
 FORMAT = "kiln-ckpt-1"
 MODEL_FILE = "model.safetensors"
@@ -287,8 +287,7 @@ def _download_dir(store: Any, uri: str) -> Path:
         dest = cache / name
         if not dest.is_file() or dest.stat().st_size != meta["files"][name]["size"]:
             store.get(join(uri, name), dest)
-    (cache / META_FILE).parent.mkdir(parents=True, exist_ok=True)
-    (cache / META_FILE).write_text(json.dumps(meta))
+    write_atomic(cache / META_FILE, json.dumps(meta))  # ranks share this cache: none may read half of it
     return cache
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from llm.config import KilnConfig
 from llm.stages.output import StageOutput
-from llm.storage import Store, join
+from llm.storage import Store, atomic_path, join, write_atomic
 
 DATA_STAGES = ("download", "filter", "dedup", "tokenize")
 TRAIN_STAGES = ("pretrain", "midtrain", "sft")
@@ -249,10 +249,9 @@ def plot_losses(stage: str, rows: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".part")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -423,10 +422,7 @@ def render_report(cfg: KilnConfig, inputs: dict[str, dict], plot_dir: Path | Non
 
 def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
     text = render_report(cfg, inputs, out.workdir)
-    path = out.path("report.md")
-    tmp = path.with_name("report.md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(out.path("report.md"), text)
     plots = sorted(p.name for p in out.workdir.glob("loss_*.png"))
     return {"counts": {"stages": len(inputs), "plots": len(plots), "chars": len(text)},
             "report": "report.md", "plots": plots}

@@ -8,7 +8,8 @@ Sources are URIs:
 An offline mirror (``run.data_mirror`` or ``KILN_DATA_MIRROR``) has the layout of
 ``../shared/data``: ``pretrain/*.parquet``, ``chat/{train,val}.parquet``, ``core_eval/``.
 When set, each hub source of a known kind is read from the mirror instead, so one setting
-switches a whole preset to offline data.
+switches a whole preset to offline data. This module only decides which URI to read; fetching it
+(listing, verified and resumable transfers) is llm/fetch.py.
 """
 
 from __future__ import annotations

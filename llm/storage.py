@@ -4,16 +4,17 @@ URIs are either plain paths / ``file://`` paths or ``s3://bucket/prefix``. The S
 comes from the caller (config) or ``AWS_ENDPOINT_URL``; credentials come from boto3's
 standard chain (``AWS_ACCESS_KEY_ID`` etc.) and are never logged.
 
-Writes are atomic on both backends: local files go to a temp name and are renamed; S3
-objects only appear when the (multipart) upload completes.
+Writes are atomic on both backends: local files go to a temp name and are renamed
+(:func:`atomic_path`); S3 objects only appear when the (multipart) upload completes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 import time
 import threading
 from dataclasses import dataclass, field
@@ -34,25 +35,35 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half of either.
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp path to write ``path`` through by any means (a streaming parquet writer, ``np.save``, a
+    hard link): renamed over ``path`` when the block exits cleanly, removed when it raises, so a reader
+    sees the old file or the new one, never half of either.
 
-    The bytes go to a temp name in the same directory (same filesystem, so the rename is atomic) and are
-    renamed over ``path``. The temp name carries the pid and a random part, so two writers of one path
-    never share a temp file, and it starts with a dot so a stage publish never lists it. A failed write
-    leaves no temp file behind. This is the only atomic file write in Kiln: use it, don't write another.
+    The temp name sits in the same directory (same filesystem, so the rename is atomic), carries the
+    pid and a random part, so two writers of one path never share it, and starts with a dot and ends
+    in ``.tmp`` so a stage publish never lists it. It does not exist when the block starts; a block
+    that creates no file there publishes nothing (a writer that found nothing to write leaves
+    ``path`` as it was). This and :func:`write_atomic` are Kiln's only atomic file writes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        yield tmp
+        if tmp.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) to ``path`` atomically, through :func:`atomic_path`: use it for
+    every whole-file write, don't write another."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:  # "x": the temp name is ours alone
+        f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def is_s3(uri: str) -> bool:
@@ -196,16 +207,8 @@ class Store:
             cfg = TransferConfig(multipart_threshold=self.multipart_threshold, multipart_chunksize=self.multipart_chunksize)
             with_retries(lambda: self._client().upload_file(str(local), bucket, key, Config=cfg), what=f"put {uri}")
             return
-        dest = local_path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(local_path(uri)) as tmp:
             shutil.copyfile(local, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def put_bytes(self, data: bytes, uri: str) -> None:
         if is_s3(uri):
@@ -217,9 +220,7 @@ class Store:
     def get(self, uri: str, local: str | Path) -> Path:
         """Download/copy one file to ``local`` atomically; returns the local path."""
         local = Path(local)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(local) as tmp:
             if is_s3(uri):
                 bucket, key = split_s3(uri)
                 with_retries(lambda: self._client().download_file(bucket, key, str(tmp)), what=f"get {uri}")
@@ -228,9 +229,6 @@ class Store:
                 if not src.exists():
                     raise FileNotFoundError(f"no such artifact: {uri}")
                 shutil.copyfile(src, tmp)
-            os.replace(tmp, local)
-        finally:
-            tmp.unlink(missing_ok=True)
         return local
 
     def get_bytes(self, uri: str) -> bytes:

@@ -1,6 +1,7 @@
-"""Byte-level BPE: trained with HF ``tokenizers``, run with ``tiktoken``.
+"""The runtime tokenizer: byte-level BPE run with ``tiktoken``, loaded from a tokenizer stage output.
 
-Why two libraries: HF ``tokenizers`` has a fast, well-tested BPE *trainer*; ``tiktoken`` is the
+It is trained with HF ``tokenizers`` by the tokenizer stage (llm/data/tokenizer.py); this module is
+what every later stage, the trainer and the chat CLI load. Why two libraries: HF ``tokenizers`` has a fast, well-tested BPE *trainer*; ``tiktoken`` is the
 fastest *encoder* we know and has a batch API that releases the GIL. The learned vocabulary is
 converted into tiktoken's ``mergeable_ranks`` (token bytes -> rank) and every encode goes through
 tiktoken. The conversion is exact for BPE: HF numbers merged tokens in the order their merges were
@@ -25,23 +26,15 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
-import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import tiktoken
 
-from llm.stages.output import StageError, StageOutput
-from llm.storage import Store, join
-
-# GPT-4 (cl100k) split pattern: contractions, letter runs with one leading non-letter, numbers in
-# groups of up to 3 digits, punctuation runs, newlines and other whitespace.
-SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
-)
+from llm.stages.output import StageError
+from llm.storage import Store, atomic_path, join, write_atomic
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document; also the document separator in token shards
@@ -64,10 +57,6 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKEN_BYTES_FILE = "token_bytes.npy"
 HF_TOKENIZER_FILE = "hf_tokenizer.json"
 STOCK_ENCODINGS = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
-# One document in this many (by id hash) is held out of tokenizer training to measure compression.
-HELDOUT_FRACTION = 1 / 64
-HELDOUT_MAX_CHARS = 2_000_000
-AGREEMENT_DOCS = 200
 
 
 class TokenizerError(StageError):
@@ -126,7 +115,7 @@ class Tokenizer:
         return dict(self.encoding._mergeable_ranks)
 
     def save(self, directory: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``token_bytes.npy`` (atomically: temp name, then rename)."""
+        """Write ``tokenizer.json`` and ``token_bytes.npy``, each atomically (llm.storage)."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         ranks = self.mergeable_ranks()
@@ -142,12 +131,9 @@ class Tokenizer:
             "special_tokens": self.special_tokens,
             "vocab_size": self.vocab_size,
         }
-        tmp = d / f"{TOKENIZER_FILE}.tmp"
-        tmp.write_text(json.dumps(body, separators=(",", ":")))
-        tmp.replace(d / TOKENIZER_FILE)
-        tmp_npy = d / f"{TOKEN_BYTES_FILE}.tmp.npy"
-        np.save(tmp_npy, self.token_bytes)
-        tmp_npy.replace(d / TOKEN_BYTES_FILE)
+        write_atomic(d / TOKENIZER_FILE, json.dumps(body, separators=(",", ":")))
+        with atomic_path(d / TOKEN_BYTES_FILE) as tmp, open(tmp, "wb") as f:
+            np.save(f, self.token_bytes)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id})"
@@ -260,187 +246,3 @@ def _load_dir(uri: str, endpoint_url: str) -> Tokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{where}: corrupt tokenizer file, not valid JSON ({e})") from e
     return tokenizer_from_json(body, where)
-
-
-# --------------------------------------------------------------------------- training
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in.
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes map to code points from 256 up,
-    in byte order.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table: dict[int, str] = {b: chr(b) for b in keep}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
-
-
-def hf_token_to_bytes(token: str) -> bytes:
-    try:
-        return bytes(BYTE_DECODER[c] for c in token)
-    except KeyError as e:
-        raise TokenizerError(f"HF token {token!r} has a character {e} outside the byte-level alphabet") from None
-
-
-def train_hf_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, *, progress: bool = False,
-                 length: int | None = None):
-    """Train an HF byte-level BPE with ``vocab_size - len(SPECIAL_TOKENS)`` learned tokens, then add our specials.
-
-    Returns the HF ``tokenizers.Tokenizer``; its ids and ours are the same.
-    """
-    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    learned = vocab_size - len(SPECIAL_TOKENS)
-    if learned < 256:
-        raise TokenizerError(f"tokenizer.vocab_size={vocab_size} is too small: needs 256 byte tokens + "
-                             f"{len(SPECIAL_TOKENS)} special tokens at least")
-    hf = HFTokenizer(models.BPE(byte_fallback=False, unk_token=None, fuse_unk=False))
-    hf.normalizer = None
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(pattern=Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=learned,
-        # Its bars are drawn for a terminal only; off one (a log, CI, `kiln tokenizer > out`) they
-        # leave nothing but empty lines on stdout.
-        show_progress=progress and sys.stdout.isatty(),
-        min_frequency=0,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-    )
-    hf.train_from_iterator(texts, trainer=trainer, length=length)
-    hf.add_special_tokens(SPECIAL_TOKENS)
-    return hf
-
-
-def tokenizer_from_hf(hf, name: str = "kiln-bpe") -> Tokenizer:
-    """Convert a trained HF byte-level BPE into our tiktoken-backed Tokenizer with the same ids."""
-    vocab: dict[str, int] = hf.get_vocab(with_added_tokens=False)
-    ranks: dict[bytes, int] = {}
-    for token, i in vocab.items():
-        b = hf_token_to_bytes(token)
-        if b in ranks:
-            raise TokenizerError(f"HF vocabulary maps {b!r} to two ids ({ranks[b]}, {i})")
-        ranks[b] = i
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError("HF vocabulary ids are not contiguous from 0; cannot use them as tiktoken ranks")
-    specials = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}
-    enc = build_encoding(name, SPLIT_PATTERN, ranks, specials=SPECIAL_TOKENS, extra_specials=specials)
-    return Tokenizer(enc, name=name)
-
-
-def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, *, progress: bool = False,
-                    name: str = "kiln-bpe", length: int | None = None) -> tuple[Tokenizer, Any]:
-    """Train a BPE on ``texts``; returns (tiktoken-backed Tokenizer, HF tokenizer)."""
-    hf = train_hf_bpe(texts, vocab_size, progress=progress, length=length)
-    return tokenizer_from_hf(hf, name=name), hf
-
-
-# --------------------------------------------------------------------------- the stage
-
-
-def key_config(cfg) -> dict[str, Any]:
-    # BPE training is deterministic; the run seed does not enter it.
-    return {"tokenizer": cfg.section("tokenizer"), "heldout_fraction": HELDOUT_FRACTION}
-
-
-def _training_stream(docs: Iterator[tuple[str, str]], doc_cap: int, max_chars: int, heldout: list[str],
-                     stats: dict[str, int], batch: int = 256) -> Iterator[list[str]]:
-    """Batches of training text (capped per doc and in total); held-out docs go to ``heldout`` instead."""
-    from llm.data.shards import doc_bucket
-
-    buf: list[str] = []
-    for doc_id, text in docs:
-        stats["docs_seen"] += 1
-        if doc_bucket(doc_id) < HELDOUT_FRACTION:
-            if stats["heldout_chars"] < HELDOUT_MAX_CHARS:
-                heldout.append(text)
-                stats["heldout_chars"] += len(text)
-            continue
-        piece = text[:doc_cap]
-        if stats["train_chars"] + len(piece) > max_chars:
-            piece = piece[: max_chars - stats["train_chars"]]
-        if piece:
-            buf.append(piece)
-            stats["train_docs"] += 1
-            stats["train_chars"] += len(piece)
-        if len(buf) >= batch:
-            yield buf
-            buf = []
-        if stats["train_chars"] >= max_chars:
-            break
-    if buf:
-        yield buf
-
-
-def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:
-    """Stage "tokenizer": train (or wrap a stock encoding) and save the portable tokenizer files."""
-    from llm.data.docs import iter_docs
-
-    tcfg = cfg.tokenizer
-    store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
-    docs_uri = inputs["docs"]["uri"]
-    heldout: list[str] = []
-    stats = {"docs_seen": 0, "train_docs": 0, "train_chars": 0, "heldout_chars": 0}
-    t0 = time.time()
-    hf = None
-    if tcfg.kind == "bpe":
-        stream = _training_stream(iter_docs(store, docs_uri), tcfg.doc_cap_chars, tcfg.max_train_chars, heldout, stats)
-        tok, hf = train_tokenizer(stream, tcfg.vocab_size, progress=progress)
-        if stats["train_chars"] == 0:
-            raise StageError(f"{docs_uri}: no training text (every document empty or held out)")
-    elif tcfg.kind in STOCK_ENCODINGS:
-        tok = stock_tokenizer(tcfg.kind)
-        from llm.data.shards import doc_bucket
-
-        for doc_id, text in iter_docs(store, docs_uri):  # nothing to train: only the held-out sample is needed
-            stats["docs_seen"] += 1
-            if doc_bucket(doc_id) < HELDOUT_FRACTION:
-                heldout.append(text)
-                stats["heldout_chars"] += len(text)
-                if stats["heldout_chars"] >= HELDOUT_MAX_CHARS:
-                    break
-    else:
-        raise StageError(f"tokenizer.kind={tcfg.kind!r}: expected 'bpe' or a tiktoken encoding ({', '.join(STOCK_ENCODINGS)})")
-    train_s = time.time() - t0
-
-    tok.save(out.workdir)
-    if hf is not None:
-        hf.save(str(out.path(HF_TOKENIZER_FILE)))
-
-    # Compression on held-out text, and HF/tiktoken agreement on it (identical ids expected).
-    held_tokens = sum(len(x) for x in tok.encode_batch(heldout)) if heldout else 0
-    held_chars = sum(len(t) for t in heldout)
-    held_bytes = sum(len(t.encode("utf-8")) for t in heldout)
-    counts: dict[str, Any] = {
-        "vocab_size": tok.vocab_size,  # smaller than requested only when the text runs out of pairs to merge
-        "vocab_requested": tcfg.vocab_size if tcfg.kind == "bpe" else tok.vocab_size,
-        "train_docs": stats["train_docs"],
-        "train_chars": stats["train_chars"],
-        "heldout_docs": len(heldout),
-        "heldout_chars": held_chars,
-        "heldout_tokens": held_tokens,
-        "chars_per_token": round(held_chars / held_tokens, 4) if held_tokens else None,
-        "bytes_per_token": round(held_bytes / held_tokens, 4) if held_tokens else None,
-        "train_seconds": round(train_s, 3),
-    }
-    extra: dict[str, Any] = {"tokenizer": {"name": tok.name, "kind": tcfg.kind, "bos_id": tok.bos_id,
-                                           "special_tokens": tok.special_tokens, "pattern": tok.encoding._pat_str}}
-    if hf is not None and heldout:
-        sample = heldout[:AGREEMENT_DOCS]
-        hf.encode_special_tokens = True  # like tiktoken's encode_ordinary: "<|bos|>" in text is plain text
-        same = sum(h.ids == t for h, t in zip(hf.encode_batch(sample, add_special_tokens=False), tok.encode_batch(sample)))
-        counts["hf_tiktoken_agreement"] = round(same / len(sample), 4)
-    return {"counts": counts, **extra}

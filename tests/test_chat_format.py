@@ -12,13 +12,13 @@ from llm.chat.format import (
     ChatSchemaError,
     DropReport,
     detect_schema,
-    load_conversations,
     normalize_rows,
     render_conversation,
     render_many,
     render_prompt,
     validate,
 )
+from llm.chat.sources import load_conversations
 
 SPECIALS = ["<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>"]
 

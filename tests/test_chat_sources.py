@@ -14,7 +14,8 @@ from hub_server import HubServer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 from test_chat_format import ByteTokenizer
 
-from llm.chat.format import RenderedChats, chat_cache_dir, load_conversations, render_many
+from llm.chat.format import RenderedChats, render_many
+from llm.chat.sources import chat_cache_dir, load_conversations
 from llm.train.chat_stages import prepare_chats
 from llm.config import load_config
 from llm.stages.output import StageError

@@ -18,14 +18,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from llm.chat.format import load_conversations, render_conversation
+from llm.chat.format import render_conversation
+from llm.chat.sources import load_conversations
 from llm.checkpoint import load_model, save_checkpoint
 from llm.config import load_config
 from llm.model import GPT, GPTConfig
 from llm.stages.output import run_stage
 from llm.stages.registry import execute
 from llm.storage import Store
-from llm.tokenizer import train_tokenizer
+from llm.data.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ from hub_server import HubServer
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 from llm.config import load_config
-from llm.data.download import DownloadError, fetch_files, glob_regex, list_files, pin_source, verify_parquet
+from llm.fetch import DownloadError, fetch_files, glob_regex, list_files, pin_source, verify_parquet
 from llm.stages.output import MANIFEST, StageError, verify_output
 from llm.stages.registry import execute
 from llm.storage import Store

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from _eval_fakes import write_bundle
+from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
+
 from llm.eval.bundle import CORE_TASKS, BundleError, load_bundle, reference_core
 from llm.sources import resolve_source
+from llm.storage import Store
 
 
 def test_offline_kit_is_core_20_with_squad_and_coqa_missing(shared_data):
@@ -119,6 +122,23 @@ def test_bundle_from_url_zip_with_checksum_retries_and_cache(tmp_path: Path):
     assert again.root == b.root
     # The fingerprint names the content, not the place: the zip from the URL and the directory agree.
     assert again.fingerprint() == load_bundle(str(src)).fingerprint()
+
+
+def test_bundle_zip_from_s3_and_a_local_path_through_the_fetcher(tmp_path: Path, s3_bucket: S3Bucket):
+    """S3 and local zips come through llm.fetch like the URL one: fetched, checked, extracted, cached;
+    a key or file that is not there names the bundle and the file, before anything is extracted."""
+    rows = [{"query": f"q{i}", "choices": ["a", "b"], "gold": i % 2} for i in range(4)]
+    src = write_bundle(tmp_path / "src", [{"label": "copa", "type": "multiple_choice", "rows": rows}], {"copa": 50})
+    _zip_dir(src, tmp_path / "b.zip")
+    Store(s3_bucket.uri).put(tmp_path / "b.zip", f"{s3_bucket.uri}/core/eval_bundle.zip")
+    want = load_bundle(str(src)).fingerprint()
+    for source in (f"{s3_bucket.uri}/core/eval_bundle.zip", str(tmp_path / "b.zip")):
+        b = load_bundle(source, cache_dir=tmp_path / "cache", s3_endpoint=s3_bucket.endpoint)
+        assert [t.label for t in b.tasks] == ["copa"] and b.fingerprint() == want
+    assert not list((tmp_path / "cache").glob("*.zip"))  # the zips were removed once extracted
+    for missing in (f"{s3_bucket.uri}/core/nope.zip", str(tmp_path / "nope.zip")):
+        with pytest.raises(BundleError, match=rf"CORE bundle {missing}: no such file"):
+            load_bundle(missing, cache_dir=tmp_path / "cache", s3_endpoint=s3_bucket.endpoint)
 
 
 def test_fingerprint_changes_when_an_evaluated_file_changes(tmp_path: Path):

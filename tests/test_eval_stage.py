@@ -26,7 +26,7 @@ def upstream(tmp_path_factory, shared_data) -> dict[str, str]:
     from llm.checkpoint import save_checkpoint
     from llm.data.shards import ShardWriter
     from llm.model import GPT, GPTConfig
-    from llm.tokenizer import train_tokenizer
+    from llm.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("art")
     store = Store(str(root))

@@ -365,6 +365,21 @@ def test_stage_is_deterministic_and_cached(artifact_root: Path, shard_slice: pa.
     assert changed.uri != first.uri
 
 
+def test_progress_bar_counts_every_document_in_workers_and_in_process(
+        artifact_root: Path, shard_slice: pa.Table, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bar counts documents as the shards' batches finish (llm.data.parallel.advance), whether the
+    shards run in worker processes or in this one; the output is the same either way."""
+    uri = _publish_docs(artifact_root, {"a.parquet": shard_slice.slice(0, 80), "b.parquet": shard_slice.slice(80)})
+    manifests = []
+    for workers in (2, 1):
+        capsys.readouterr()
+        res = execute("filter", _cfg(artifact_root, f"filter.workers={workers}"), {"docs": uri}, force=True, progress=True)
+        err = capsys.readouterr().err
+        assert f"{shard_slice.num_rows}/{shard_slice.num_rows}" in err and "doc" in err, err[-500:]
+        manifests.append(res.manifest)
+    assert manifests[0]["files"] == manifests[1]["files"] and manifests[0]["counts"] == manifests[1]["counts"]
+
+
 def test_blocklist_file_content_is_in_the_cache_key(artifact_root: Path, shard_slice: pa.Table, tmp_path: Path) -> None:
     uri = _publish_docs(artifact_root, {"a.parquet": shard_slice.slice(0, 64)})
     block = tmp_path / "block.txt"

@@ -34,7 +34,7 @@ def _texts(shared_data: Path, n: int) -> list[str]:
 
 def _upstream(shared_data: Path, root: Path) -> dict[str, str]:
     from llm.data.shards import META_FILE, ShardWriter, token_dtype
-    from llm.tokenizer import train_tokenizer
+    from llm.data.tokenizer import train_tokenizer
 
     texts = _texts(shared_data, 260)
     store = Store(str(root))

@@ -284,7 +284,8 @@ def test_tokenize_manifest_equals_the_shard_files(tmp_path):
     from llm.data.shards import doc_bucket
     from llm.stages.output import run_stage
     from llm.storage import Store
-    from llm.tokenizer import load_tokenizer, train_tokenizer
+    from llm.data.tokenizer import train_tokenizer
+    from llm.tokenizer import load_tokenizer
 
     rng = np.random.default_rng(0)
     words = ["kiln", "fires", "clay", "tokens", "count", "every", "shard", "exact", "the", "a", "of", "and"]

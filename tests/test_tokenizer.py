@@ -22,8 +22,8 @@ from llm.tokenizer import (
     TokenizerError,
     from_tiktoken,
     load_tokenizer,
-    train_tokenizer,
 )
+from llm.data.tokenizer import train_tokenizer
 from tests._tok_helpers import publish_docs, real_docs
 
 VOCAB = 640
@@ -225,7 +225,7 @@ def test_small_corpus_gives_a_smaller_working_vocab() -> None:
 def test_bpe_training_progress_leaves_stdout_clean_when_not_a_terminal(capfd: pytest.CaptureFixture[str]) -> None:
     """HF tokenizers draws its bars with a terminal library that, off a terminal (a log file, CI,
     `kiln tokenizer > out`), prints only empty lines to stdout; those must not appear."""
-    from llm.tokenizer import train_hf_bpe
+    from llm.data.tokenizer import train_hf_bpe
 
     train_hf_bpe(["the quick brown fox jumps over the lazy dog"] * 50, 400, progress=True)
     out = capfd.readouterr().out

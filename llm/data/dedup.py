@@ -30,14 +30,13 @@ result does not depend on the number of workers or on timing.
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +44,7 @@ import pyarrow.parquet as pq
 
 from llm.config import KilnConfig
 from llm.stages.output import StageError, StageOutput
-from llm.storage import Store, join
+from llm.storage import Store, atomic_path, join
 from llm.data.docs import check_published_docs, column_strings, iter_row_groups, list_doc_files, open_checked, output_names
 from llm.data.minhash import (
     SCHEME,
@@ -58,7 +57,7 @@ from llm.data.minhash import (
     normalize,
     shingles,
 )
-from llm.data.parallel import worker_pool
+from llm.data.parallel import parallel_map, worker_pool
 
 NORMALISATION = (
     "lowercase (str.lower); every run of characters that are not Unicode letters or digits "
@@ -242,9 +241,6 @@ def filter_shard(task: FilterTask) -> dict[str, Any]:
     """Phase 4 for one shard: stream row groups, keep the survivors, write a temp file and rename."""
     t0 = time.time()
     pf = open_checked(Path(task.path), task.name, columns=("text",))
-    dest = Path(task.dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    dest.parent.mkdir(parents=True, exist_ok=True)
     samples: dict[int, str] = {}
     want = set(task.sample_rows)
     writer: pq.ParquetWriter | None = None
@@ -260,59 +256,38 @@ def filter_shard(task: FilterTask) -> dict[str, Any]:
         writer.write_table(pa.concat_tables(buffer), row_group_size=task.row_group_rows)
         buffer, buffered = [], 0
 
-    try:
-        for _, batch in iter_row_groups(pf):
-            n = batch.num_rows
-            if want:
-                hit = [r for r in range(row, row + n) if r in want]
-                if hit:
-                    texts = batch.column("text")
-                    for r in hit:
-                        samples[r] = _first_line(texts[r - row].as_py())
-            lo, hi = np.searchsorted(task.remove_rows, [row, row + n])
-            if hi > lo:
-                mask = np.ones(n, dtype=bool)
-                mask[task.remove_rows[lo:hi] - row] = False
-                batch = batch.filter(pa.array(mask))
-            if batch.num_rows:
-                buffer.append(batch)
-                buffered += batch.num_rows
-                kept += batch.num_rows
-            if buffered >= task.row_group_rows:
-                flush()
-            row += n
-        flush()
-    finally:
-        if writer is not None:
-            writer.close()
-    if kept:
-        os.replace(tmp, dest)
-    else:  # every row was a duplicate of an earlier shard's: publish no empty shard
-        tmp.unlink(missing_ok=True)
+    # The writer opens on the first kept row: a shard that keeps none leaves no file, so none is published.
+    with atomic_path(task.dest) as tmp:
+        try:
+            for _, batch in iter_row_groups(pf):
+                n = batch.num_rows
+                if want:
+                    hit = [r for r in range(row, row + n) if r in want]
+                    if hit:
+                        texts = batch.column("text")
+                        for r in hit:
+                            samples[r] = _first_line(texts[r - row].as_py())
+                lo, hi = np.searchsorted(task.remove_rows, [row, row + n])
+                if hi > lo:
+                    mask = np.ones(n, dtype=bool)
+                    mask[task.remove_rows[lo:hi] - row] = False
+                    batch = batch.filter(pa.array(mask))
+                if batch.num_rows:
+                    buffer.append(batch)
+                    buffered += batch.num_rows
+                    kept += batch.num_rows
+                if buffered >= task.row_group_rows:
+                    flush()
+                row += n
+            flush()
+        finally:
+            if writer is not None:
+                writer.close()
     return {"shard": task.shard, "rows": row, "kept": kept, "samples": samples,
             "seconds": time.time() - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 # --------------------------------------------------------------------------- orchestration
-
-
-def _map(fn: Callable[[Any], dict[str, Any]], tasks: list[Any], pool: ProcessPoolExecutor | None, progress: bool,
-         desc: str) -> list[dict[str, Any]]:
-    """Run ``fn`` over ``tasks`` on ``pool`` (in-process when None); results in task order."""
-    from tqdm import tqdm
-
-    results: list[dict[str, Any] | None] = [None] * len(tasks)
-    with tqdm(total=len(tasks), desc=desc, unit="shard", disable=not progress) as bar:
-        if pool is None:
-            for i, t in enumerate(tasks):
-                results[i] = fn(t)
-                bar.update()
-        else:
-            futures = {pool.submit(fn, t): i for i, t in enumerate(tasks)}
-            for fut in as_completed(futures):
-                results[futures[fut]] = fut.result()
-                bar.update()
-    return results  # type: ignore[return-value]
 
 
 def _pool(workers: int, tasks: int) -> ProcessPoolExecutor | None:
@@ -364,7 +339,7 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
     d = cfg.dedup
     timings: dict[str, float] = {}
     t = time.time()
-    signed = _map(sign_shard, sign_tasks, pool, progress, "dedup signatures")
+    signed = parallel_map(sign_shard, sign_tasks, progress=progress, desc="dedup signatures", unit="shard", pool=pool)
     timings["signatures"] = time.time() - t
     docs_in = sum(r["rows"] for r in signed)
 
@@ -414,7 +389,7 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
     filter_tasks = [FilterTask(i, name, str(path), str(out.path(name)), np.array(sorted(removed.get(i, [])), dtype=np.int64),
                                tuple(sorted(sample_rows.get(i, ()))), d.row_group_rows)
                     for i, (name, path) in enumerate(files)]
-    filtered = _map(filter_shard, filter_tasks, pool, progress, "dedup filter")
+    filtered = parallel_map(filter_shard, filter_tasks, progress=progress, desc="dedup filter", unit="shard", pool=pool)
     timings["filter"] = time.time() - t
 
     first_lines = {doc_id(r["shard"], row): line for r in filtered for row, line in r["samples"].items()}

@@ -13,12 +13,9 @@ memory whatever the shard size. The manifest counts documents in and out, remova
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import pyarrow as pa
@@ -26,10 +23,10 @@ import pyarrow.parquet as pq
 
 from llm.config import FilterConfig, KilnConfig
 from llm.stages.output import StageError, StageOutput
-from llm.storage import Store, join
+from llm.storage import Store, atomic_path, join
 from llm.data.docs import check_published_docs, column_strings, list_doc_files, open_checked, output_names
 from llm.data.filters import FilterChain
-from llm.data.parallel import worker_pool
+from llm.data.parallel import advance, parallel_map
 
 BATCH_ROWS = 1024
 EXAMPLE_CHARS = 200
@@ -72,14 +69,6 @@ def _output_schema(schema: pa.Schema) -> pa.Schema:
     return schema.set(i, schema.field("text").with_type(text_type))
 
 
-_progress_queue: Any = None  # set in worker processes when the parent shows a progress bar
-
-
-def _init_worker(queue: Any) -> None:
-    global _progress_queue
-    _progress_queue = queue
-
-
 def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_rule: int) -> ShardReport:
     """Filter one shard into ``dst`` (written under a temp name, renamed when complete)."""
     pf = open_shard(src, name)
@@ -89,9 +78,8 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
     text_idx = schema.get_field_index("text")
     has_id, has_url = "id" in schema.names, "url" in schema.names
     report = ShardReport(name)
-    tmp = f"{dst}.tmp"
     row = 0
-    with pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
+    with atomic_path(dst) as tmp, pq.ParquetWriter(tmp, out_schema, compression="zstd") as writer:
         for batch in pf.iter_batches(batch_size=BATCH_ROWS):
             texts = column_strings(batch.column(text_idx), name, "text", row)
             urls = batch.column("url").to_pylist() if has_url else [None] * len(texts)
@@ -112,8 +100,7 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
                 if len(ex) < examples_per_rule:
                     ex.append({"id": None if ids[j] is None else str(ids[j]), "url": url, "row": row + j,
                                "text": text[:EXAMPLE_CHARS]})
-            if _progress_queue is not None:
-                _progress_queue.put(len(texts))
+            advance(len(texts))  # documents, for the stage's progress bar
             report.docs_in += len(texts)
             report.docs_out += len(kept_texts)
             row += len(texts)
@@ -122,8 +109,12 @@ def filter_shard(src: str, name: str, dst: str, cfg: FilterConfig, examples_per_
                 text_field = out_schema.field("text")
                 kept = kept.set_column(text_idx, text_field, pa.array(kept_texts, type=text_field.type))
                 writer.write_table(kept.cast(out_schema))
-    os.replace(tmp, dst)
     return report
+
+
+def _filter_job(job: tuple[Any, ...]) -> ShardReport:
+    """One shard's ``filter_shard`` arguments as a single task (module level, so workers can unpickle it)."""
+    return filter_shard(*job)
 
 
 def input_shards(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
@@ -184,34 +175,8 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
         raise StageError(f"filter config: {e}") from e
     shards = input_shards(cfg, inputs)
     jobs = [(str(path), name, str(out.path(name)), fcfg, fcfg.examples_per_rule) for name, path in shards]
-    reports: list[ShardReport] = []
     total_docs = sum(pq.ParquetFile(path).metadata.num_rows for _, path in shards)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_docs, desc="filter", unit="doc")
-    workers = max(1, min(fcfg.workers, len(jobs)))
-    queue = get_context("spawn").Queue() if bar is not None else None
-    if workers == 1:
-        _init_worker(None)
-        for job in jobs:
-            reports.append(filter_shard(*job))
-            if bar is not None:
-                bar.update(reports[-1].docs_in)
-    else:
-        with worker_pool(workers, _init_worker, (queue,)) as pool:
-            futures = [pool.submit(filter_shard, *job) for job in jobs]
-            while bar is not None and not all(f.done() for f in futures):
-                try:
-                    bar.update(queue.get(timeout=0.2))
-                except Empty:
-                    pass
-            reports = [f.result() for f in futures]  # in shard order: a deterministic report
-        if bar is not None:
-            bar.n = total_docs
-            bar.refresh()
-    if bar is not None:
-        bar.close()
+    # One process per shard; reports come back in shard order, so the manifest is deterministic.
+    reports = parallel_map(_filter_job, jobs, fcfg.workers, progress, "filter", unit="doc", total=total_docs)
     check_output(out, reports)
     return summarize(reports, fcfg.examples_per_rule)

@@ -13,21 +13,19 @@ corpus. Empty documents are skipped (a lone BOS teaches nothing) and counted.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections import deque
-from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.compute as pc
 
 from llm.stages.output import StageError, StageOutput, is_published
-from llm.storage import Store
+from llm.storage import Store, write_atomic
 from llm.tokenizer import Tokenizer, load_tokenizer
 from llm.data.docs import RowGroup, column_strings, open_checked, row_groups
-from llm.data.parallel import worker_pool
+from llm.data.parallel import ordered_map
 from llm.data.shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, index_name, token_dtype
 
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
@@ -143,20 +141,6 @@ def _work(docs: Texts, val_fraction: float, dtype: str, batch_docs: int, method:
     return encode_texts(_WORKER_TOK, docs, val_fraction, np.dtype(dtype), batch_docs, method)
 
 
-def ordered_map(fn: Callable[..., Any], items: Iterable[Any], args: tuple, workers: int,
-                initializer: Callable[..., None], initargs: tuple) -> Iterator[Any]:
-    """``fn(item, *args)`` for each item, in order, over ``workers`` processes, ≤ 2×workers in flight."""
-    with worker_pool(workers, initializer, initargs) as ex:  # spawned, and they die with this process
-        pending: deque[Future] = deque()
-        it = iter(items)
-        for item in it:
-            pending.append(ex.submit(fn, item, *args))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
 # --------------------------------------------------------------------------- the stage
 
 
@@ -177,31 +161,9 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
 
     rgs = row_groups(store, docs_uri)
     writers = {s: ShardWriter(root, s, dtype, shard_tokens) for s in SPLITS}
-    bytes_ = {s: 0 for s in SPLITS}
-    empty = 0
-    args = (val_fraction, dtype.name, batch_docs, encode_method)
-    if workers <= 1:
-        results: Iterator[Any] = (encode_row_group(tok, rg, val_fraction, dtype, batch_docs, encode_method)
-                                    for rg in rgs)
-    else:
-        # Pieces small enough that every worker gets several; output order (so the bytes) is unchanged.
-        per_piece = max(64, min(batch_docs, -(-sum(rg.rows for rg in rgs) // (8 * workers))))
-        results = ordered_map(_work, text_pieces(rgs, per_piece), args, workers, _init_worker,
-                              (tokenizer_uri, endpoint_url))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(rg.rows for rg in rgs), unit="doc", desc="tokenize")
-    for parts, n_empty in results:
-        empty += n_empty
-        for split, (tokens, lens, nb) in parts.items():
-            writers[split].add(tokens, lens)
-            bytes_[split] += nb
-        if bar is not None:
-            bar.update(n_empty + sum(len(lens) for _, lens, _ in parts.values()))
-    if bar is not None:
-        bar.close()
+    results = _encoded(tok, rgs, tokenizer_uri, endpoint_url, val_fraction=val_fraction, dtype=dtype,
+                       batch_docs=batch_docs, method=encode_method, workers=workers)
+    empty, bytes_ = _append_in_order(results, writers, total_docs=sum(rg.rows for rg in rgs), progress=progress)
     splits = {s: {**w.close(), "bytes": bytes_[s]} for s, w in writers.items()}
     if splits["train"]["docs"] == 0:
         raise StageError(f"{docs_uri}: no non-empty documents to tokenize")
@@ -218,10 +180,40 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
         "empty_docs_skipped": empty,
         "splits": splits,
     }
-    tmp = root / f"{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, root / META_FILE)
+    write_atomic(root / META_FILE, json.dumps(meta, indent=2))
     return meta
+
+
+Encoded = tuple[dict[str, EncodedSplit], int]  # ({split: (tokens, lens, bytes)}, empty docs skipped)
+
+
+def _encoded(tok: Tokenizer, rgs: list[RowGroup], tokenizer_uri: str, endpoint_url: str, *, val_fraction: float,
+             dtype: np.dtype, batch_docs: int, method: str, workers: int) -> Iterator[Encoded]:
+    """Every document encoded, in input order: row group by row group in this process, or in pieces
+    over ``workers`` processes (ordered_map keeps the order, so the bytes are the same either way)."""
+    if workers <= 1:
+        return (encode_row_group(tok, rg, val_fraction, dtype, batch_docs, method) for rg in rgs)
+    # Pieces small enough that every worker gets several; output order (so the bytes) is unchanged.
+    per_piece = max(64, min(batch_docs, -(-sum(rg.rows for rg in rgs) // (8 * workers))))
+    work = partial(_work, val_fraction=val_fraction, dtype=dtype.name, batch_docs=batch_docs, method=method)
+    return ordered_map(work, text_pieces(rgs, per_piece), workers, _init_worker, (tokenizer_uri, endpoint_url))
+
+
+def _append_in_order(results: Iterator[Encoded], writers: dict[str, ShardWriter], *, total_docs: int,
+                     progress: bool) -> tuple[int, dict[str, int]]:
+    """Append each result to its split's shard writer as it arrives; returns (empty docs, UTF-8 bytes per split)."""
+    from tqdm import tqdm
+
+    bytes_ = {s: 0 for s in SPLITS}
+    empty = 0
+    with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=not progress) as bar:
+        for parts, n_empty in results:
+            empty += n_empty
+            for split, (tokens, lens, nb) in parts.items():
+                writers[split].add(tokens, lens)
+                bytes_[split] += nb
+            bar.update(n_empty + sum(len(lens) for _, lens, _ in parts.values()))
+    return empty, bytes_
 
 
 def check_published_tokens(root: Path, splits: dict[str, dict[str, Any]], dtype: np.dtype) -> None:

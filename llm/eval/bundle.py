@@ -8,9 +8,10 @@ A bundle is a directory (or a zip of one) laid out like nanochat's ``eval_bundle
     openai-community-gpt2*.csv    reference accuracy / centered scores of GPT-2
 
 It can come from a local directory, a local ``.zip``, an ``http(s)://`` URL of a zip or an
-``s3://`` zip. Remote zips are downloaded once into the cache under a file lock (several
-ranks or workers may ask at the same time), with retries on transient network errors and
-an optional sha256 check, then extracted.
+``s3://`` zip. Zips are fetched once into the cache under a file lock (several ranks or
+workers may ask at the same time) by Kiln's one fetcher (:mod:`llm.fetch`: retries on
+transient failures, resumed transfers, size checks), checked against an optional sha256,
+then extracted.
 
 CORE is defined over 22 tasks. A task whose data file is absent (or that a trimmed
 ``core.yaml`` leaves out) is *reported and excluded*, and the score is labelled with the
@@ -25,14 +26,12 @@ import hashlib
 import json
 import os
 import shutil
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.storage import cache_root, sha256_file, with_retries
+from llm.storage import cache_root, sha256_file, write_atomic
 
 import yaml
 
@@ -121,31 +120,26 @@ def _cache_dir() -> Path:
     return cache_root("eval_bundle")
 
 
-def _download(url: str, dest: Path, *, attempts: int = 5, timeout: float = 60.0) -> None:
-    """Download ``url`` to ``dest`` atomically; retry connection errors, timeouts and 5xx only."""
-    tmp = dest.with_name(dest.name + f".{os.getpid()}.tmp")
+def _fetch_zip(source: str, dest: Path, *, s3_endpoint: str) -> Path:
+    """The zip at ``source`` (http(s), s3 or a local path) as ``dest``, through :mod:`llm.fetch`: transient
+    failures retried with backoff, an interrupted transfer continued, the size checked against the
+    source's listing and the response's Content-Length before the file appears under its name."""
+    from dataclasses import replace
 
-    def fetch() -> None:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as f:
-                shutil.copyfileobj(resp, f, length=1 << 20)
-        except urllib.error.HTTPError as e:
-            tmp.unlink(missing_ok=True)
-            if e.code < 500:
-                raise BundleError(f"{url}: HTTP {e.code} {e.reason}") from e
-            raise
-        except (urllib.error.URLError, TimeoutError, ConnectionError):
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, dest)
+    from llm.fetch import DownloadError, fetch_files, list_files
 
-    def give_up(e: BaseException) -> BundleError:
-        if isinstance(e, urllib.error.HTTPError):
-            return BundleError(f"{url}: HTTP {e.code} {e.reason}")
-        return BundleError(f"{url}: download failed after {attempts} attempts ({e})")
-
-    with_retries(fetch, attempts=attempts, base_delay=0.5, what=url, give_up=give_up,
-                 classify=lambda e: isinstance(e, (urllib.error.URLError, TimeoutError, ConnectionError)))
+    try:
+        listed = list_files(source, s3_endpoint=s3_endpoint)
+        if len(listed) != 1:
+            raise BundleError(f"CORE bundle {source}: no such file" if not listed else
+                              f"CORE bundle {source}: names {len(listed)} files, expected one zip")
+        rf = replace(listed[0], rel=dest.name)
+        # A zip left by a run that died before extracting it is not trusted (an unpinned URL may have
+        # changed since): fetched again. An interrupted transfer's partial is still continued.
+        dest.unlink(missing_ok=True)
+        return fetch_files([rf], dest.parent, workers=1, retries=4, s3_endpoint=s3_endpoint)[0].path
+    except DownloadError as e:  # the fetcher names the URL; say it is the bundle that failed
+        raise BundleError(f"CORE bundle: {e}" if source in str(e) else f"CORE bundle {source}: {e}") from e
 
 
 def _find_root(d: Path) -> Path:
@@ -174,17 +168,7 @@ def fetch_bundle(source: str, *, sha256: str = "", cache_dir: Path | None = None
     with FileLock(str(cache / f"{name}.lock")):
         if (target / ".complete").exists():
             return _find_root(target)
-        zpath = cache / f"{name}.zip"
-        if source.startswith(("http://", "https://")):
-            _download(source, zpath)
-        elif source.startswith("s3://"):
-            from llm.storage import Store
-
-            Store(source.rsplit("/", 1)[0], s3_endpoint).get(source, zpath)
-        else:
-            if not Path(source).is_file():
-                raise BundleError(f"CORE bundle {source}: no such file")
-            shutil.copyfile(source, zpath)
+        zpath = _fetch_zip(source, cache / f"{name}.zip", s3_endpoint=s3_endpoint)
         if sha256:
             got = sha256_file(zpath)
             if got != sha256.lower():
@@ -200,7 +184,7 @@ def fetch_bundle(source: str, *, sha256: str = "", cache_dir: Path | None = None
             raise BundleError(f"CORE bundle {source}: not a zip file ({e})") from e
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-        (target / ".complete").write_text(source + "\n")
+        write_atomic(target / ".complete", source + "\n")
         zpath.unlink(missing_ok=True)
         return _find_root(target)
 

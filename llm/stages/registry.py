@@ -71,7 +71,7 @@ STAGES: dict[str, StageDef] = {
                  version="2"),
         StageDef("dedup", "llm.data.dedup:run", ("dedup",), {"docs": "filter"}, description="exact + MinHash LSH dedup",
                  version="2"),
-        StageDef("tokenizer", "llm.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, description="train a byte-level BPE"),
+        StageDef("tokenizer", "llm.data.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, description="train a byte-level BPE"),
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
                  description="encode documents into token shards"),
         StageDef("pretrain", "llm.train.stages:run_pretrain", ("model", "pretrain"),

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm.chat.format import DropReport, iter_conversations, render_many, render_prompt
+from llm.chat.format import DropReport, render_many, render_prompt
+from llm.chat.sources import iter_conversations
 from llm.train.chat_loaders import SFTLoader, SFTStream
 from llm.config import KilnConfig
 from llm.sources import resolve_source

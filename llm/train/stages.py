@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from llm.stages.output import FollowerDone, StageError, StageOutput
+from llm.storage import write_atomic
 
 LineSink = Callable[[str], None]
 _SINK: contextvars.ContextVar[LineSink | None] = contextvars.ContextVar("kiln_train_line_sink", default=None)
@@ -128,9 +129,7 @@ def launch_training(
         "mlflow": mlflow or {"enabled": False}, "progress": progress,
     }
     job_path = out_dir / "job.json"
-    tmp = job_path.with_name(".job.json.tmp")
-    tmp.write_text(json.dumps(job, indent=2))
-    os.replace(tmp, job_path)
+    write_atomic(job_path, json.dumps(job, indent=2))
 
     cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={n}",
            "-m", "llm.train.trainer", "--job", str(job_path)]
