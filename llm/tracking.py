@@ -19,6 +19,8 @@ thus one MLflow dataset per experiment, shared by every run that read it. MLflow
 *outputs* (run outputs are logged models only), so a stage's own output is named by its run's tags
 ``kiln.output_uri`` and ``kiln.manifest_hash`` — the same digest its consumers' inputs carry.
 
+This is the only module that imports mlflow: :class:`RunStore` holds every MLflow operation (also
+those of the pipeline's run tree in tasks/tracking_tasks.py), :class:`Tracker` is one job's run.
 Everything goes through ``MlflowClient`` with an explicit run id — no fluent global "active run" state,
 so a library call can never log into somebody else's run by accident. Params are flattened with dotted
 keys (``pretrain.lr``); values are truncated to MLflow's limit. Logging errors are reported once and
@@ -33,8 +35,9 @@ import re
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PARAM_VALUE_MAX = 6000
 
@@ -48,17 +51,28 @@ def tracking_uri(configured: str = "") -> str:
     return uri
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} → {"a.b": "1"}; lists/None become their JSON text."""
-    out: dict[str, str] = {}
+def _leaves(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf; an empty dict is a leaf (so an empty section still shows)."""
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
+            yield from _leaves(v, key + ".")
         else:
-            text = v if isinstance(v, str) else json.dumps(v, default=str)
-            out[key] = text[:PARAM_VALUE_MAX]
-    return out
+            yield key, v
+
+
+def _param_text(v: Any) -> str:
+    return (v if isinstance(v, str) else json.dumps(v, default=str))[:PARAM_VALUE_MAX]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} → {"a.b": "1"}; lists/None become their JSON text."""
+    return {key: _param_text(v) for key, v in _leaves(d, prefix)}
+
+
+def numeric_leaves(d: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a nested dict (a manifest's counts) as dotted-key metrics; bools are not numbers here."""
+    return {k: float(v) for k, v in _leaves(d) if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input-tag key (mlflow.utils.mlflow_tags)
@@ -146,11 +160,139 @@ def dataset_inputs(stage: str, inputs: dict[str, dict[str, Any]]) -> list[Any]:
     return result
 
 
-def log_stage_inputs(client: Any, run_id: str, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
-    """Log ``inputs`` (see :func:`dataset_inputs`) to ``run_id``; logging them again is a no-op in MLflow."""
-    items = dataset_inputs(stage, inputs)
-    if items:
-        client.log_inputs(run_id, datasets=items)
+def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A browsable link to a run: the MLflow UI for a server, the run's directory for a file store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith("file:"):
+        return f"{uri.rstrip('/')}/{experiment_id}/{run_id}"
+    return f"{uri}#experiments/{experiment_id}/runs/{run_id}"
+
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # shown by the MLflow UI as the run's source version
+ERROR_MAX = 5000  # characters of an error message kept in a run's ``kiln.error`` tag
+
+
+@dataclass(frozen=True)
+class FoundRun:
+    """What a search for an existing run tells its caller, without MLflow's entity types."""
+
+    run_id: str
+    status: str
+    tags: dict[str, str]
+
+
+class RunStore:
+    """Every MLflow operation Kiln makes, on runs named by id (``MlflowClient``, no fluent active run).
+
+    The one home of the MLflow specifics: entity types, batch limits, the search syntax and the tag
+    names MLflow gives a meaning to, so callers (:class:`Tracker` for a job, the pipeline's run tree in
+    tasks/tracking_tasks.py) never import mlflow. Errors propagate: :class:`Tracker` guards its calls so
+    a training job survives a tracking outage, while a flow run whose tracking server is down fails.
+    """
+
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment ``name``, created if missing (by us, or by a run racing us to it)."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # noqa: BLE001 - another run created it between the two calls
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def experiment_of(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.experiment_id
+
+    def exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001 - a deleted run, another store: either way not ours to resume
+            return False
+
+    def find_run(self, experiment_id: str, tags: dict[str, str], parent: str | None = None) -> FoundRun | None:
+        """The first run of the experiment carrying all ``tags`` (and nested under ``parent``), if any."""
+        want = tags | ({PARENT_TAG: parent} if parent else {})
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in want.items())
+        found = self.client.search_runs([experiment_id], query, max_results=1)
+        if not found:
+            return None
+        return FoundRun(found[0].info.run_id, found[0].info.status, dict(found[0].data.tags))
+
+    def create_run(self, experiment_id: str, *, tags: dict[str, str], run_name: str | None = None,
+                   parent: str | None = None) -> str:
+        """A new run (nested under ``parent`` when given); returns its id."""
+        run_tags = dict(tags) | ({PARENT_TAG: parent} if parent else {})
+        return self.client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a run of an earlier attempt running again (a resumed job, a retried flow run)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def end(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+        """Terminate a run; ``error`` (truncated) is kept as its ``kiln.error`` tag."""
+        if error:
+            self.client.set_tag(run_id, "kiln.error", error[:ERROR_MAX])
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Flat ``params`` (see :func:`flatten`); values that are not text are logged as their JSON."""
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_text(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):  # under MLflow's 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, tags=items[i:i + 100])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_inputs(self, run_id: str, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
+        """Log ``inputs`` (see :func:`dataset_inputs`) to ``run_id``; logging them again is a no-op in MLflow."""
+        items = dataset_inputs(stage, inputs)
+        if items:
+            self.client.log_inputs(run_id, datasets=items)
+
+    def url(self, experiment_id: str, run_id: str) -> str:
+        return mlflow_run_url(self.uri, experiment_id, run_id)
+
+
+def config_tracker(cfg: Any, *, run_name: str, tags: dict[str, str] | None = None,
+                   resume_run_id: str | None = None, existing_only: bool = False) -> NullTracker:
+    """:func:`start_tracker` with ``cfg.run``'s tracking URI and experiment: how a stage in this process tracks.
+
+    ``existing_only``: when there is neither a run handed down (``KILN_MLFLOW_RUN_ID``) nor a
+    ``resume_run_id``, return a NullTracker rather than start a stray run for a few extra numbers.
+    """
+    if existing_only and not resume_run_id and not os.environ.get("KILN_MLFLOW_RUN_ID"):
+        return NullTracker()
+    return start_tracker(tracking_uri_=cfg.run.mlflow_tracking_uri, experiment=cfg.run.mlflow_experiment,
+                         run_name=run_name, tags=tags, resume_run_id=resume_run_id)
 
 
 class NullTracker:
@@ -169,41 +311,29 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """Logs into one MLflow run via MlflowClient."""
+    """Logs into one MLflow run through :class:`RunStore`; a failed call is reported once, never raised."""
 
     def __init__(self, *, tracking_uri_: str, experiment: str, run_name: str | None = None,
                  tags: dict[str, str] | None = None, resume_run_id: str | None = None):
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri_)
+        self.runs = RunStore(tracking_uri_)
+        self.client = self.runs.client
         self._warned = False
         self.owned = True
         given = os.environ.get("KILN_MLFLOW_RUN_ID")
         parent = os.environ.get("KILN_MLFLOW_PARENT_RUN_ID")
         if given:
             self.run_id, self.owned = given, False
-        elif resume_run_id and self._run_exists(resume_run_id):
+        elif resume_run_id and self.runs.exists(resume_run_id):
             self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
+            self.runs.reopen(resume_run_id)
         else:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+            exp_id = self.runs.experiment_id(experiment)
             if parent:
                 # A child lives in its parent's experiment so the MLflow UI shows it nested.
-                exp_id = self.client.get_run(parent).info.experiment_id
-            run_tags = dict(tags or {})
-            if parent:
-                run_tags["mlflow.parentRunId"] = parent
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=run_tags).info.run_id
+                exp_id = self.runs.experiment_of(parent)
+            self.run_id = self.runs.create_run(exp_id, tags=dict(tags or {}), run_name=run_name, parent=parent)
         if tags and not self.owned:
             self.set_tags(tags)
-
-    def _run_exists(self, run_id: str) -> bool:
-        try:
-            self.client.get_run(run_id)
-            return True
-        except Exception:  # noqa: BLE001
-            return False
 
     def _guard(self, what: str, fn) -> None:
         try:
@@ -215,49 +345,34 @@ class Tracker(NullTracker):
                 self._warned = True
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat = flatten(params)
-
-        def go() -> None:
-            items = [Param(k, v) for k, v in flat.items()]
-            for i in range(0, len(items), 100):  # MLflow's batch limit
-                self.client.log_batch(self.run_id, params=items[i:i + 100])
-
-        self._guard("log_params", go)
+        self._guard("log_params", lambda: self.runs.log_params(self.run_id, flat))
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                 if v is not None and v == v]  # drop None and NaN
+        """Log what was measured: None and NaN (a value a job could not compute this time) are left out."""
+        items = {k: v for k, v in metrics.items() if v is not None and v == v}
         if items:
-            self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
+            self._guard("log_metrics", lambda: self.runs.log_metrics(self.run_id, items, step or 0))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._guard("log_text", lambda: self.client.log_text(self.run_id, text, artifact_file))
+        self._guard("log_text", lambda: self.runs.log_text(self.run_id, text, artifact_file))
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._guard("log_artifact", lambda: self.runs.log_artifact(self.run_id, path, artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        def go() -> None:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
-
-        self._guard("set_tags", go)
+        self._guard("set_tags", lambda: self.runs.set_tags(self.run_id, tags))
 
     def log_inputs(self, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
         """The stage outputs this run reads, as MLflow dataset inputs (see the module docstring)."""
-        self._guard("log_inputs", lambda: log_stage_inputs(self.client, self.run_id, stage, inputs))
+        self._guard("log_inputs", lambda: self.runs.log_inputs(self.run_id, stage, inputs))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.owned:
-            self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
+            self._guard("end", lambda: self.runs.end(self.run_id, status))
 
 
 def start_tracker(*, rank: int = 0, enabled: bool = True, tracking_uri_: str = "", experiment: str = "kiln",
@@ -276,3 +391,4 @@ def start_tracker(*, rank: int = 0, enabled: bool = True, tracking_uri_: str = "
         print(f"[tracking] MLflow unavailable ({type(e).__name__}: {e}); not tracking this run",
               file=sys.stderr, flush=True)
         return NullTracker()
+
