@@ -19,12 +19,14 @@ thus one MLflow dataset per experiment, shared by every run that read it. MLflow
 *outputs* (run outputs are logged models only), so a stage's own output is named by its run's tags
 ``kiln.output_uri`` and ``kiln.manifest_hash`` — the same digest its consumers' inputs carry.
 
-This is the only module that imports mlflow: :class:`RunStore` holds every MLflow operation (also
-those of the pipeline's run tree in tasks/tracking_tasks.py), :class:`Tracker` is one job's run.
 Everything goes through ``MlflowClient`` with an explicit run id — no fluent global "active run" state,
 so a library call can never log into somebody else's run by accident. Params are flattened with dotted
 keys (``pretrain.lr``); values are truncated to MLflow's limit. Logging errors are reported once and
 then ignored: losing a metric must never kill a multi-hour training run.
+
+This is the only module that imports mlflow. The run operations (``create_run``, ``log_run_params``,
+``end_run`` ...) take an ``MlflowClient`` and a run id, so the pipeline's run tree
+(tasks/tracking_tasks.py) and :class:`Tracker` (one job's run) share one implementation of each.
 """
 
 from __future__ import annotations
@@ -160,6 +162,20 @@ def dataset_inputs(stage: str, inputs: dict[str, dict[str, Any]]) -> list[Any]:
     return result
 
 
+def log_stage_inputs(client: Any, run_id: str, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
+    """Log ``inputs`` (see :func:`dataset_inputs`) to ``run_id``; logging them again is a no-op in MLflow."""
+    items = dataset_inputs(stage, inputs)
+    if items:
+        client.log_inputs(run_id, datasets=items)
+
+
+def mlflow_client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri`` (see :func:`tracking_uri`), for callers that keep a run tree."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str:
     """A browsable link to a run: the MLflow UI for a server, the run's directory for a file store."""
     if uri.startswith(("http://", "https://")):
@@ -174,6 +190,17 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"  # shown by the MLflow UI as the run
 ERROR_MAX = 5000  # characters of an error message kept in a run's ``kiln.error`` tag
 
 
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing (by us, or by a run racing us to it)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another run created it between the two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
 @dataclass(frozen=True)
 class FoundRun:
     """What a search for an existing run tells its caller, without MLflow's entity types."""
@@ -183,103 +210,67 @@ class FoundRun:
     tags: dict[str, str]
 
 
-class RunStore:
-    """Every MLflow operation Kiln makes, on runs named by id (``MlflowClient``, no fluent active run).
+def find_run(client: Any, experiment: str, tags: dict[str, str], parent: str | None = None) -> FoundRun | None:
+    """The first run of ``experiment`` (an id) carrying all ``tags`` (and nested under ``parent``), if any."""
+    want = tags | ({PARENT_TAG: parent} if parent else {})
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in want.items())
+    found = client.search_runs([experiment], query, max_results=1)
+    if not found:
+        return None
+    return FoundRun(found[0].info.run_id, found[0].info.status, dict(found[0].data.tags))
 
-    The one home of the MLflow specifics: entity types, batch limits, the search syntax and the tag
-    names MLflow gives a meaning to, so callers (:class:`Tracker` for a job, the pipeline's run tree in
-    tasks/tracking_tasks.py) never import mlflow. Errors propagate: :class:`Tracker` guards its calls so
-    a training job survives a tracking outage, while a flow run whose tracking server is down fails.
-    """
 
-    def __init__(self, uri: str):
-        from mlflow.tracking import MlflowClient
+def create_run(client: Any, experiment: str, *, tags: dict[str, str], run_name: str | None = None,
+               parent: str | None = None) -> str:
+    """A new run in ``experiment`` (an id), nested under ``parent`` when given; returns its id."""
+    run_tags = dict(tags) | ({PARENT_TAG: parent} if parent else {})
+    return client.create_run(experiment, run_name=run_name, tags=run_tags).info.run_id
 
-        self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
 
-    def experiment_id(self, name: str) -> str:
-        """The id of experiment ``name``, created if missing (by us, or by a run racing us to it)."""
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name)
-        except Exception:  # noqa: BLE001 - another run created it between the two calls
-            return self.client.get_experiment_by_name(name).experiment_id
+def reopen_run(client: Any, run_id: str) -> None:
+    """Mark a run of an earlier attempt running again (a resumed job, a retried flow run)."""
+    client.update_run(run_id, status="RUNNING")
 
-    def experiment_of(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.experiment_id
 
-    def exists(self, run_id: str) -> bool:
-        try:
-            self.client.get_run(run_id)
-            return True
-        except Exception:  # noqa: BLE001 - a deleted run, another store: either way not ours to resume
-            return False
+def end_run(client: Any, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    """Terminate a run; ``error`` (truncated) is kept as its ``kiln.error`` tag."""
+    if error:
+        client.set_tag(run_id, "kiln.error", error[:ERROR_MAX])
+    client.set_terminated(run_id, status=status)
 
-    def find_run(self, experiment_id: str, tags: dict[str, str], parent: str | None = None) -> FoundRun | None:
-        """The first run of the experiment carrying all ``tags`` (and nested under ``parent``), if any."""
-        want = tags | ({PARENT_TAG: parent} if parent else {})
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in want.items())
-        found = self.client.search_runs([experiment_id], query, max_results=1)
-        if not found:
-            return None
-        return FoundRun(found[0].info.run_id, found[0].info.status, dict(found[0].data.tags))
 
-    def create_run(self, experiment_id: str, *, tags: dict[str, str], run_name: str | None = None,
-                   parent: str | None = None) -> str:
-        """A new run (nested under ``parent`` when given); returns its id."""
-        run_tags = dict(tags) | ({PARENT_TAG: parent} if parent else {})
-        return self.client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+def log_run_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Flat ``params`` (see :func:`flatten`); a value that is not text is logged as its JSON."""
+    from mlflow.entities import Param
 
-    def reopen(self, run_id: str) -> None:
-        """Mark a run of an earlier attempt running again (a resumed job, a retried flow run)."""
-        self.client.update_run(run_id, status="RUNNING")
+    items = [Param(k, _param_text(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i:i + 100])
 
-    def end(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
-        """Terminate a run; ``error`` (truncated) is kept as its ``kiln.error`` tag."""
-        if error:
-            self.client.set_tag(run_id, "kiln.error", error[:ERROR_MAX])
-        self.client.set_terminated(run_id, status=status)
 
-    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        """Flat ``params`` (see :func:`flatten`); values that are not text are logged as their JSON."""
-        from mlflow.entities import Param
+def log_run_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
 
-        items = [Param(k, _param_text(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(run_id, params=items[i:i + 100])
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):  # under MLflow's 1000 metrics per batch
+        client.log_batch(run_id, metrics=items[i:i + 500])
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 500):  # under MLflow's 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=items[i:i + 500])
+def set_run_tags(client: Any, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
 
-    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, tags=items[i:i + 100])
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(run_id, tags=items[i:i + 100])
 
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+def log_run_text(client: Any, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
 
-    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def log_inputs(self, run_id: str, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
-        """Log ``inputs`` (see :func:`dataset_inputs`) to ``run_id``; logging them again is a no-op in MLflow."""
-        items = dataset_inputs(stage, inputs)
-        if items:
-            self.client.log_inputs(run_id, datasets=items)
-
-    def url(self, experiment_id: str, run_id: str) -> str:
-        return mlflow_run_url(self.uri, experiment_id, run_id)
+def log_run_artifact(client: Any, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client.log_artifact(run_id, str(path), artifact_path)
 
 
 def config_tracker(cfg: Any, *, run_name: str, tags: dict[str, str] | None = None,
@@ -311,29 +302,37 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    """Logs into one MLflow run through :class:`RunStore`; a failed call is reported once, never raised."""
+    """Logs into one MLflow run via MlflowClient."""
 
     def __init__(self, *, tracking_uri_: str, experiment: str, run_name: str | None = None,
                  tags: dict[str, str] | None = None, resume_run_id: str | None = None):
-        self.runs = RunStore(tracking_uri_)
-        self.client = self.runs.client
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri_)
         self._warned = False
         self.owned = True
         given = os.environ.get("KILN_MLFLOW_RUN_ID")
         parent = os.environ.get("KILN_MLFLOW_PARENT_RUN_ID")
         if given:
             self.run_id, self.owned = given, False
-        elif resume_run_id and self.runs.exists(resume_run_id):
+        elif resume_run_id and self._run_exists(resume_run_id):
             self.run_id = resume_run_id
-            self.runs.reopen(resume_run_id)
+            reopen_run(self.client, resume_run_id)
         else:
-            exp_id = self.runs.experiment_id(experiment)
+            exp_id = ensure_experiment(self.client, experiment)
             if parent:
                 # A child lives in its parent's experiment so the MLflow UI shows it nested.
-                exp_id = self.runs.experiment_of(parent)
-            self.run_id = self.runs.create_run(exp_id, tags=dict(tags or {}), run_name=run_name, parent=parent)
+                exp_id = self.client.get_run(parent).info.experiment_id
+            self.run_id = create_run(self.client, exp_id, tags=dict(tags or {}), run_name=run_name, parent=parent)
         if tags and not self.owned:
             self.set_tags(tags)
+
+    def _run_exists(self, run_id: str) -> bool:
+        try:
+            self.client.get_run(run_id)
+            return True
+        except Exception:  # noqa: BLE001
+            return False
 
     def _guard(self, what: str, fn) -> None:
         try:
@@ -346,33 +345,36 @@ class Tracker(NullTracker):
 
     def log_params(self, params: dict[str, Any]) -> None:
         flat = flatten(params)
-        self._guard("log_params", lambda: self.runs.log_params(self.run_id, flat))
+        self._guard("log_params", lambda: log_run_params(self.client, self.run_id, flat))
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
-        """Log what was measured: None and NaN (a value a job could not compute this time) are left out."""
-        items = {k: v for k, v in metrics.items() if v is not None and v == v}
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if v is not None and v == v]  # drop None and NaN
         if items:
-            self._guard("log_metrics", lambda: self.runs.log_metrics(self.run_id, items, step or 0))
+            self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._guard("log_text", lambda: self.runs.log_text(self.run_id, text, artifact_file))
+        self._guard("log_text", lambda: self.client.log_text(self.run_id, text, artifact_file))
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log_artifact", lambda: self.runs.log_artifact(self.run_id, path, artifact_path))
+        self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._guard("set_tags", lambda: self.runs.set_tags(self.run_id, tags))
+        self._guard("set_tags", lambda: set_run_tags(self.client, self.run_id, tags))
 
     def log_inputs(self, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
         """The stage outputs this run reads, as MLflow dataset inputs (see the module docstring)."""
-        self._guard("log_inputs", lambda: self.runs.log_inputs(self.run_id, stage, inputs))
+        self._guard("log_inputs", lambda: log_stage_inputs(self.client, self.run_id, stage, inputs))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.owned:
-            self._guard("end", lambda: self.runs.end(self.run_id, status))
+            self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def start_tracker(*, rank: int = 0, enabled: bool = True, tracking_uri_: str = "", experiment: str = "kiln",
@@ -391,4 +393,3 @@ def start_tracker(*, rank: int = 0, enabled: bool = True, tracking_uri_: str = "
         print(f"[tracking] MLflow unavailable ({type(e).__name__}: {e}); not tracking this run",
               file=sys.stderr, flush=True)
         return NullTracker()
-

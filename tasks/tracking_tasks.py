@@ -14,9 +14,10 @@ that computed it, found through a small lineage record next to the artifacts
 
 A retried flow run (``prefect flow-run retry``) keeps its id, so it finds and reuses its
 parent run and the child runs of stages that already finished instead of growing a second
-tree. Every MLflow operation is llm/tracking.py's (:class:`llm.tracking.RunStore`, runs named
-by id, no global active run): this module decides only which runs exist and what goes where,
-so it is safe to call from the flow while stages run in threads or other processes.
+tree. Every MLflow operation is llm/tracking.py's (runs named by id through ``MlflowClient``,
+no global active run; this module never imports mlflow): what is kept here is only which runs
+exist and what goes where, so it is safe to call from the flow while stages run in threads or
+other processes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from typing import Any
 
 from llm.config import KilnConfig
 from llm.stages.output import located_manifest
-from llm.tracking import GIT_COMMIT_TAG, RunStore, flatten, numeric_leaves, read_stage_inputs
+from llm.tracking import (GIT_COMMIT_TAG, create_run, end_run, ensure_experiment, find_run, flatten, log_run_artifact,
+                          log_run_metrics, log_run_params, log_run_text, log_stage_inputs, mlflow_client,
+                          mlflow_run_url, numeric_leaves, read_stage_inputs, reopen_run, set_run_tags)
 from llm.tracking import tracking_uri as llm_tracking_uri
 from llm.stages.registry import STAGES
 from llm.storage import Store, join
@@ -80,12 +83,13 @@ def _parent_tags(cfg: KilnConfig, flow_run: Any, flow_run_url: str | None) -> di
 class PipelineTracker:
     """The parent run of one pipeline flow run and its per-stage children."""
 
-    def __init__(self, cfg: KilnConfig, runs: RunStore, experiment_id: str, run_id: str, flow_run_id: str | None):
+    def __init__(self, cfg: KilnConfig, client: Any, experiment_id: str, run_id: str, flow_run_id: str | None):
         self.cfg = cfg
-        self.runs = runs
+        self.client = client
         self.experiment_id = experiment_id
         self.run_id = run_id
         self.flow_run_id = flow_run_id
+        self.uri = tracking_uri(cfg)
         self.children: dict[str, str] = {}
         # Stages whose child run finished in an earlier attempt of this (retried) flow run.
         self.done_before: set[str] = set()
@@ -94,46 +98,46 @@ class PipelineTracker:
     @classmethod
     def start(cls, cfg: KilnConfig, *, params: dict[str, Any], flow_run: Any = None,
               flow_run_url: str | None = None) -> "PipelineTracker":
-        runs = RunStore(tracking_uri(cfg))
-        experiment_id = runs.experiment_id(cfg.run.mlflow_experiment)
+        client = mlflow_client(tracking_uri(cfg))
+        experiment_id = ensure_experiment(client, cfg.run.mlflow_experiment)
         flow_run_id = str(flow_run.id) if flow_run is not None else None
         run_id = None
         if flow_run_id:  # a retried flow run keeps its id: reuse its parent run
-            found = runs.find_run(experiment_id, {FLOW_RUN_TAG: flow_run_id, PIPELINE_TAG: "pipeline"})
+            found = find_run(client, experiment_id, {FLOW_RUN_TAG: flow_run_id, PIPELINE_TAG: "pipeline"})
             if found:
                 run_id = found.run_id
-                runs.reopen(run_id)
-                runs.set_tags(run_id, {"kiln.retries": int(found.tags.get("kiln.retries", "0")) + 1})
+                reopen_run(client, run_id)
+                set_run_tags(client, run_id, {"kiln.retries": int(found.tags.get("kiln.retries", "0")) + 1})
         if run_id is None:
             name = f"{cfg.preset}-{flow_run.name}" if flow_run is not None else f"{cfg.preset}-pipeline"
-            run_id = runs.create_run(experiment_id, tags=_parent_tags(cfg, flow_run, flow_run_url), run_name=name)
-            runs.log_params(run_id, params)
-        return cls(cfg, runs, experiment_id, run_id, flow_run_id)
+            run_id = create_run(client, experiment_id, tags=_parent_tags(cfg, flow_run, flow_run_url), run_name=name)
+            log_run_params(client, run_id, params)
+        return cls(cfg, client, experiment_id, run_id, flow_run_id)
 
     @property
     def url(self) -> str:
-        return self.runs.url(self.experiment_id, self.run_id)
+        return mlflow_run_url(self.uri, self.experiment_id, self.run_id)
 
     def finish(self, ok: bool, error: str | None = None) -> None:
-        self.runs.end(self.run_id, "FINISHED" if ok else "FAILED", error=error)
+        end_run(self.client, self.run_id, "FINISHED" if ok else "FAILED", error=error)
 
     # ------------------------------------------------------------------ children
     def stage_start(self, label: str, stage: str) -> str:
         """Create (or, on a retried flow run, find) the child run of one stage; returns its id."""
-        found = self.runs.find_run(self.experiment_id, {"kiln.stage_label": label}, parent=self.run_id)
+        found = find_run(self.client, self.experiment_id, {"kiln.stage_label": label}, parent=self.run_id)
         if found:
             run_id = found.run_id
             if found.status == "FINISHED":  # finished in an earlier attempt: keep its record as is
                 self.done_before.add(label)
             else:
-                self.runs.reopen(run_id)
+                reopen_run(self.client, run_id)
         else:
-            run_id = self.runs.create_run(self.experiment_id, run_name=label, parent=self.run_id, tags={
+            run_id = create_run(self.client, self.experiment_id, run_name=label, parent=self.run_id, tags={
                 PIPELINE_TAG: "stage", "kiln.stage": stage, "kiln.stage_label": label, "kiln.preset": self.cfg.preset,
             } | ({FLOW_RUN_TAG: self.flow_run_id} if self.flow_run_id else {}))
             # The full sections (operational knobs included), not just what the cache key hashes.
             config = {sec: self.cfg.section(sec) for sec in STAGES[stage].sections}
-            self.runs.log_params(run_id, flatten(config, "cfg."))
+            log_run_params(self.client, run_id, flatten(config, "cfg."))
         self.children[label] = run_id
         return run_id
 
@@ -159,17 +163,17 @@ class PipelineTracker:
         metrics = numeric_leaves(summary.get("counts", {}))
         if summary.get("seconds") is not None and not cached:
             metrics["stage_seconds"] = float(summary["seconds"])
-        self.runs.log_metrics(run_id, metrics)
-        self.runs.set_tags(run_id, tags)
+        log_run_metrics(self.client, run_id, metrics)
+        set_run_tags(self.client, run_id, tags)
         try:
             manifest = Store(self.cfg.run.artifact_root, self.cfg.run.s3_endpoint).get_bytes(join(summary["uri"], "manifest.json"))
         except FileNotFoundError:
             manifest = None
         if manifest is not None:
-            self.runs.log_text(run_id, manifest.decode(), "manifest.json")
+            log_run_text(self.client, run_id, manifest.decode(), "manifest.json")
             # Cached or computed alike: the inputs are what the output was made from.
             self._log_inputs(run_id, stage, located_manifest(json.loads(manifest), summary["uri"]))
-        self.runs.end(run_id, "FINISHED")
+        end_run(self.client, run_id, "FINISHED")
 
     def _reuse_tags(self, stage: str, summary: dict[str, Any], prefect_cached: bool) -> dict[str, str]:
         """Where a reused output came from: the MLflow run (and flow run) that computed it."""
@@ -199,7 +203,7 @@ class PipelineTracker:
                 same = up is not None and up["hash"] == inp["hash"]
                 inputs[role] = {"uri": inp["uri"], "hash": inp["hash"]} | (
                     {"stage": up["stage"], "counts": up["counts"]} if same else {})
-            self.runs.log_inputs(run_id, stage, inputs)
+            log_stage_inputs(self.client, run_id, stage, inputs)
         except Exception as e:  # noqa: BLE001
             print(f"[kiln] MLflow dataset inputs of {stage} not logged: {type(e).__name__}: {e}")
 
@@ -207,7 +211,7 @@ class PipelineTracker:
         run_id = self.children.get(label)
         if run_id is None:
             return
-        self.runs.end(run_id, "FAILED", error=f"{type(error).__name__}: {error}")
+        end_run(self.client, run_id, "FAILED", error=f"{type(error).__name__}: {error}")
 
     # ------------------------------------------------------------------ report
     def log_report(self, report_uri: str) -> str | None:
@@ -219,9 +223,9 @@ class PipelineTracker:
         for rel in sorted(manifest.get("files", {})):
             local = store.cache_path(join(report_uri, rel))
             if report_run:
-                self.runs.log_artifact(report_run, local, artifact_path=str(Path("report", rel).parent))
+                log_run_artifact(self.client, report_run, local, artifact_path=str(Path("report", rel).parent))
             if rel.endswith(".md") and (markdown is None or Path(rel).name == "report.md"):
                 markdown = local.read_text()
         if markdown is not None:
-            self.runs.log_text(self.run_id, markdown, "report.md")
+            log_run_text(self.client, self.run_id, markdown, "report.md")
         return markdown
