@@ -357,13 +357,13 @@ class Tracker(NullTracker):
             self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._guard("log_text", lambda: self.client.log_text(self.run_id, text, artifact_file))
+        self._guard("log_text", lambda: log_run_text(self.client, self.run_id, text, artifact_file))
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._guard("log_artifact", lambda: log_run_artifact(self.client, self.run_id, path, artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._guard("set_tags", lambda: set_run_tags(self.client, self.run_id, tags))
