@@ -23,6 +23,10 @@ Everything goes through ``MlflowClient`` with an explicit run id — no fluent g
 so a library call can never log into somebody else's run by accident. Params are flattened with dotted
 keys (``pretrain.lr``); values are truncated to MLflow's limit. Logging errors are reported once and
 then ignored: losing a metric must never kill a multi-hour training run.
+
+This is the only module that imports mlflow. The run operations (``create_run``, ``log_run_params``,
+``end_run`` ...) take an ``MlflowClient`` and a run id, so the pipeline's run tree
+(tasks/tracking_tasks.py) and :class:`Tracker` (one job's run) share one implementation of each.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import re
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PARAM_VALUE_MAX = 6000
 
@@ -48,17 +53,28 @@ def tracking_uri(configured: str = "") -> str:
     return uri
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} → {"a.b": "1"}; lists/None become their JSON text."""
-    out: dict[str, str] = {}
+def _leaves(d: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf; an empty dict is a leaf (so an empty section still shows)."""
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
+            yield from _leaves(v, key + ".")
         else:
-            text = v if isinstance(v, str) else json.dumps(v, default=str)
-            out[key] = text[:PARAM_VALUE_MAX]
-    return out
+            yield key, v
+
+
+def _param_text(v: Any) -> str:
+    return (v if isinstance(v, str) else json.dumps(v, default=str))[:PARAM_VALUE_MAX]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} → {"a.b": "1"}; lists/None become their JSON text."""
+    return {key: _param_text(v) for key, v in _leaves(d, prefix)}
+
+
+def numeric_leaves(d: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a nested dict (a manifest's counts) as dotted-key metrics; bools are not numbers here."""
+    return {k: float(v) for k, v in _leaves(d) if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 DATASET_CONTEXT_TAG = "mlflow.data.context"  # MLflow's own input-tag key (mlflow.utils.mlflow_tags)
@@ -153,6 +169,123 @@ def log_stage_inputs(client: Any, run_id: str, stage: str, inputs: dict[str, dic
         client.log_inputs(run_id, datasets=items)
 
 
+def mlflow_client(uri: str) -> Any:
+    """An ``MlflowClient`` for ``uri`` (see :func:`tracking_uri`), for callers that keep a run tree."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A browsable link to a run: the MLflow UI for a server, the run's directory for a file store."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith("file:"):
+        return f"{uri.rstrip('/')}/{experiment_id}/{run_id}"
+    return f"{uri}#experiments/{experiment_id}/runs/{run_id}"
+
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # shown by the MLflow UI as the run's source version
+ERROR_MAX = 5000  # characters of an error message kept in a run's ``kiln.error`` tag
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing (by us, or by a run racing us to it)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # noqa: BLE001 - another run created it between the two calls
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@dataclass(frozen=True)
+class FoundRun:
+    """What a search for an existing run tells its caller, without MLflow's entity types."""
+
+    run_id: str
+    status: str
+    tags: dict[str, str]
+
+
+def find_run(client: Any, experiment: str, tags: dict[str, str], parent: str | None = None) -> FoundRun | None:
+    """The first run of ``experiment`` (an id) carrying all ``tags`` (and nested under ``parent``), if any."""
+    want = tags | ({PARENT_TAG: parent} if parent else {})
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in want.items())
+    found = client.search_runs([experiment], query, max_results=1)
+    if not found:
+        return None
+    return FoundRun(found[0].info.run_id, found[0].info.status, dict(found[0].data.tags))
+
+
+def create_run(client: Any, experiment: str, *, tags: dict[str, str], run_name: str | None = None,
+               parent: str | None = None) -> str:
+    """A new run in ``experiment`` (an id), nested under ``parent`` when given; returns its id."""
+    run_tags = dict(tags) | ({PARENT_TAG: parent} if parent else {})
+    return client.create_run(experiment, run_name=run_name, tags=run_tags).info.run_id
+
+
+def reopen_run(client: Any, run_id: str) -> None:
+    """Mark a run of an earlier attempt running again (a resumed job, a retried flow run)."""
+    client.update_run(run_id, status="RUNNING")
+
+
+def end_run(client: Any, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    """Terminate a run; ``error`` (truncated) is kept as its ``kiln.error`` tag."""
+    if error:
+        client.set_tag(run_id, "kiln.error", error[:ERROR_MAX])
+    client.set_terminated(run_id, status=status)
+
+
+def log_run_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Flat ``params`` (see :func:`flatten`); a value that is not text is logged as its JSON."""
+    from mlflow.entities import Param
+
+    items = [Param(k, _param_text(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_run_metrics(client: Any, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 500):  # under MLflow's 1000 metrics per batch
+        client.log_batch(run_id, metrics=items[i:i + 500])
+
+
+def set_run_tags(client: Any, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    items = [RunTag(k, str(v)) for k, v in tags.items()]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, tags=items[i:i + 100])
+
+
+def log_run_text(client: Any, run_id: str, text: str, artifact_file: str) -> None:
+    client.log_text(run_id, text, artifact_file)
+
+
+def log_run_artifact(client: Any, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client.log_artifact(run_id, str(path), artifact_path)
+
+
+def config_tracker(cfg: Any, *, run_name: str, tags: dict[str, str] | None = None,
+                   resume_run_id: str | None = None, existing_only: bool = False) -> NullTracker:
+    """:func:`start_tracker` with ``cfg.run``'s tracking URI and experiment: how a stage in this process tracks.
+
+    ``existing_only``: when there is neither a run handed down (``KILN_MLFLOW_RUN_ID``) nor a
+    ``resume_run_id``, return a NullTracker rather than start a stray run for a few extra numbers.
+    """
+    if existing_only and not resume_run_id and not os.environ.get("KILN_MLFLOW_RUN_ID"):
+        return NullTracker()
+    return start_tracker(tracking_uri_=cfg.run.mlflow_tracking_uri, experiment=cfg.run.mlflow_experiment,
+                         run_name=run_name, tags=tags, resume_run_id=resume_run_id)
+
+
 class NullTracker:
     """Same interface, does nothing: used on ranks > 0 and when tracking is disabled."""
 
@@ -184,17 +317,13 @@ class Tracker(NullTracker):
             self.run_id, self.owned = given, False
         elif resume_run_id and self._run_exists(resume_run_id):
             self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status="RUNNING")
+            reopen_run(self.client, resume_run_id)
         else:
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+            exp_id = ensure_experiment(self.client, experiment)
             if parent:
                 # A child lives in its parent's experiment so the MLflow UI shows it nested.
                 exp_id = self.client.get_run(parent).info.experiment_id
-            run_tags = dict(tags or {})
-            if parent:
-                run_tags["mlflow.parentRunId"] = parent
-            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=run_tags).info.run_id
+            self.run_id = create_run(self.client, exp_id, tags=dict(tags or {}), run_name=run_name, parent=parent)
         if tags and not self.owned:
             self.set_tags(tags)
 
@@ -215,16 +344,8 @@ class Tracker(NullTracker):
                 self._warned = True
 
     def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
         flat = flatten(params)
-
-        def go() -> None:
-            items = [Param(k, v) for k, v in flat.items()]
-            for i in range(0, len(items), 100):  # MLflow's batch limit
-                self.client.log_batch(self.run_id, params=items[i:i + 100])
-
-        self._guard("log_params", go)
+        self._guard("log_params", lambda: log_run_params(self.client, self.run_id, flat))
 
     def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -236,20 +357,16 @@ class Tracker(NullTracker):
             self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._guard("log_text", lambda: self.client.log_text(self.run_id, text, artifact_file))
+        self._guard("log_text", lambda: log_run_text(self.client, self.run_id, text, artifact_file))
 
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._guard("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
+        self._guard("log_artifact", lambda: log_run_artifact(self.client, self.run_id, path, artifact_path))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        def go() -> None:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
-
-        self._guard("set_tags", go)
+        self._guard("set_tags", lambda: set_run_tags(self.client, self.run_id, tags))
 
     def log_inputs(self, stage: str, inputs: dict[str, dict[str, Any]]) -> None:
         """The stage outputs this run reads, as MLflow dataset inputs (see the module docstring)."""

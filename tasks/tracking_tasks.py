@@ -14,8 +14,10 @@ that computed it, found through a small lineage record next to the artifacts
 
 A retried flow run (``prefect flow-run retry``) keeps its id, so it finds and reuses its
 parent run and the child runs of stages that already finished instead of growing a second
-tree. Everything here goes through ``MlflowClient`` (no global active run), so it is safe
-to call from the flow while stages run in threads or other processes.
+tree. Every MLflow operation is llm/tracking.py's (runs named by id through ``MlflowClient``,
+no global active run; this module never imports mlflow): what is kept here is only which runs
+exist and what goes where, so it is safe to call from the flow while stages run in threads or
+other processes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from typing import Any
 
 from llm.config import KilnConfig
 from llm.stages.output import located_manifest
-from llm.tracking import log_stage_inputs, read_stage_inputs
+from llm.tracking import (GIT_COMMIT_TAG, create_run, end_run, ensure_experiment, find_run, flatten, log_run_artifact,
+                          log_run_metrics, log_run_params, log_run_text, log_stage_inputs, mlflow_client,
+                          mlflow_run_url, numeric_leaves, read_stage_inputs, reopen_run, set_run_tags)
 from llm.tracking import tracking_uri as llm_tracking_uri
 from llm.stages.registry import STAGES
 from llm.storage import Store, join
@@ -40,15 +44,6 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 def tracking_uri(cfg: KilnConfig) -> str:
     """The tracking URI for this config, resolved exactly as the torchrun jobs resolve it."""
     return llm_tracking_uri(cfg.run.mlflow_tracking_uri)
-
-
-def mlflow_run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """A browsable link to a run: the MLflow UI for a server, the run's directory for a file store."""
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    if uri.startswith("file:"):
-        return f"{uri.rstrip('/')}/{experiment_id}/{run_id}"
-    return f"{uri}#experiments/{experiment_id}/runs/{run_id}"
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -64,20 +59,6 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return ""
 
 
-def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> dict[str, Any]:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = obj
-    return out
-
-
-def _numeric(d: dict[str, Any]) -> dict[str, float]:
-    flat = _flatten("", d, {})
-    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def lineage_uri(cfg: KilnConfig, stage: str, key: str) -> str:
     return join(cfg.run.artifact_root, "_lineage", stage, f"{key}.json")
 
@@ -87,6 +68,16 @@ def read_lineage(cfg: KilnConfig, stage: str, key: str) -> dict[str, Any] | None
         return json.loads(Store(cfg.run.artifact_root, cfg.run.s3_endpoint).get_bytes(lineage_uri(cfg, stage, key)))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _parent_tags(cfg: KilnConfig, flow_run: Any, flow_run_url: str | None) -> dict[str, str]:
+    """The parent run's tags: what it is, the preset, the code, and the Prefect flow run it records."""
+    tags = {PIPELINE_TAG: "pipeline", "kiln.preset": cfg.preset, GIT_COMMIT_TAG: git_commit()}
+    if flow_run is not None:
+        tags |= {FLOW_RUN_TAG: str(flow_run.id), "prefect.flow_run_name": flow_run.name}
+    if flow_run_url:
+        tags["prefect.flow_run_url"] = flow_run_url
+    return {k: v for k, v in tags.items() if v}
 
 
 class PipelineTracker:
@@ -107,41 +98,20 @@ class PipelineTracker:
     @classmethod
     def start(cls, cfg: KilnConfig, *, params: dict[str, Any], flow_run: Any = None,
               flow_run_url: str | None = None) -> "PipelineTracker":
-        from mlflow.tracking import MlflowClient
-
-        uri = tracking_uri(cfg)
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(cfg.run.mlflow_experiment)
-        if exp is None:
-            try:
-                experiment_id = client.create_experiment(cfg.run.mlflow_experiment)
-            except Exception:  # noqa: BLE001 - another run created it between the two calls
-                experiment_id = client.get_experiment_by_name(cfg.run.mlflow_experiment).experiment_id
-        else:
-            experiment_id = exp.experiment_id
+        client = mlflow_client(tracking_uri(cfg))
+        experiment_id = ensure_experiment(client, cfg.run.mlflow_experiment)
         flow_run_id = str(flow_run.id) if flow_run is not None else None
         run_id = None
         if flow_run_id:  # a retried flow run keeps its id: reuse its parent run
-            found = client.search_runs([experiment_id], f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' "
-                                       f"and tags.`{PIPELINE_TAG}` = 'pipeline'", max_results=1)
+            found = find_run(client, experiment_id, {FLOW_RUN_TAG: flow_run_id, PIPELINE_TAG: "pipeline"})
             if found:
-                run_id = found[0].info.run_id
-                client.update_run(run_id, status="RUNNING")
-                client.set_tag(run_id, "kiln.retries", str(int(found[0].data.tags.get("kiln.retries", "0")) + 1))
+                run_id = found.run_id
+                reopen_run(client, run_id)
+                set_run_tags(client, run_id, {"kiln.retries": int(found.tags.get("kiln.retries", "0")) + 1})
         if run_id is None:
-            tags = {
-                PIPELINE_TAG: "pipeline",
-                "kiln.preset": cfg.preset,
-                "mlflow.runName": f"{cfg.preset}-{flow_run.name}" if flow_run is not None else f"{cfg.preset}-pipeline",
-                "mlflow.source.git.commit": git_commit(),
-            }
-            if flow_run is not None:
-                tags |= {FLOW_RUN_TAG: flow_run_id, "prefect.flow_run_name": flow_run.name}
-            if flow_run_url:
-                tags["prefect.flow_run_url"] = flow_run_url
-            run = client.create_run(experiment_id, tags={k: v for k, v in tags.items() if v})
-            run_id = run.info.run_id
-            _log_params(client, run_id, params)
+            name = f"{cfg.preset}-{flow_run.name}" if flow_run is not None else f"{cfg.preset}-pipeline"
+            run_id = create_run(client, experiment_id, tags=_parent_tags(cfg, flow_run, flow_run_url), run_name=name)
+            log_run_params(client, run_id, params)
         return cls(cfg, client, experiment_id, run_id, flow_run_id)
 
     @property
@@ -149,33 +119,25 @@ class PipelineTracker:
         return mlflow_run_url(self.uri, self.experiment_id, self.run_id)
 
     def finish(self, ok: bool, error: str | None = None) -> None:
-        if error:
-            self.client.set_tag(self.run_id, "kiln.error", error[:5000])
-        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "FAILED")
+        end_run(self.client, self.run_id, "FINISHED" if ok else "FAILED", error=error)
 
     # ------------------------------------------------------------------ children
     def stage_start(self, label: str, stage: str) -> str:
         """Create (or, on a retried flow run, find) the child run of one stage; returns its id."""
-        found = self.client.search_runs(
-            [self.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{self.run_id}' and tags.`kiln.stage_label` = '{label}'",
-            max_results=1)
+        found = find_run(self.client, self.experiment_id, {"kiln.stage_label": label}, parent=self.run_id)
         if found:
-            run_id = found[0].info.run_id
-            if found[0].info.status == "FINISHED":  # finished in an earlier attempt: keep its record as is
+            run_id = found.run_id
+            if found.status == "FINISHED":  # finished in an earlier attempt: keep its record as is
                 self.done_before.add(label)
             else:
-                self.client.update_run(run_id, status="RUNNING")
+                reopen_run(self.client, run_id)
         else:
-            run = self.client.create_run(self.experiment_id, tags={
-                "mlflow.parentRunId": self.run_id, "mlflow.runName": label, PIPELINE_TAG: "stage",
-                "kiln.stage": stage, "kiln.stage_label": label, "kiln.preset": self.cfg.preset,
+            run_id = create_run(self.client, self.experiment_id, run_name=label, parent=self.run_id, tags={
+                PIPELINE_TAG: "stage", "kiln.stage": stage, "kiln.stage_label": label, "kiln.preset": self.cfg.preset,
             } | ({FLOW_RUN_TAG: self.flow_run_id} if self.flow_run_id else {}))
-            run_id = run.info.run_id
-            self.children[label] = run_id
             # The full sections (operational knobs included), not just what the cache key hashes.
             config = {sec: self.cfg.section(sec) for sec in STAGES[stage].sections}
-            _log_params(self.client, run_id, {f"cfg.{k}": v for k, v in _flatten("", config, {}).items()})
+            log_run_params(self.client, run_id, flatten(config, "cfg."))
         self.children[label] = run_id
         return run_id
 
@@ -199,35 +161,36 @@ class PipelineTracker:
             "kiln.manifest_hash": summary["hash"],
         }
         if cached:
-            origin = read_lineage(self.cfg, stage, summary["key"]) or {}
-            source_run = origin.get("mlflow_run_id") or summary.get("mlflow_run_id")
-            tags["kiln.reused_from_run_id"] = source_run or "unknown"
-            if origin.get("flow_run_id") or summary.get("flow_run_id"):
-                tags["kiln.reused_from_flow_run_id"] = origin.get("flow_run_id") or summary.get("flow_run_id")
-            tags["kiln.cache_level"] = "prefect" if prefect_cached else "manifest"
+            tags |= self._reuse_tags(stage, summary, prefect_cached)
         else:
             Store(self.cfg.run.artifact_root, self.cfg.run.s3_endpoint).put_bytes(json.dumps({
                 "stage": stage, "key": summary["key"], "uri": summary["uri"], "mlflow_run_id": run_id,
                 "flow_run_id": self.flow_run_id, "written": time.time(),
             }).encode(), lineage_uri(self.cfg, stage, summary["key"]))
-        from mlflow.entities import Metric, RunTag
-
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in _numeric(summary.get("counts", {})).items()]
+        metrics = numeric_leaves(summary.get("counts", {}))
         if summary.get("seconds") is not None and not cached:
-            metrics.append(Metric("stage_seconds", float(summary["seconds"]), now, 0))
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(run_id, metrics=metrics[i:i + 500])
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            metrics["stage_seconds"] = float(summary["seconds"])
+        log_run_metrics(self.client, run_id, metrics)
+        set_run_tags(self.client, run_id, tags)
         try:
             manifest = Store(self.cfg.run.artifact_root, self.cfg.run.s3_endpoint).get_bytes(join(summary["uri"], "manifest.json"))
         except FileNotFoundError:
             manifest = None
         if manifest is not None:
-            self.client.log_text(run_id, manifest.decode(), "manifest.json")
+            log_run_text(self.client, run_id, manifest.decode(), "manifest.json")
             # Cached or computed alike: the inputs are what the output was made from.
             self._log_inputs(run_id, stage, located_manifest(json.loads(manifest), summary["uri"]))
-        self.client.set_terminated(run_id, status="FINISHED")
+        end_run(self.client, run_id, "FINISHED")
+
+    def _reuse_tags(self, stage: str, summary: dict[str, Any], prefect_cached: bool) -> dict[str, str]:
+        """Where a reused output came from: the MLflow run (and flow run) that computed it."""
+        origin = read_lineage(self.cfg, stage, summary["key"]) or {}
+        source_run = origin.get("mlflow_run_id") or summary.get("mlflow_run_id")
+        tags = {"kiln.reused_from_run_id": source_run or "unknown"}
+        if origin.get("flow_run_id") or summary.get("flow_run_id"):
+            tags["kiln.reused_from_flow_run_id"] = origin.get("flow_run_id") or summary.get("flow_run_id")
+        tags["kiln.cache_level"] = "prefect" if prefect_cached else "manifest"
+        return tags
 
     def _log_inputs(self, run_id: str, stage: str, manifest: dict[str, Any]) -> None:
         """The manifest's inputs as MLflow dataset inputs of the stage's child run.
@@ -255,8 +218,7 @@ class PipelineTracker:
         run_id = self.children.get(label)
         if run_id is None:
             return
-        self.client.set_tag(run_id, "kiln.error", f"{type(error).__name__}: {error}"[:5000])
-        self.client.set_terminated(run_id, status="FAILED")
+        end_run(self.client, run_id, "FAILED", error=f"{type(error).__name__}: {error}")
 
     # ------------------------------------------------------------------ report
     def log_report(self, report_uri: str) -> str | None:
@@ -268,17 +230,9 @@ class PipelineTracker:
         for rel in sorted(manifest.get("files", {})):
             local = store.cache_path(join(report_uri, rel))
             if report_run:
-                self.client.log_artifact(report_run, str(local), artifact_path=str(Path("report", rel).parent))
+                log_run_artifact(self.client, report_run, local, artifact_path=str(Path("report", rel).parent))
             if rel.endswith(".md") and (markdown is None or Path(rel).name == "report.md"):
                 markdown = local.read_text()
         if markdown is not None:
-            self.client.log_text(self.run_id, markdown, "report.md")
+            log_run_text(self.client, self.run_id, markdown, "report.md")
         return markdown
-
-
-def _log_params(client: Any, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, (v if isinstance(v, str) else json.dumps(v, default=str))[:6000]) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(run_id, params=items[i:i + 100])

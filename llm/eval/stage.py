@@ -160,12 +160,10 @@ def _write(path: Path, text: str) -> None:
 def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: dict[str, Any], outdir: Path,
                 inputs: dict[str, dict] | None = None) -> None:
     """Per-task centered/accuracy, CORE and bpb; never fails the stage (logging is best effort)."""
-    try:
-        from llm.tracking import start_tracker
-    except ImportError:  # pragma: no cover - tracking is part of the package
-        return
-    tracker = start_tracker(tracking_uri_=cfg.run.mlflow_tracking_uri, experiment=cfg.run.mlflow_experiment,
-                            run_name=f"eval-{model_stage}", tags={"kiln.stage": "eval", "kiln.model_stage": model_stage})
+    from llm.tracking import config_tracker
+
+    tracker = config_tracker(cfg, run_name=f"eval-{model_stage}",
+                             tags={"kiln.stage": "eval", "kiln.model_stage": model_stage})
     try:
         metrics: dict[str, float | None] = {"core": core["core"], "bpb": bpb.get("bpb")}
         for label, t in core["tasks"].items():

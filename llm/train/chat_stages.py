@@ -85,15 +85,13 @@ def _init_model_config(model_uri: str, cfg: KilnConfig) -> dict[str, Any]:
 
 def _log_to_run(cfg: KilnConfig, run_id: str | None, stage: str, metrics: dict[str, float],
                 dicts: dict[str, Any]) -> None:
-    """Add the stage's own results to the MLflow run the trainer created (rank 0 is us, now)."""
-    import os
+    """Add the stage's own results to the MLflow run the trainer created (rank 0 is us, now).
 
-    from llm.tracking import start_tracker
+    Only into an existing run: if the trainer was not tracking, no stray run is started for these.
+    """
+    from llm.tracking import config_tracker
 
-    if not run_id and not os.environ.get("KILN_MLFLOW_RUN_ID"):
-        return  # the trainer was not tracking: do not start a stray run just for these
-    tr = start_tracker(tracking_uri_=cfg.run.mlflow_tracking_uri, experiment=cfg.run.mlflow_experiment,
-                       run_name=f"{cfg.run.name}-{stage}", resume_run_id=run_id)
+    tr = config_tracker(cfg, run_name=f"{cfg.run.name}-{stage}", resume_run_id=run_id, existing_only=True)
     tr.log_metrics(metrics)
     for name, data in dicts.items():
         tr.log_dict(data, name)
