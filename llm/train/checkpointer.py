@@ -147,7 +147,8 @@ class Checkpointer:
 
     def _prune_remote(self, store: Store, keep_steps: set[int]) -> None:
         base = join(self.upload_uri, "checkpoints")
-        steps = sorted({int(m.group(1)) for rel, _ in store.iter_files(base) if (m := STEP_RE.match(rel.split("/")[0]))})
+        steps = sorted({int(m.group(1)) for rel, _ in store.iter_files(base)
+                        if (m := STEP_RE.match(rel.split("/")[0]))})
         keep = set(steps[-max(self.keep_last, 1):]) | keep_steps
         for s in steps:
             if s not in keep:

@@ -370,7 +370,7 @@ class Trainer:
         barrier(d)
 
     def _finish(self, status: str) -> dict[str, Any]:
-        """``final/`` (when done), summary.json, status.json and the end of the MLflow run; all ranks return the summary."""
+        """``final/`` (when done), summary.json, status.json, the end of the MLflow run; returns the summary."""
         summary = self._summary(status)
         if self.d.main:
             if status == "done":
