@@ -4,7 +4,7 @@ Runs the real path (``launch_training`` → torchrun → ``llm.train.trainer`` �
 shards) for ``--steps`` optimizer steps on synthetic random-token shards (vocab 65,536, as in the
 presets) and reports the trainer's steady-state tokens/s and MFU from its metrics.jsonl (intervals
 after ``--warmup`` steps, so compilation is excluded). MFU = flops_per_token × tokens/s / (peak bf16
-FLOP/s × GPUs), with the 6N + 12·L·H·hd·T count of ``llm.model`` and the peak table in ``llm.train.trainer``.
+FLOP/s × GPUs), with the 6N + 12·L·H·hd·T count of ``llm.model`` and the peak table in ``llm.train.plan``.
 The goal from the issue is ≥ 45% MFU on one H100 for d20.
 
 Reference in the same run: the plain loop of ``bench_train_cpu.reference`` (same model, same optimizer,
@@ -33,7 +33,7 @@ from bench_train_cpu import write_shards  # noqa: E402
 from llm.config import load_config  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
 from llm.train.optim import build_optimizers  # noqa: E402
-from llm.train.trainer import peak_flops  # noqa: E402
+from llm.train.plan import peak_flops  # noqa: E402
 
 
 def reference(mc: GPTConfig, tc, steps: int, warmup: int) -> float:

@@ -162,3 +162,36 @@ def test_kiln_eval_on_a_bare_checkpoint_dir(upstream, capsys, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     assert main(args) == 1
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_one_loss_serves_val_loss_and_bpb_whatever_the_batching():
+    """llm.eval.loss.evaluate_loss, which the trainer, SFT and the eval stage all use: the mean loss is
+    over every target (y != -1), bits per byte only over targets that stand for text (bytes > 0), and
+    the sums do not depend on how the rows are batched."""
+    import torch
+
+    from llm.eval.loss import evaluate_loss
+    from llm.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, depth=1, aspect_ratio=32, head_dim=16, seq_len=16))
+    model.init_weights()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (6, 16), generator=g)
+    y = torch.randint(0, 64, (6, 16), generator=g)
+    y[:, ::5] = -1  # ignored targets
+    token_bytes = np.full(64, 2, dtype=np.int64)
+    token_bytes[:3] = 0  # three special tokens: scored by the loss, not by bpb
+    whole = evaluate_loss(model, [(x, y)], token_bytes=token_bytes)
+    split = evaluate_loss(model, [(x[:2], y[:2]), (x[2:], y[2:])], token_bytes=token_bytes)
+    with torch.no_grad():
+        per_pos = model(x, y, reduction="none").double()
+    text = y >= 3
+    assert whole.tokens == int((y != -1).sum())
+    assert whole.mean_loss == pytest.approx(float(per_pos.sum()) / whole.tokens, rel=1e-12)
+    assert whole.bytes == 2 * int(text.sum())
+    assert whole.bpb == pytest.approx(float(per_pos[text].sum()) / (math.log(2) * whole.bytes), rel=1e-12)
+    assert split.tokens == whole.tokens and split.bytes == whole.bytes
+    assert split.mean_loss == pytest.approx(whole.mean_loss, rel=1e-12)
+    assert evaluate_loss(model, [(x, y)]).bytes == 0 and math.isnan(evaluate_loss(model, [(x, y)]).bpb)
+    assert model.training  # restored: the trainer calls it mid-run

@@ -1,9 +1,10 @@
 """`kiln plan`: the token plan of a preset's training stages, before anything is downloaded or run.
 
 The trainer prints this plan at step 0; by then data has been fetched and a GPU booked. Here the
-same functions (`plan_tokens`, `plan_batch`, the model's exact parameter and FLOP counts, the peak
-FLOPs table used for MFU) answer the questions people ask first: how big is the model, how many
-tokens and steps, does the batch divide on N GPUs, and roughly how long at an assumed MFU.
+same functions (``llm.train.plan``: ``plan_tokens``, ``plan_batch``, the peak FLOPs table used for
+MFU; the model's exact parameter and FLOP counts) answer the questions people ask first: how big is
+the model, how many tokens and steps, does the batch divide on N GPUs, and roughly how long at an
+assumed MFU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from typing import Any
 
 from llm.config import ConfigError, KilnConfig, load_config
+from llm.train.plan import BatchPlanError, fmt_count, fmt_duration, peak_flops, plan_batch, plan_tokens
 
 STAGES = ("pretrain", "midtrain", "sft")
 
@@ -21,7 +23,6 @@ STAGES = ("pretrain", "midtrain", "sft")
 def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu: float) -> dict[str, Any]:
     """The plan of one training stage, as the trainer would compute it with ``nproc`` processes."""
     from llm.model import GPT, GPTConfig
-    from llm.train.trainer import BatchPlanError, peak_flops, plan_batch, plan_tokens
 
     import torch
 
@@ -51,8 +52,6 @@ def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu:
 
 
 def _text(p: dict[str, Any]) -> str:
-    from llm.train.trainer import fmt_count, fmt_duration
-
     lines = [f"{p['stage']}"]
     lines.append(f"  params     {p['params']:,} ({fmt_count(p['params'])}); {p['flops_per_token']:,} FLOPs/token")
     lines.append(f"  budget     {p['budget']}")
@@ -92,8 +91,6 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"kiln plan: {e}", file=sys.stderr)
         return 2
-    from llm.train.trainer import peak_flops
-
     if args.gpu and peak_flops(args.gpu) is None:
         print(f"kiln plan: no peak-FLOPs entry for GPU {args.gpu!r} (try H100, H200, A100, L4, ...)", file=sys.stderr)
         return 2

@@ -65,16 +65,6 @@ def _nproc(cfg: KilnConfig, device: str) -> int:
 # --------------------------------------------------------------------------- the work (every rank)
 
 
-def samples(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
-    """Greedy completions of fixed prompts: the same text every time for the same checkpoint."""
-    out = []
-    for p in prompts:
-        ids = [tokenizer.bos_id, *tokenizer.encode(p)]
-        gen = list(model.generate(ids, max_new_tokens=max_new_tokens, temperature=0.0))
-        out.append({"prompt": p, "completion": tokenizer.decode(gen)})
-    return out
-
-
 def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = False) -> dict[str, Any] | None:
     """Run CORE, bpb and samples; rank 0 writes RESULT_FILES into ``outdir`` and returns a summary."""
     import torch
@@ -86,6 +76,7 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
     from llm.eval.loss import evaluate_bpb, val_tokens
     from llm.eval.bundle import load_bundle
     from llm.eval.core import comparison_table, core_csv, evaluate_core, model_scorer
+    from llm.eval.samples import complete
 
     cfg = config_from_json(spec["config"])
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -131,7 +122,7 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
     if rank != 0:
         return None
     # ---- samples (rank 0 only: cheap and identical everywhere)
-    smp = samples(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_max_tokens)
+    smp = complete(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_max_tokens)
 
     result = core.to_json()
     result["bundle"] = bundle_src

@@ -23,12 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llm.chat.format import DropReport, render_many, render_prompt
+from llm.chat.format import DropReport, render_many
 from llm.chat.sources import iter_conversations
 from llm.train.chat_loaders import SFTLoader, SFTStream
 from llm.config import KilnConfig
+from llm.eval.samples import chat_answers
 from llm.sources import resolve_source
 from llm.stages.output import StageError, StageOutput
+from llm.storage import write_atomic
 
 CHAT_DIR = "chat"
 
@@ -161,35 +163,12 @@ def heldout_loss(model: Any, spec: dict[str, Any], *, batch_size: int, seq_len: 
     """Mean loss per supervised token on the held-out conversations (the trainer's val batches, one process)."""
     import torch
 
+    from llm.eval.loss import evaluate_loss
+
     loader = SFTLoader(spec, batch_size=batch_size, seq_len=seq_len, rank=0, world_size=1, seed=seed)
-    device = next(model.parameters()).device
-    total = n = 0.0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for x, y in loader.val_batches(max_tokens):
-            x, y = x.to(device), y.to(device)
-            ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-            with ctx:
-                loss = model(x, y, reduction="sum")
-            total += float(loss)
-            n += float((y != -1).sum())
-    model.train(was_training)
-    return total / max(n, 1.0)
-
-
-def chat_samples(model: Any, tok: Any, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
-    """Greedy answers (temperature 0: reproducible, comparable between runs) to single-turn prompts."""
-    from llm.chat.format import ChatSpecials
-
-    sp = ChatSpecials.of(tok)
-    stops = {sp.assistant_end, sp.bos, sp.user_start}
-    out = []
-    for p in prompts:
-        ids = render_prompt(tok, [{"role": "user", "content": p}])
-        new = [t for t in model.generate(ids, max_new_tokens, temperature=0.0, stop_ids=stops) if t not in stops]
-        out.append({"prompt": p, "answer": tok.decode(new)})
-    return out
+    cuda = next(model.parameters()).device.type == "cuda"
+    sums = evaluate_loss(model, loader.val_batches(max_tokens), amp_dtype=torch.bfloat16 if cuda else None)
+    return sums.mean_loss
 
 
 def sft_steps(rows_per_epoch: int, epochs: int, total_batch_tokens: int, seq_len: int) -> int:
@@ -229,11 +208,8 @@ def run_sft(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progr
     )
     final, _ = load_model(str(out.workdir / "final"), device=device)
     val_after = heldout_loss(final, spec, **eval_kw)
-    samples = chat_samples(final, tok, sft.chat_prompts, sft.chat_sample_tokens)
-    path = out.path("chat_samples.json")
-    tmp = path.with_name(".chat_samples.json.tmp")
-    tmp.write_text(json.dumps(samples, indent=2, ensure_ascii=False))
-    tmp.replace(path)
+    samples = chat_answers(final, tok, sft.chat_prompts, sft.chat_sample_tokens)
+    write_atomic(out.path("chat_samples.json"), json.dumps(samples, indent=2, ensure_ascii=False))
     counts = training_counts(summary, with_sources=True)
     counts.update({
         "heldout_loss_before": val_before, "heldout_loss_after": val_after, "epochs_planned": sft.epochs,

@@ -101,7 +101,7 @@ def launch_training(
     plan, :class:`TrainingFailed` for a non-zero exit, RuntimeError when the job stopped early (signal).
     """
     from llm.model import GPTConfig
-    from llm.train.trainer import BatchPlanError, plan_batch
+    from llm.train.plan import BatchPlanError, plan_batch
 
     from llm.torchrun import multi_node, rendezvous_args
 
