@@ -293,6 +293,13 @@ class EvalConfig(Section):
     stages: list[str] = ["pretrain", "midtrain", "sft"]
 
 
+class ExportConfig(Section):
+    # The export stage (llm/export.py): "hf" = a transformers model directory (NanoChat architecture).
+    format: Literal["hf"] = "hf"
+    # float32 keeps the trained weights exactly; bfloat16 halves the size.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
 class ReportConfig(Section):
     gpu_type: str = "H100"
     # $/GPU-hour, a rough on-demand cloud price table used for the cost estimate.
@@ -325,7 +332,7 @@ class OrchestrationConfig(Section):
 
 STAGES = [
     "download", "filter", "dedup", "tokenizer", "tokenize",
-    "pretrain", "midtrain", "sft", "eval", "report",
+    "pretrain", "midtrain", "sft", "eval", "export", "report",
 ]
 
 
@@ -343,6 +350,7 @@ class KilnConfig(Section):
     midtrain: MidtrainConfig = MidtrainConfig(lr=1e-3, schedule="linear", warmdown_frac=1.0)
     sft: SFTConfig = SFTConfig(lr=5e-4, schedule="linear", warmdown_frac=1.0, steps=None)
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
