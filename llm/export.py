@@ -260,24 +260,27 @@ class CardInfo:
     preset: str = ""
 
 
-def card_info(model_uri: str, *, root: str | None = None, eval_uri: str | None = None, endpoint_url: str = "",
-              preset: str = "") -> CardInfo:
-    """Lineage, tokens and scores from the manifests around ``model_uri`` (a stage output, or a checkpoint
-    inside one); a bare checkpoint outside any stage output gets a card without lineage."""
+def card_info(model_uri: str, tokenizer_uri: str = "", *, root: str | None = None, eval_uri: str | None = None,
+              endpoint_url: str = "", preset: str = "") -> CardInfo:
+    """Lineage, tokens and scores from the manifests around the model (a stage output, or a checkpoint
+    inside one) and the tokenizer; a bare checkpoint outside any stage output adds no lineage."""
     from llm.catalog import lineage
     from llm.stage import read_manifest
     from llm.storage import Store
 
     store = Store(root or model_uri, endpoint_url)
-    stage_uri = _stage_output_of(store, model_uri)
     info = CardInfo(source=model_uri, preset=preset)
-    if stage_uri is not None:
+    seen: set[tuple[str, str]] = set()
+    for role, uri in (("model", model_uri), ("tokenizer", tokenizer_uri)):
+        stage_uri = _stage_output_of(store, uri) if uri and not uri.startswith("tiktoken:") else None
+        if stage_uri is None:
+            continue
         for depth, label, m in lineage(store, stage_uri, root=root):
-            if m is None:
+            if m is None or (m.get("stage"), m.get("key")) in seen:
                 continue
-            role = label.split(": ", 1)[0] if ": " in label else ""
-            info.lineage.append({"depth": depth, "role": role, "stage": m.get("stage"), "key": m.get("key"),
-                                 "hash": m.get("hash")})
+            seen.add((m.get("stage"), m.get("key")))
+            info.lineage.append({"depth": depth, "role": label.split(": ", 1)[0] if depth else role,
+                                 "stage": m.get("stage"), "key": m.get("key"), "hash": m.get("hash")})
             if m.get("stage") in ("pretrain", "midtrain", "sft") and (m.get("counts") or {}).get("tokens"):
                 info.tokens.setdefault(m["stage"], int(m["counts"]["tokens"]))
     if eval_uri:
@@ -471,18 +474,63 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     if ecfg.format not in FORMATS:
         raise ExportError(f"export.format={ecfg.format!r}: expected one of {', '.join(FORMATS)}")
     model_uri = inputs["model"]["uri"]
-    card = card_info(model_uri, root=cfg.run.artifact_root, eval_uri=(inputs.get("eval") or {}).get("uri"),
-                     endpoint_url=cfg.run.s3_endpoint, preset=cfg.preset)
+    card = card_info(model_uri, inputs["tokenizer"]["uri"], root=cfg.run.artifact_root,
+                     eval_uri=(inputs.get("eval") or {}).get("uri"), endpoint_url=cfg.run.s3_endpoint, preset=cfg.preset)
     summary = write_hf_dir(out.workdir, model_uri, inputs["tokenizer"]["uri"], card=card, dtype=ecfg.dtype,
                            endpoint_url=cfg.run.s3_endpoint)
     size = sum(p.stat().st_size for p in out.workdir.iterdir() if p.is_file())
+    registered = register_in_mlflow(cfg, out, model_uri, card)
     if progress:
         print(f"[export] {ecfg.format} ({summary['architecture']}, {ecfg.dtype}) -> {out.uri}", flush=True)
+        if registered:
+            print(f"[export] MLflow model {registered['name']} version {registered['version']} "
+                  f"(alias {registered['alias']})", flush=True)
     return {"counts": {"files": sum(1 for p in out.workdir.iterdir() if p.is_file()), "bytes": size,
                        "tokens_trained": sum(card.tokens.values()) or None,
                        "core": card.evaluation.get("core"), "bpb": card.evaluation.get("bpb")},
             "format": ecfg.format, "architecture": summary["architecture"], "dtype": ecfg.dtype,
-            "model_config": summary["model_config"]}
+            "model_config": summary["model_config"], "mlflow_registered": registered}
+
+
+def register_in_mlflow(cfg: Any, out: StageOutput, model_uri: str, card: CardInfo) -> dict[str, Any] | None:
+    """Register the exported SFT model as a version of ``kiln-<preset>`` with its lineage in the tags.
+
+    Best effort, like all of Kiln's MLflow logging: a tracking server that is down must not fail an export
+    whose files are fine. Returns {"name", "version", "alias", "model_id"}, or None.
+    """
+    from llm.storage import is_s3
+    from llm.tracking import (CURRENT_ALIAS, logged_model_of_checkpoint, register_model_version,
+                              registered_model_name, tracking_uri)
+
+    try:
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(cfg.run.mlflow_tracking_uri)
+        client = MlflowClient(tracking_uri=uri)
+        model_id = logged_model_of_checkpoint(client, model_uri, cfg.run.s3_endpoint)
+        run_id = client.get_logged_model(model_id).source_run_id if model_id else None
+        where = out.uri if is_s3(out.uri) else os.path.abspath(out.uri)
+        tags = {"kiln.preset": cfg.preset, "kiln.format": cfg.export.format, "kiln.export_uri": where,
+                "kiln.lineage": json.dumps([[r["stage"], r["key"], r["hash"]] for r in card.lineage])}
+        for r in card.lineage:
+            tags.setdefault(f"kiln.lineage.{r['stage']}", f"{r['key']} {r['hash']}")
+        for k in ("core", "bpb"):
+            if card.evaluation.get(k) is not None:
+                tags[f"kiln.{k}"] = str(card.evaluation[k])
+        stage_run = os.environ.get("KILN_MLFLOW_RUN_ID")  # set when the Prefect pipeline runs this stage
+        if stage_run:
+            tags["kiln.export_run_id"] = stage_run
+            parent = client.get_run(stage_run).data.tags.get("mlflow.parentRunId")
+            if parent:
+                tags["kiln.pipeline_run_id"] = parent
+        name = registered_model_name(cfg.preset)
+        version = register_model_version(uri, name, source=where, model_id=model_id, run_id=run_id, tags=tags,
+                                         identity=("kiln.export_key", out.key),
+                                         description=f"Kiln export {out.key}: a transformers directory at {where}")
+        return {"name": name, "version": str(version.version), "alias": CURRENT_ALIAS, "model_id": model_id}
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        print(f"[export] MLflow registration skipped ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        return None
 
 
 # --------------------------------------------------------------------------- CLI
@@ -519,8 +567,8 @@ def main(args: argparse.Namespace) -> int:
         meta = read_meta(resolve_checkpoint_dir(args.checkpoint, endpoint_url=args.s3_endpoint))
         tok_uri = find_tokenizer_uri(args.checkpoint, store, meta)
     stage_uri = _stage_output_of(store, args.checkpoint)
-    card = card_info(args.checkpoint, root=root_of(stage_uri) if stage_uri else None, eval_uri=args.eval_uri,
-                     endpoint_url=args.s3_endpoint)
+    card = card_info(args.checkpoint, tok_uri, root=root_of(stage_uri) if stage_uri else None,
+                     eval_uri=args.eval_uri, endpoint_url=args.s3_endpoint)
     summary = export_to_dir(args.checkpoint, tok_uri, output, force=args.force, card=card, dtype=args.dtype,
                             endpoint_url=args.s3_endpoint)
     print(f"kiln export: {summary['checkpoint']} (step {summary['step']}) -> {output} "

@@ -487,7 +487,8 @@ class Trainer:
         self.t_start = time.time()
         self.tracker = start_tracker(rank=d.rank, enabled=mlf.get("enabled", True), tracking_uri_=mlf.get("tracking_uri", ""),
                                      experiment=mlf.get("experiment", "kiln"), run_name=mlf.get("run_name", self.stage),
-                                     tags={"kiln.stage": self.stage}, resume_run_id=self.mlflow_run_id)
+                                     tags={"kiln.stage": self.stage}, resume_run_id=self.mlflow_run_id,
+                                     system_metrics=True)
         self.checkpoint_uris: list[str] = []
         self._install_signals()
         metrics_path = self.out / "metrics.jsonl"
@@ -678,6 +679,13 @@ class Trainer:
                 self._upload(self.out / "final", "final")
                 # Relative to the stage output: the work dir it was written in is renamed on publish.
                 summary["final_uri"] = "final"
+                # The final checkpoint as an MLflow 3 LoggedModel of this run (None when not tracking).
+                summary["mlflow_model_id"] = self.tracker.log_model(
+                    self.stage, params={"model": self.mcfg.to_dict(), "train": self.train.model_dump(mode="json"),
+                                        "seed": self.seed},
+                    tags={"kiln.stage": self.stage, "kiln.checkpoint": "final"}, step=self.step,
+                    metrics={k: summary[k] for k in ("final_train_loss", "final_val_loss", "val_bpb")},
+                    files=(self.out / "final" / "meta.json",))
             _atomic_write(self.out / "summary.json", json.dumps(summary, indent=2, default=str))
             _atomic_write(self.out / "status.json", json.dumps({"status": status, "step": self.step}))
             self.tracker.log_metrics({f"final/{k}": v for k, v in summary.items()

@@ -352,3 +352,93 @@ def test_kiln_run_exports_the_sft_model_after_its_eval_and_before_the_report(mon
     calls.clear()
     pipeline.run_pipeline(load_config("tiny"), until="export", progress=False)
     assert [n for n, _ in calls][-1] == "export"
+
+
+# --------------------------------------------------------------------------- MLflow 3: logged models, registry
+
+
+def test_mlflow_logged_model_eval_metrics_and_registered_version(tmp_path: Path, artifact_root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real (tiny) training run logs its final checkpoint as a LoggedModel with the run's params and
+    system metrics; eval metrics land on that model with their datasets' digests; the export stage
+    registers it as a version of kiln-<preset> with the lineage in its tags and the alias ``current``.
+    All read back through MlflowClient from a sqlite store (what an MLflow server keeps)."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+    from train_fixtures import tiny_job, write_token_shards
+
+    from llm.config import load_config
+    from llm.eval.stage import _log_mlflow
+    from llm.stage import run_stage
+    from llm.stages import execute
+    from llm.storage import Store
+
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+
+    tok, hf = train_tokenizer(["the cat sat on the mat, and the dog sat on the log."] * 40, 300)
+
+    def tokenizer_fn(out, inputs):
+        tok.save(out.workdir)
+        hf.save(str(out.path(HF_TOKENIZER_FILE)))
+        return {"counts": {"vocab_size": tok.vocab_size}}
+
+    tok_uri = run_stage(Store(str(artifact_root)), "tokenizer", {"t": 2}, {}, "test", tokenizer_fn).uri
+    shards = write_token_shards(tmp_path / "shards", vocab=tok.vocab_size, n_docs=60, val_docs=10)
+    job = tiny_job(shards, tmp_path / "train", steps=4, eval_every=4, ckpt_every=4)
+    job["model"]["vocab_size"] = tok.vocab_size
+    job["mlflow"] = {"enabled": True, "tracking_uri": uri, "experiment": "kiln-test", "run_name": "pretrain"}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    env.pop("KILN_MLFLOW_RUN_ID", None)
+    res = subprocess.run([sys.executable, "-m", "llm.train", "--job", str(tmp_path / "job.json")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    meta = json.loads((tmp_path / "train" / "final" / "meta.json").read_text())
+    run_id = meta["mlflow_run_id"]
+
+    # The final checkpoint is a LoggedModel of its training run, with that run's params.
+    run = client.get_run(run_id)
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert (model.name, model.source_run_id) == ("pretrain", run_id) and str(model.status).endswith("READY")
+    assert model.params["model.depth"] == "2" and model.params["train.steps"] == "4"
+    assert [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    assert [a.path for a in client.list_logged_model_artifacts(model.model_id)] == ["meta.json"]
+    assert {m.key for m in model.metrics} == {"final_train_loss", "final_val_loss"}  # no bpb without a tokenizer
+    summary = json.loads((tmp_path / "train" / "summary.json").read_text())
+    assert summary["mlflow_model_id"] == model.model_id
+    # System metrics of the training run (a run shorter than the sampling interval still gets one sample).
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in run.data.metrics
+
+    # An eval of that checkpoint logs CORE and bpb against the model and the evaluation data's digest.
+    cfg = load_config("tiny", [f"run.artifact_root={artifact_root}", f"run.mlflow_tracking_uri={uri}"])
+    final = str(tmp_path / "train" / "final")
+    core = {"core": 0.25, "label": "CORE-subset-1", "missing": [], "n_tasks": 1, "bundle": "/kit/core_eval",
+            "bundle_fingerprint": "c0" * 32, "tasks": {"arc_easy": {"centered": 0.25, "accuracy": 0.4375}}}
+    _log_mlflow(cfg, "pretrain", core, {"bpb": 2.5}, tmp_path, {
+        "model": {"uri": final, "hash": "m0" * 10, "stage": "checkpoint", "counts": {}},
+        "tokens": {"uri": str(shards), "hash": "70" * 10, "stage": "tokenize", "counts": {}}})
+    metrics = {m.key: m for m in client.get_logged_model(model.model_id).metrics}
+    assert (metrics["core"].value, metrics["core"].dataset_name, metrics["core"].dataset_digest) == (0.25, "core_eval", "c0" * 10)
+    assert (metrics["bpb"].value, metrics["bpb"].dataset_name, metrics["bpb"].dataset_digest) == (2.5, "tokenize", "70" * 10)
+
+    # The export stage registers the model: a version of kiln-tiny, lineage in its tags, alias "current".
+    export = execute("export", cfg, {"model": final, "tokenizer": tok_uri}, progress=False)
+    version = client.get_model_version_by_alias("kiln-tiny", "current")
+    assert export.manifest["mlflow_registered"] == {"name": "kiln-tiny", "version": str(version.version),
+                                                    "alias": "current", "model_id": model.model_id}
+    assert version.source == f"models:/{model.model_id}" and version.run_id == run_id
+    tok_manifest = json.loads((Path(tok_uri) / "manifest.json").read_text())
+    assert version.tags["kiln.lineage.tokenizer"] == f"{tok_manifest['key']} {tok_manifest['hash']}"
+    assert version.tags["kiln.export_uri"] == os.path.abspath(export.uri) and version.tags["kiln.preset"] == "tiny"
+    links = json.loads(client.get_logged_model(model.model_id).tags["mlflow.modelVersions"])
+    assert links == [{"name": "kiln-tiny", "version": version.version}]  # as mlflow.register_model writes it
+    # Cached, or recomputed with the same key: the same version, not a new one.
+    assert execute("export", cfg, {"model": final, "tokenizer": tok_uri}, progress=False).cached
+    execute("export", cfg, {"model": final, "tokenizer": tok_uri}, force=True, progress=False)
+    assert [v.version for v in client.search_model_versions("name = 'kiln-tiny'")] == [version.version]
