@@ -451,8 +451,8 @@ def push_to_hub(folder: Path, repo: str, *, token: str | None = None, endpoint: 
                                  commit_message="Upload a model exported by kiln export",
                                  ignore_patterns=["manifest.json", ".*"])
     except Exception as e:  # noqa: BLE001 - the hub client's errors come in many types
-        raise ExportError(f"--push-to-hub {repo}: upload failed ({type(e).__name__}: "
-                          f"{str(e).replace(token, '***')})") from None
+        detail = " ".join(str(e).replace(token, "***").split())  # one line, the token masked
+        raise ExportError(f"--push-to-hub {repo}: upload failed ({type(e).__name__}: {detail})") from None
     return str(getattr(info, "commit_url", info))
 
 

@@ -442,3 +442,50 @@ def test_mlflow_logged_model_eval_metrics_and_registered_version(tmp_path: Path,
     assert execute("export", cfg, {"model": final, "tokenizer": tok_uri}, progress=False).cached
     execute("export", cfg, {"model": final, "tokenizer": tok_uri}, force=True, progress=False)
     assert [v.version for v in client.search_model_versions("name = 'kiln-tiny'")] == [version.version]
+
+
+# --------------------------------------------------------------------------- upload
+
+
+@pytest.fixture()
+def hub(monkeypatch: pytest.MonkeyPatch):
+    from hub_upload_server import HubUploadServer
+
+    with HubUploadServer(token="hf_secret_test_token_123") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield server
+
+
+def test_push_to_hub_uploads_the_export_with_hf_token_and_never_prints_it(tmp_path, checkpoint, tok_dir, hub,
+                                                                         monkeypatch, capsys) -> None:
+    out = tmp_path / "hf"
+    argv = ["export", "--checkpoint", str(checkpoint), "--tokenizer", str(tok_dir), "--output", str(out),
+            "--push-to-hub", "kiln-test/tiny-chat"]
+    # No token: refused before anything is written.
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    code, err = _kiln(argv, capsys)
+    assert code == 1 and "set HF_TOKEN" in err and not out.exists() and not hub.paths
+
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    code, err = _kiln(argv, capsys)
+    assert code == 0, err
+    uploaded = hub.repos["kiln-test/tiny-chat"]
+    assert uploaded == {p.name: p.read_bytes() for p in out.iterdir()}  # every file, byte for byte
+    assert "model.safetensors" in uploaded and "README.md" in uploaded
+    assert set(hub.auth) == {f"Bearer {hub.token}"}
+    printed = capsys.readouterr()
+    assert hub.token not in printed.out + printed.err + err
+
+
+def test_push_to_hub_with_a_rejected_token_fails_without_printing_it(tmp_path, checkpoint, tok_dir, hub,
+                                                                    monkeypatch, capsys) -> None:
+    wrong = "hf_wrong_token_456"
+    monkeypatch.setenv("HF_TOKEN", wrong)
+    code, err = _kiln(["export", "--checkpoint", str(checkpoint), "--tokenizer", str(tok_dir), "--output",
+                       str(tmp_path / "hf"), "--push-to-hub", "kiln-test/tiny-chat"], capsys)
+    assert code == 1 and "--push-to-hub kiln-test/tiny-chat: upload failed" in err and "401" in err
+    assert len(err.strip().splitlines()) == 1
+    printed = capsys.readouterr()
+    assert wrong not in err + printed.out + printed.err
+    assert (tmp_path / "hf" / "config.json").is_file()  # the export itself is done and kept
