@@ -489,3 +489,37 @@ def test_push_to_hub_with_a_rejected_token_fails_without_printing_it(tmp_path, c
     printed = capsys.readouterr()
     assert wrong not in err + printed.out + printed.err
     assert (tmp_path / "hf" / "config.json").is_file()  # the export itself is done and kept
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+
+@pytest.mark.parametrize("exported", ["mha"], indirect=True)
+def test_lm_eval_scores_the_export_on_a_kit_task_as_kiln_would(exported, shared_data: Path, monkeypatch) -> None:
+    """lm_eval's Python API runs the repo's task file (ARC-Easy from the kit's CORE bundle) on the export,
+    offline, and its log-likelihood of every answer is the one Kiln's own model gives the same tokens."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    model, tok, _, _, out = exported
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(shared_data)  # the task reads core_eval/... relative to the data kit's root
+    # max_length: what Kiln's rotary table covers (4 x seq_len), so neither side crops these prompts.
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},add_bos_token=True,dtype=float32,"
+                                  f"max_length={4 * model.config.seq_len}", tasks=["kit_arc_easy"],
+                                  task_manager=TaskManager(include_path=str(repo / "docs" / "lm_eval")),
+                                  limit=6, device="cpu", batch_size=4, log_samples=True)
+    assert res["results"]["kit_arc_easy"]["sample_len"] == 6
+    samples = res["samples"]["kit_arc_easy"]
+    checked = 0
+    with torch.no_grad():
+        for s in samples:
+            context = s["doc"]["query"] + "\nAnswer:"
+            for choice, (ll, _) in zip(s["doc"]["choices"], [r[0] for r in s["resps"]]):
+                ctx = [tok.bos_id, *tok.encode(context)]
+                whole = [tok.bos_id, *tok.encode(context + " " + choice)]
+                logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0], dim=-1)
+                ours = sum(logp[t - 1, whole[t]].item() for t in range(len(ctx), len(whole)))
+                assert ll == pytest.approx(ours, abs=1e-3), (context, choice)
+                checked += 1
+    assert checked == sum(len(s["doc"]["choices"]) for s in samples) >= 24
