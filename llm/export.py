@@ -53,7 +53,7 @@ DTYPES = ("float32", "bfloat16")
 CARD_FILE = "README.md"
 # What a Hugging Face model directory written here contains; `--force` replaces exactly these names.
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", CARD_FILE)
+            "tokenizer_config.json", "chat_template.jinja", CARD_FILE)
 
 # GPTConfig fields NanoChat expresses (see the module docstring for how each maps). Any other field in a
 # checkpoint's model_config is an architecture option this export cannot write: refused, by name.
@@ -314,8 +314,9 @@ def model_card(info: CardInfo, cfg: Any, meta: dict[str, Any], dtype: str) -> st
     """``README.md``: YAML front matter for the hub, then usage, architecture, training and lineage."""
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- kiln", "- nanochat",
              "---", "", f"# Kiln model{f' ({info.preset})' if info.preset else ''}", "",
-             "A chat model trained end to end with Kiln and exported with `kiln export --format hf`. It runs on "
-             "transformers' own NanoChat architecture: no `trust_remote_code` needed.", "",
+             f"The {meta.get('stage') or 'final'} checkpoint (step {meta.get('step')}) of a model trained end to end "
+             "with Kiln, exported with `kiln export --format hf`. It runs on transformers' own NanoChat "
+             "architecture: no `trust_remote_code` needed.", "",
              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              "model = AutoModelForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)",
              'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
@@ -365,20 +366,19 @@ def write_hf_dir(dest: Path, checkpoint_uri: str, tokenizer_uri: str, *, card: C
                  endpoint_url: str = "") -> dict[str, Any]:
     """Write the Hugging Face directory into ``dest`` (an empty scratch directory); returns a summary.
 
-    The checkpoint is verified (size and SHA-256 of every file) and its architecture checked before any
-    weight is read; a failure names the file or the option.
+    The checkpoint's architecture is checked from its meta, then every file verified (size and SHA-256,
+    by ``load_model``) before a weight is used; a failure names the option or the file.
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from llm.checkpoint import load_model, read_meta, resolve_checkpoint_dir, verify_checkpoint
+    from llm.checkpoint import load_model, read_meta, resolve_checkpoint_dir
 
     if dtype not in DTYPES:
         raise ExportError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint_dir(checkpoint_uri, endpoint_url=endpoint_url)
     meta = read_meta(ckpt)
     check_expressible(meta.get("model_config") or {}, str(ckpt / "meta.json"))
-    verify_checkpoint(ckpt)
     tok, hf = load_hf_tokenizer(tokenizer_uri, endpoint_url)
     model, meta = load_model(str(ckpt))
     cfg = model.config
