@@ -52,9 +52,9 @@ def kiln_core(checkpoint: str, tokenizer: str, kit: Path, n: int) -> dict:
     reqs = [build_request(zero, data, i, tok, max_len) for i in range(len(data))]
     ok0 = score_requests(scorer, reqs, zero.task_type, tok.bos_id)
     # CORE scores from where the choices' tokens start to differ; lm-eval from the end of the question.
-    shared = sum(1 for r in reqs if r.starts[0] > _context_len(tok, data[r.idx]))
-    return {"indices": order[: len(data)], "acc_10shot": shot10.accuracy, "ok_0shot": ok0, "shared_prefix": shared,
-            "max_len": max_len}
+    shared = [r.starts[0] > _context_len(tok, data[r.idx]) for r in reqs]
+    return {"indices": order[: len(data)], "data": data, "acc_10shot": shot10.accuracy, "ok_0shot": ok0,
+            "shared_prefix": shared, "max_len": max_len}
 
 
 def _context_len(tok, item: dict) -> int:
@@ -72,7 +72,9 @@ def lm_eval_scores(export: str, kit: Path, indices: list[int], max_len: int) -> 
         res = lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={export},add_bos_token=True,dtype=float32,max_length={max_len}",
             tasks=["kit_arc_easy"], task_manager=TaskManager(include_path=str(REPO / "docs" / "lm_eval")),
-            samples={"kit_arc_easy": indices}, device="cpu", batch_size=8, log_samples=True)
+            # Sorted: lm-eval 0.4.13 walks the selected documents in file order and labels the k-th with
+            # samples[k], so an unsorted list gets wrong doc_ids (the documents themselves are right).
+            samples={"kit_arc_easy": sorted(indices)}, device="cpu", batch_size=8, log_samples=True)
     finally:
         os.chdir(cwd)
     by_doc = {s["doc_id"]: s for s in res["samples"]["kit_arc_easy"]}
@@ -93,8 +95,9 @@ def main() -> int:
     kiln = kiln_core(args.checkpoint, args.tokenizer, kit, args.n)
     lm = lm_eval_scores(str(Path(args.export).resolve()), kit, kiln["indices"], kiln["max_len"])
     hf_tok = AutoTokenizer.from_pretrained(args.export)
-    agree = core_rule_ok = 0
-    for s, ok0 in zip(lm["samples"], kiln["ok_0shot"]):
+    agree = core_rule_ok = disagree_unshared = 0
+    for s, ok0, item, shared in zip(lm["samples"], kiln["ok_0shot"], kiln["data"], kiln["shared_prefix"]):
+        assert s["doc"]["query"] == item["query"], "lm-eval and Kiln are not scoring the same item"
         lls = [r[0][0] for r in s["resps"]]
         context = s["doc"]["query"] + "\nAnswer:"
         n_ctx = len(hf_tok(context)["input_ids"])
@@ -103,6 +106,7 @@ def main() -> int:
         correct = pred == s["doc"]["gold"]
         core_rule_ok += correct
         agree += correct == ok0
+        disagree_unshared += correct != ok0 and not shared
     n = len(lm["samples"])
     out = {
         "n": n,
@@ -112,7 +116,8 @@ def main() -> int:
         "lm_eval_0shot_acc_norm": lm["results"]["acc_norm,none"],
         "core_rule_on_lm_eval_loglikelihoods_acc": core_rule_ok / n,
         "items_where_that_agrees_with_kiln_0shot": agree,
-        "items_whose_choices_share_leading_tokens": kiln["shared_prefix"],
+        "items_whose_choices_share_leading_tokens": sum(kiln["shared_prefix"]),
+        "disagreements_on_items_whose_choices_do_not": disagree_unshared,
     }
     print(json.dumps(out, indent=2))
     return 0

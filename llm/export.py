@@ -334,7 +334,8 @@ def model_card(info: CardInfo, cfg: Any, meta: dict[str, Any], dtype: str) -> st
              ""]
     lines += ["## Training", ""]
     if info.tokens:
-        lines += ["| stage | tokens |", "| --- | ---: |"] + [f"| {s} | {n:,} |" for s, n in info.tokens.items()]
+        order = [s for s in ("pretrain", "midtrain", "sft") if s in info.tokens]
+        lines += ["| stage | tokens |", "| --- | ---: |"] + [f"| {s} | {info.tokens[s]:,} |" for s in order]
         lines += [f"| total | {sum(info.tokens.values()):,} |", ""]
     else:
         lines += [f"Checkpoint step {meta.get('step')}, {meta.get('tokens', 'unknown')} tokens "
@@ -354,7 +355,8 @@ def model_card(info: CardInfo, cfg: Any, meta: dict[str, Any], dtype: str) -> st
         lines += ["Every Kiln stage output this model was made from, back to the download: the key names the "
                   "config and inputs, the manifest hash the exact files.", "",
                   "| stage | role | key | manifest hash |", "| --- | --- | --- | --- |"]
-        lines += [f"| {'  ' * r['depth']}{r['stage']} | {r['role'] or '-'} | `{r['key']}` | `{r['hash']}` |"
+        # Depth as a visible prefix: markdown tables drop leading spaces.
+        lines += [f"| {'· ' * r['depth']}{r['stage']} | {r['role'] or '-'} | `{r['key']}` | `{r['hash']}` |"
                   for r in info.lineage]
     return "\n".join(lines) + "\n"
 
