@@ -2,7 +2,7 @@
 
     download → filter → dedup → tokenizer → tokenize → pretrain → midtrain → sft
                                                           ↓           ↓        ↓
-                                                   eval_pretrain eval_midtrain eval_sft → report
+                                                   eval_pretrain eval_midtrain eval_sft → export → report
 
 Same shape as ``llm.stages.pipeline.run_pipeline`` (one task per stage, stages pass artifact URIs).
 Every stage task is cached on its content key (tasks/stage_tasks.py), so an unchanged config
@@ -32,7 +32,7 @@ from prefect.futures import PrefectFuture
 
 from llm.config import STAGES as STAGE_NAMES
 from llm.config import ConfigError, KilnConfig
-from llm.stages.pipeline import CHAIN
+from llm.stages.pipeline import CHAIN, export_inputs
 from llm.stages.registry import STAGES
 from flows.settings import flow_config
 from tasks.stage_tasks import resolve_future, run_stage_task, submit_stage_task
@@ -144,6 +144,7 @@ def full_pipeline(
         while pending:
             p = pending.pop(0)
             uris[p[1]] = runner.collect(p)["uri"]
+        uris["export"] = runner.run("export", "export", export_inputs(uris))["uri"]
         uris["report"] = runner.run("report", "report", dict(uris))["uri"]
         markdown = tracker.log_report(uris["report"])
         if markdown and flow_run is not None:

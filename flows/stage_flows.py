@@ -18,7 +18,7 @@ from prefect import flow
 
 from flows.settings import flow_config
 from llm.config import KilnConfig
-from llm.stages.pipeline import eval_inputs, report_inputs, run_pipeline
+from llm.stages.pipeline import eval_inputs, export_inputs, report_inputs, run_pipeline
 from llm.stages.registry import STAGES
 from tasks.stage_tasks import run_stage_task
 
@@ -26,7 +26,9 @@ from tasks.stage_tasks import run_stage_task
 def _upstream_inputs(stage: str, cfg: KilnConfig, model_stage: str) -> dict[str, str]:
     """Inputs of ``stage`` found (or computed) by content key, in this process."""
     if stage == "report":
-        return report_inputs(run_pipeline(cfg, until="eval", progress=False))
+        return report_inputs(run_pipeline(cfg, until="export", progress=False))
+    if stage == "export":
+        return export_inputs({label: r.uri for label, r in run_pipeline(cfg, until="eval", progress=False).items()})
     if stage == "eval":
         return eval_inputs(run_pipeline(cfg, until=model_stage, progress=False), model_stage)
     ups = STAGES[stage].inputs
@@ -150,6 +152,14 @@ def eval_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None
                    mlflow_run_id=mlflow_run_id, config=config, model_stage=model_stage)
 
 
+@flow(name="export", log_prints=True)
+def export_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
+                inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
+                config: dict[str, Any] | None = None) -> dict[str, Any]:
+    return run_one("export", preset=preset, overrides=overrides, inputs=inputs, force=force,
+                   mlflow_run_id=mlflow_run_id, config=config)
+
+
 @flow(name="report", log_prints=True)
 def report_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
                 inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
@@ -161,6 +171,6 @@ def report_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | No
 STAGE_FLOWS = {
     "download": download_flow, "filter": filter_flow, "dedup": dedup_flow, "tokenizer": tokenizer_flow,
     "tokenize": tokenize_flow, "pretrain": pretrain_flow, "midtrain": midtrain_flow, "sft": sft_flow,
-    "eval": eval_flow, "report": report_flow,
+    "eval": eval_flow, "export": export_flow, "report": report_flow,
 }
 assert set(STAGE_FLOWS) == set(STAGES), "every registered stage needs a flow here"

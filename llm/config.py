@@ -312,6 +312,13 @@ class EvalConfig(Section):
     stages: list[Literal["pretrain", "midtrain", "sft"]] = ["pretrain", "midtrain", "sft"]
 
 
+class ExportConfig(Section):
+    # The export stage (llm/export.py): "hf" = a transformers model directory (NanoChat architecture).
+    format: Literal["hf"] = "hf"
+    # float32 keeps the trained weights exactly; bfloat16 halves the size.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
 class ReportConfig(Section):
     gpu_type: str = "H100"
     # $/GPU-hour, a rough on-demand cloud price table used for the cost estimate.
@@ -344,7 +351,7 @@ class OrchestrationConfig(Section):
 
 STAGES = [
     "download", "filter", "dedup", "tokenizer", "tokenize",
-    "pretrain", "midtrain", "sft", "eval", "report",
+    "pretrain", "midtrain", "sft", "eval", "export", "report",
 ]
 TRAIN_SECTIONS = ("pretrain", "midtrain", "sft")
 # The stages that pick devices; each reads `device` and `nproc` from its own config section.
@@ -383,6 +390,7 @@ class KilnConfig(Section):
     midtrain: MidtrainConfig = MidtrainConfig(lr=1e-3, schedule="linear", warmdown_frac=1.0)
     sft: SFTConfig = SFTConfig(lr=5e-4, schedule="linear", warmdown_frac=1.0, steps=None)
     eval: EvalConfig = EvalConfig()
+    export: ExportConfig = ExportConfig()
     report: ReportConfig = ReportConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
 

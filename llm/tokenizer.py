@@ -59,6 +59,24 @@ HF_TOKENIZER_FILE = "hf_tokenizer.json"
 STOCK_ENCODINGS = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in.
+
+    Training writes vocabularies in it (llm/data/tokenizer.py) and the HF export writes them back (llm/export.py).
+
+    Printable Latin-1 bytes map to themselves; the other 68 bytes map to code points from 256 up,
+    in byte order.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table: dict[int, str] = {b: chr(b) for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + n)
+            n += 1
+    return table
+
+
 class TokenizerError(StageError):
     """A tokenizer file that cannot be loaded, or a tokenizer that cannot be built."""
 

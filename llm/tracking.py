@@ -19,6 +19,18 @@ thus one MLflow dataset per experiment, shared by every run that read it. MLflow
 *outputs* (run outputs are logged models only), so a stage's own output is named by its run's tags
 ``kiln.output_uri`` and ``kiln.manifest_hash`` — the same digest its consumers' inputs carry.
 
+Models follow MLflow 3's conventions. A training stage's final checkpoint is a ``LoggedModel``
+(``models:/<model_id>``, :meth:`Tracker.log_model`) named after the stage, produced by (and an output
+of) the training run, with the run's model and training params; the checkpoint's files stay where
+Kiln wrote them (tag ``kiln.checkpoint_uri``), only ``meta.json`` is copied, so MLflow's store does not
+hold a second copy of every weight. An eval logs CORE and bpb against that ``model_id`` and the
+evaluation data's digest (the CORE bundle's fingerprint, the token shards' manifest hash), which is what
+the UI's Models tab shows per model. The export stage registers the pipeline's SFT model as a version of
+``kiln-<preset>`` (:func:`register_model_version`) with the lineage in its tags and the alias
+``current``: MLflow reserves the alias ``latest``, and ``models:/kiln-<preset>/latest`` already means
+the newest version. Training runs also log system metrics (CPU, memory, disk, network; GPU with
+``nvidia-ml-py`` installed) as ``system/*``.
+
 Everything goes through ``MlflowClient`` with an explicit run id — no fluent global "active run" state,
 so a library call can never log into somebody else's run by accident. Params are flattened with dotted
 keys (``pretrain.lr``); values are truncated to MLflow's limit. Logging errors are reported once and
@@ -292,7 +304,11 @@ class NullTracker:
     run_id: str | None = None
 
     def log_params(self, params: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None: ...
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None: ...
+    def log_model(self, name: str, *, params: dict[str, Any], tags: dict[str, str] | None = None, step: int = 0,
+                  metrics: dict[str, float | None] | None = None, files: tuple[Path, ...] = ()) -> str | None:
+        return None
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
@@ -305,11 +321,13 @@ class Tracker(NullTracker):
     """Logs into one MLflow run via MlflowClient."""
 
     def __init__(self, *, tracking_uri_: str, experiment: str, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, resume_run_id: str | None = None):
+                 tags: dict[str, str] | None = None, resume_run_id: str | None = None, system_metrics: bool = False):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri_)
+        self.tracking_uri = tracking_uri_
         self._warned = False
+        self._monitor: Any = None
         self.owned = True
         given = os.environ.get("KILN_MLFLOW_RUN_ID")
         parent = os.environ.get("KILN_MLFLOW_PARENT_RUN_ID")
@@ -326,6 +344,25 @@ class Tracker(NullTracker):
             self.run_id = create_run(self.client, exp_id, tags=dict(tags or {}), run_name=run_name, parent=parent)
         if tags and not self.owned:
             self.set_tags(tags)
+        if system_metrics:
+            self._guard("system metrics", self._start_system_metrics)
+
+    def _start_system_metrics(self) -> None:
+        """CPU, memory, disk, network (and GPU where pynvml finds one) as ``system/*`` every
+        ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (10 by default), until :meth:`end`."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.tracking_uri)
+        self._monitor.start()
+
+    def _stop_system_metrics(self) -> None:
+        """Stop the sampler, then log one last sample: MLflow's loop drops the one in progress at shutdown,
+        so a run shorter than the interval would otherwise have no system metrics at all."""
+        m = self._monitor
+        m.finish()
+        m.collect_metrics()
+        m.publish_metrics(m.aggregate_metrics())
+        m.mlflow_logger.flush()
 
     def _run_exists(self, run_id: str) -> bool:
         try:
@@ -347,12 +384,16 @@ class Tracker(NullTracker):
         flat = flatten(params)
         self._guard("log_params", lambda: log_run_params(self.client, self.run_id, flat))
 
-    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict[str, float | None], step: int | None = None, *, model_id: str | None = None,
+                    dataset: tuple[str, str] | None = None) -> None:
+        """``model_id`` files the metrics under that LoggedModel too; ``dataset`` = (name, digest) of the
+        data they were measured on (MLflow shows a model's metrics per dataset)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                 if v is not None and v == v]  # drop None and NaN
+        name, digest = dataset or (None, None)
+        items = [Metric(k, float(v), ts, step or 0, model_id=model_id, dataset_name=name, dataset_digest=digest)
+                 for k, v in metrics.items() if v is not None and v == v]  # drop None and NaN
         if items:
             self._guard("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items))
 
@@ -372,14 +413,43 @@ class Tracker(NullTracker):
         """The stage outputs this run reads, as MLflow dataset inputs (see the module docstring)."""
         self._guard("log_inputs", lambda: log_stage_inputs(self.client, self.run_id, stage, inputs))
 
+    def log_model(self, name: str, *, params: dict[str, Any], tags: dict[str, str] | None = None, step: int = 0,
+                  metrics: dict[str, float | None] | None = None, files: tuple[Path, ...] = ()) -> str | None:
+        """A finalized LoggedModel ``name`` produced by this run at ``step``; returns its model_id.
+
+        ``files`` are copied as the model's artifacts (small ones: the checkpoint's meta.json), ``metrics``
+        are logged to the run against the model.
+        """
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        made: dict[str, str] = {}
+
+        def go() -> None:
+            exp = self.client.get_run(self.run_id).info.experiment_id
+            m = self.client.create_logged_model(exp, name=name, source_run_id=self.run_id, tags=dict(tags or {}),
+                                                params=flatten(params), model_type=MODEL_TYPE)
+            made["id"] = m.model_id
+            for f in files:
+                self.client.log_model_artifact(m.model_id, str(f))
+            self.client.finalize_logged_model(m.model_id, LoggedModelStatus.READY)
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(m.model_id, step)])
+
+        self._guard("log_model", go)
+        if "id" in made and metrics:
+            self.log_metrics(metrics, step, model_id=made["id"])
+        return made.get("id")
+
     def end(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            self._guard("system metrics", self._stop_system_metrics)
+            self._monitor = None
         if self.owned:
             self._guard("end", lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def start_tracker(*, rank: int = 0, enabled: bool = True, tracking_uri_: str = "", experiment: str = "kiln",
                   run_name: str | None = None, tags: dict[str, str] | None = None,
-                  resume_run_id: str | None = None) -> NullTracker:
+                  resume_run_id: str | None = None, system_metrics: bool = False) -> NullTracker:
     """The tracker for this process: a real one on rank 0 when enabled, else a NullTracker.
 
     If MLflow cannot be reached at all, training goes on with a NullTracker and one warning.
@@ -388,8 +458,91 @@ def start_tracker(*, rank: int = 0, enabled: bool = True, tracking_uri_: str = "
         return NullTracker()
     try:
         return Tracker(tracking_uri_=tracking_uri(tracking_uri_), experiment=experiment, run_name=run_name,
-                       tags=tags, resume_run_id=resume_run_id)
+                       tags=tags, resume_run_id=resume_run_id, system_metrics=system_metrics)
     except Exception as e:  # noqa: BLE001
         print(f"[tracking] MLflow unavailable ({type(e).__name__}: {e}); not tracking this run",
               file=sys.stderr, flush=True)
         return NullTracker()
+
+
+# --------------------------------------------------------------------------- MLflow 3 models and registry
+
+MODEL_TYPE = "kiln-gpt"
+# The alias the pipeline's newest registered model gets ("latest" is reserved by MLflow).
+CURRENT_ALIAS = "current"
+TAG_VALUE_MAX = 5000  # MLflow's limit for a model version tag value
+
+
+def find_logged_model(client: Any, run_id: str | None, name: str | None = None) -> str | None:
+    """The newest LoggedModel produced by ``run_id`` (and named ``name``), or None: how an eval or the
+    registry finds the model of a training stage from the run id in its manifest."""
+    if not run_id:
+        return None
+    exp = client.get_run(run_id).info.experiment_id
+    where = f"source_run_id = '{run_id}'" + (f" AND name = '{name}'" if name else "")
+    found = client.search_logged_models([exp], filter_string=where, max_results=1,
+                                        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    return found[0].model_id if found else None
+
+
+def logged_model_of_checkpoint(client: Any, checkpoint_uri: str, endpoint_url: str = "") -> str | None:
+    """The LoggedModel of the training stage that wrote this checkpoint (its meta names the run and the
+    stage), or None when it was not tracked or its run is in another MLflow store."""
+    from llm.checkpoint import read_meta, resolve_checkpoint_dir
+
+    try:
+        meta = read_meta(resolve_checkpoint_dir(checkpoint_uri, endpoint_url=endpoint_url))
+        return find_logged_model(client, meta.get("mlflow_run_id"), meta.get("stage"))
+    except Exception:  # noqa: BLE001 - a missing link is not worth failing an eval or an export for
+        return None
+
+
+def registered_model_name(preset: str) -> str:
+    """``kiln-<preset>``, with characters MLflow's UI URLs would trip on replaced."""
+    return "kiln-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", preset or "custom").strip("-")
+
+
+def register_model_version(tracking_uri_: str, name: str, *, source: str, model_id: str | None, run_id: str | None,
+                           tags: dict[str, str], identity: tuple[str, str], description: str = "") -> Any:
+    """Register a model version (once per ``identity`` = (tag key, value)) and point ``current`` at it.
+
+    The source is ``models:/<model_id>`` when the training run logged the model (MLflow 3's link between a
+    version and its LoggedModel, which also gets the ``mlflow.modelVersions`` tag as ``mlflow.register_model``
+    gives it), else ``source`` itself. Registering the same export twice finds the first version.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri_)
+    try:
+        client.create_registered_model(name, tags={"kiln.registered_by": "kiln export"},
+                                       description="Kiln pipeline models (the SFT model of each pipeline run).")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    key, value = identity
+    found = client.search_model_versions(f"name = '{name}' and tag.`{key}` = '{value}'")
+    if found:
+        version = found[0]
+    else:
+        tags = {k: str(v)[:TAG_VALUE_MAX] for k, v in {**tags, key: value}.items()}
+        version = _create_version(client, tracking_uri_, name, source, model_id, run_id, tags, description)
+    client.set_registered_model_alias(name, CURRENT_ALIAS, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def _create_version(client: Any, tracking_uri_: str, name: str, source: str, model_id: str | None,
+                    run_id: str | None, tags: dict[str, str], description: str) -> Any:
+    if model_id is None:
+        return client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
+    # MLflow's registry store resolves models:/<id> with a client on the *global* tracking URI (a TODO in
+    # its code); make that this client's URI for the call.
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(tracking_uri_):
+        version = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, tags=tags,
+                                              description=description, model_id=model_id)
+    links = json.loads(client.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
+    links.append({"name": name, "version": version.version})
+    client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(links)})
+    return version

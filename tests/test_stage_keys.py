@@ -28,6 +28,7 @@ TINY_KEYS = {
     "midtrain": "ce2d5e7b238b7c865716",
     "sft": "9ebe1d90fe7abf957f1a",
     "eval": "9068a0b41447e92306c7",
+    "export": "301877a41e269fd78388",
     "report": "f4c3288914b2f35c2608",
 }
 

@@ -4,6 +4,7 @@
     kiln run [--preset P] [--set k=v ...]          the whole pipeline, in this process
     kiln eval --checkpoint URI                     CORE + bpb + samples for one checkpoint
     kiln chat --checkpoint URI                     talk to a model
+    kiln export --checkpoint URI --output DIR      a Hugging Face transformers directory of a model
     kiln stack up|down|status                      local Prefect + MLflow servers and workers
     kiln config [--preset P] [--set k=v ...]       print the resolved config
 
@@ -29,6 +30,8 @@ EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("deployments.stack:add_arguments", "deployments.stack:main"),
     "ls": ("llm.cli.ls:add_arguments", "llm.cli.ls:main"),
     "plan": ("llm.cli.plan:add_arguments", "llm.cli.plan:main"),
+    # Also a pipeline stage (`kiln run` runs it), but here --output is the model directory, not a root.
+    "export": ("llm.export:add_arguments", "llm.export:main"),
 }
 
 
@@ -38,6 +41,7 @@ EXTRA_HELP: dict[str, str] = {
     "stack": "local Prefect + MLflow servers and workers: up|down|status",
     "ls": "list, verify and trace the outputs under the artifact root",
     "plan": "the token plan of the training stages (params, tokens, steps, batch split, time), without running",
+    "export": "a checkpoint as a Hugging Face transformers directory: --checkpoint URI --format hf --output DIR",
 }
 
 # What a stage reads when it has no upstream role, or takes roles of any name.
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: raw web text to a scored chat model.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, sd in STAGES.items():
+        if name in EXTRA_COMMANDS:  # a stage with its own command line (export)
+            continue
         p = sub.add_parser(name, help=sd.description, description=_stage_description(name))
         _common(p)
         if sd.inputs or name == "report":
@@ -214,7 +220,7 @@ def _run_command(args: argparse.Namespace) -> int:
             for role in missing:
                 inputs[role] = upstream[STAGES[args.command].inputs[role]].uri
         elif args.command == "report" and not inputs:
-            upstream = run_pipeline(cfg, until="eval", progress=progress)
+            upstream = run_pipeline(cfg, until="export", progress=progress)
             inputs = report_inputs(upstream)
         results = {args.command: execute(args.command, cfg, inputs, force=args.force, progress=progress)}
     print(summary(results, time.time() - t0))

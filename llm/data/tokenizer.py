@@ -19,6 +19,7 @@ from llm.stages.output import StageError, StageOutput
 from llm.storage import Store
 from llm.tokenizer import (
     HF_TOKENIZER_FILE,
+    bytes_to_unicode,
     SPECIAL_TOKENS,
     STOCK_ENCODINGS,
     Tokenizer,
@@ -42,23 +43,7 @@ AGREEMENT_DOCS = 200
 # --------------------------------------------------------------------------- training
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in.
-
-    Printable Latin-1 bytes map to themselves; the other 68 bytes map to code points from 256 up,
-    in byte order.
-    """
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table: dict[int, str] = {b: chr(b) for b in keep}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
+BYTE_DECODER: dict[str, int] = {c: b for b, c in bytes_to_unicode().items()}
 
 
 def hf_token_to_bytes(token: str) -> bytes:

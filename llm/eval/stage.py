@@ -156,14 +156,30 @@ def _log_mlflow(cfg: KilnConfig, model_stage: str, core: dict[str, Any], bpb: di
     tracker = config_tracker(cfg, run_name=f"eval-{model_stage}",
                              tags={"kiln.stage": "eval", "kiln.model_stage": model_stage})
     try:
-        metrics: dict[str, float | None] = {"core": core["core"], "bpb": bpb.get("bpb")}
+        metrics: dict[str, float | None] = {"core": core["core"]}
         for label, t in core["tasks"].items():
             metrics[f"core_centered/{label}"] = t["centered"]  # not "core/..": "core" itself is a metric
             metrics[f"core_acc/{label}"] = t["accuracy"]
-        tracker.log_metrics(metrics)
+        # MLflow 3: against the evaluated model's LoggedModel and the data each number was measured on,
+        # so the Models tab shows CORE and bpb per model (and per evaluation dataset).
+        from llm.tracking import logged_model_of_checkpoint
+
+        client = getattr(tracker, "client", None)
+        model_id = logged_model_of_checkpoint(client, inputs["model"]["uri"], cfg.run.s3_endpoint) \
+            if client is not None and inputs and "model" in inputs else None
+        bundle_digest = str(core.get("bundle_fingerprint") or "")[:20] or None
+        tracker.log_metrics(metrics, model_id=model_id, dataset=("core_eval", bundle_digest) if bundle_digest else None)
+        tokens = (inputs or {}).get("tokens") or {}
+        tracker.log_metrics({"bpb": bpb.get("bpb")}, model_id=model_id,
+                            dataset=(tokens.get("stage") or "tokenize", tokens["hash"]) if tokens.get("hash") else None)
         if inputs:  # what was scored, as MLflow dataset inputs (the pipeline's child run gets these too)
-            tracker.log_inputs("eval", {role: {k: m.get(k) for k in ("uri", "hash", "stage", "counts")}
-                                        for role, m in inputs.items()})
+            scored = {role: {k: m.get(k) for k in ("uri", "hash", "stage", "counts")} for role, m in inputs.items()}
+            if bundle_digest:
+                scored["core_bundle"] = {"uri": str(core.get("bundle") or cfg.eval.bundle), "hash": bundle_digest,
+                                         "stage": "core_eval", "counts": {"tasks": core.get("n_tasks")}}
+            tracker.log_inputs("eval", scored)
+        if model_id:
+            tracker.set_tags({"kiln.model_id": model_id})
         tracker.set_tags({"core_label": core["label"], "core_missing": ",".join(core["missing"]) or "none"})
         for name in RESULT_FILES:
             if (outdir / name).exists():

@@ -88,6 +88,9 @@ STAGES: dict[str, StageDef] = {
         StageDef("eval", "llm.eval.stage:run", ("eval",), {"model": "sft", "tokenizer": "tokenizer", "tokens": "tokenize"},
                  gpu=True, description="CORE, bits-per-byte and samples for one checkpoint",
                  version="2"),  # 2: core.json carries the bundle fingerprint
+        # export: "eval" (this model's eval_sft output) is optional; it puts CORE and bpb in the model card
+        StageDef("export", "llm.export:run", ("export",), {"model": "sft", "tokenizer": "tokenizer", "eval": "eval"},
+                 description="the SFT model as a Hugging Face transformers directory"),
         StageDef("report", "llm.report:run", ("report",), {}, description="the run's report card",
                  version="2"),  # 2: bundle fingerprint, supervised share, table layout
     ]
@@ -103,6 +106,7 @@ ROLE_PRODUCERS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("tokenizer",),
     "tokens": ("tokenize",),
     "model": ("pretrain", "midtrain", "sft", "checkpoint"),  # "checkpoint": a bare checkpoint dir
+    "eval": ("eval",),
 }
 
 

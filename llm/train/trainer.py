@@ -262,7 +262,7 @@ class Trainer:
         tracker = start_tracker(rank=self.d.rank, enabled=mlf.get("enabled", True),
                                 tracking_uri_=mlf.get("tracking_uri", ""), experiment=mlf.get("experiment", "kiln"),
                                 run_name=mlf.get("run_name", self.stage), tags={"kiln.stage": self.stage},
-                                resume_run_id=self.mlflow_run_id)
+                                resume_run_id=self.mlflow_run_id, system_metrics=True)
         self._install_signals()
         self.log.attach(self.out, tracker, self.step)
         self._log_plan(self._measured_plan())
@@ -377,9 +377,19 @@ class Trainer:
                 self.ckpt.save_final(self.model, self._meta("final"))
                 # Relative to the stage output: the work dir it was written in is renamed on publish.
                 summary["final_uri"] = "final"
+                summary["mlflow_model_id"] = self._log_final_model(summary)
             self.log.finish(summary, self.last_val)
         barrier(self.d)
         return summary
+
+    def _log_final_model(self, summary: dict[str, Any]) -> str | None:
+        """The final checkpoint as an MLflow 3 LoggedModel of this run (None when not tracking)."""
+        return self.log.tracker.log_model(
+            self.stage, params={"model": self.mcfg.to_dict(), "train": self.train.model_dump(mode="json"),
+                                "seed": self.seed},
+            tags={"kiln.stage": self.stage, "kiln.checkpoint": "final"}, step=self.step,
+            metrics={k: summary[k] for k in ("final_train_loss", "final_val_loss", "val_bpb")},
+            files=(self.out / "final" / "meta.json",))
 
     def _summary(self, status: str) -> dict[str, Any]:
         """What the run did, over all ranks (a collective)."""
