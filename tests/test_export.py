@@ -21,7 +21,8 @@ import torch
 from llm.chat.format import DropRow, render_conversation, render_prompt, validate
 from llm.checkpoint import save_checkpoint
 from llm.model import GPT, GPTConfig
-from llm.tokenizer import HF_TOKENIZER_FILE, load_tokenizer, train_tokenizer
+from llm.data.tokenizer import train_tokenizer
+from llm.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
 
 pytest.importorskip("transformers")
 
