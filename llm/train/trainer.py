@@ -49,12 +49,13 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from llm.dist import Dist, all_sum, barrier, gather_objects, init_distributed
 
 # Peak dense bf16 tensor-core FLOP/s per GPU, for MFU. Matched by substring of torch.cuda.get_device_name(),
 # first match wins (so the PCIe variants are listed before the generic name).
@@ -122,60 +123,6 @@ def plan_tokens(train: Any, num_params: int, flops_per_token: int) -> dict[str, 
     return {"budget": source, "budget_tokens": budget_tokens, "steps": steps, "tokens_per_step": tps,
             "tokens": tokens, "params": num_params, "flops_per_token": flops_per_token,
             "flops": float(flops_per_token) * tokens, "tokens_per_param": tokens / num_params}
-
-
-# --------------------------------------------------------------------------- distributed helpers
-
-
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str, nccl_env: dict[str, str]) -> Dist:
-    for k, v in nccl_env.items():
-        os.environ.setdefault(k, str(v))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available")
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Dist(rank, local, world, device)
-
-
-def all_sum(values: list[float], d: Dist) -> list[float]:
-    if d.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_objects(obj: Any, d: Dist) -> list[Any]:
-    if d.world == 1:
-        return [obj]
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
 
 
 # --------------------------------------------------------------------------- the run
