@@ -64,6 +64,9 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 REPO = Path(__file__).resolve().parents[1]
 
 
+# --------------------------------------------------------------------------- multi-node rendezvous
+
+
 @dataclass(frozen=True)
 class Nodes:
     """A multi-node job as this node sees it."""
