@@ -545,18 +545,11 @@ def check_devices(cfg: KilnConfig, stage: str) -> None:
     Called when the stage starts on the machine that runs it, before torchrun (or a model) is
     launched, so a missing GPU is one line instead of a traceback from every rank. It is not part
     of validation because configs are also built where the stage does not run: a CPU orchestrator
-    dispatching to a GPU pool, ``kiln config``, ``kiln ls``.
+    dispatching to a GPU pool, ``kiln config``, ``kiln ls``. The rules are llm/dist.py's, the same
+    ones the stage applies when it picks its device and process count.
     """
     if stage not in DEVICE_STAGES:
         return
-    import torch
+    from llm.dist import resolve_devices
 
-    name, sec = stage, getattr(cfg, stage)
-    cuda = torch.cuda.is_available()
-    if sec.device == "cuda" and not cuda:
-        raise ConfigError(f"{name}.device: cuda requested but torch.cuda.is_available() is False on this machine "
-                          f"(use 'auto' or 'cpu')")
-    on_cuda = sec.device == "cuda" or (sec.device == "auto" and cuda)
-    if on_cuda and isinstance(sec.nproc, int) and sec.nproc > torch.cuda.device_count():
-        raise ConfigError(f"{name}.nproc: {sec.nproc} processes but only {torch.cuda.device_count()} CUDA "
-                          f"device(s) visible (one process per GPU; use 'auto')")
+    resolve_devices(getattr(cfg, stage), stage)

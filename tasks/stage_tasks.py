@@ -247,7 +247,7 @@ def stage_task(
         maybe_inject_failure(cfg, stage, key)
     from tasks.tracking_tasks import tracking_uri  # local: keeps the module import light
 
-    from llm.train.stages import line_sink
+    from llm.torchrun import line_sink
 
     # torchrun's output lines (plan, steps, evals, failures) go into this task's Prefect log.
     with stage_environment(mlflow_run_id, tracking_uri(cfg)), line_sink(logger.info):

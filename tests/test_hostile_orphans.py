@@ -1,13 +1,19 @@
-"""A ``kill -9`` of a data stage takes its worker pool with it (issue 13, item 4).
+"""A ``kill -9`` of a stage takes its workers with it (issue 13, item 4: workers die with their parent).
 
 The workers used to live on under PID 1: they finished their shard, renamed it into the dead stage's
-``.partial``, and then held their memory forever. Each test runs the real ``kiln`` CLI on a corpus big
-enough to keep two workers busy, SIGKILLs it once its workers exist, and checks that no worker
-survives 5 s and that nothing is renamed into the ``.partial`` afterwards.
+``.partial``, and then held their memory forever. Each data-stage test runs the real ``kiln`` CLI on a
+corpus big enough to keep two workers busy, SIGKILLs it once its workers exist, and checks that no
+worker survives 5 s and that nothing is renamed into the ``.partial`` afterwards.
+
+Training runs its ranks under torchrun, in a session of its own (so that a terminal's Ctrl-C reaches
+only kiln, which stops the job in order). A SIGKILL or SIGTERM of ``kiln pretrain`` used to leave that
+job training on with nobody to publish it; now a SIGKILL takes it down within 5 s, and a SIGTERM first
+lets it checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -153,3 +159,77 @@ def test_sigkill_of_tokenize_takes_its_workers_with_it(docs: tuple[Path, str], t
     before = published_names(partial)
     time.sleep(1.0)
     assert published_names(partial) == before
+
+
+# --------------------------------------------------------------------------- training: the torchrun job
+
+
+# A tiny model that would train for hours: the tests stop it long before.
+PRETRAIN = ["--set", "model.seq_len=64", "pretrain.device=cpu", "pretrain.nproc=1", "pretrain.device_batch_size=2",
+            "pretrain.total_batch_tokens=128", "pretrain.steps=1000000", "pretrain.eval_every=1000000",
+            "pretrain.ckpt_every=1000000", "pretrain.log_every=5", "pretrain.sample_prompts=[]"]
+
+
+def torchrun_job(parent: int) -> set[int]:
+    """The torchrun launcher that ``parent`` started and the trainer ranks under it."""
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    launchers = {pid for pid in pids if _ppid(pid) == parent and "torch.distributed.run" in _cmdline(pid)}
+    return launchers | {pid for pid in pids if _ppid(pid) in launchers and "llm.train.trainer" in _cmdline(pid)}
+
+
+@pytest.fixture()
+def pretrain_cmd(docs: tuple[Path, str], tmp_path: Path) -> tuple[list[str], Path]:
+    """A ``kiln pretrain`` command on a real tokenizer and token shards, and its artifact root."""
+    root, docs_uri = docs
+    cfg = load_config("tiny", {"run.artifact_root": str(root), "tokenizer.vocab_size": 300,
+                               "tokenizer.max_train_chars": 200_000, "tokenize.workers": 1})
+    tok_uri = execute("tokenizer", cfg, {"docs": docs_uri}, progress=False).uri
+    tokens_uri = execute("tokenize", cfg, {"docs": docs_uri, "tokenizer": tok_uri}, progress=False).uri
+    cmd = [sys.executable, "-m", "llm.cli", "pretrain", "--preset", "tiny", "--quiet", "--output", str(root),
+           "--input", f"tokens={tokens_uri}", "--input", f"tokenizer={tok_uri}", *PRETRAIN]
+    return cmd, root
+
+
+def start_training(cmd: list[str], cwd: Path, root: Path) -> tuple[subprocess.Popen, set[int]]:
+    """Start ``cmd``; return it and its torchrun job once the job has logged a training step."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    job: set[int] = set()
+    deadline = time.monotonic() + 180
+    while not (len(job) >= 2 and any(m.stat().st_size for m in root.glob("pretrain/*.partial/metrics.jsonl"))):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"training did not start: {proc.stdout.read().decode()[-2000:]}")
+        job |= torchrun_job(proc.pid)
+        time.sleep(0.05)
+    return proc, job
+
+
+def test_sigkill_of_pretrain_takes_its_torchrun_job_with_it(pretrain_cmd: tuple[list[str], Path],
+                                                          tmp_path: Path) -> None:
+    cmd, root = pretrain_cmd
+    proc, job = start_training(cmd, tmp_path, root)
+    proc.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    proc.wait()
+    assert_workers_die(job, killed_at)
+
+
+def test_sigterm_of_pretrain_checkpoints_then_stops_its_job_and_itself(pretrain_cmd: tuple[list[str], Path],
+                                                                       tmp_path: Path) -> None:
+    cmd, root = pretrain_cmd
+    proc, job = start_training(cmd, tmp_path, root)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert_workers_die(job, time.monotonic())
+    assert proc.returncode == 128 + signal.SIGTERM, out  # stopped as asked, the way a shell reports SIGTERM
+    assert "checkpoint (signal)" in out, out
+    (partial,) = root.glob("pretrain/*.partial")
+    status = json.loads((partial / "status.json").read_text())
+    assert status["status"] == "interrupted"
+    assert (partial / "checkpoints" / f"step_{status['step']:06d}" / "meta.json").is_file()

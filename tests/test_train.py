@@ -263,7 +263,7 @@ def test_a_failing_job_reports_its_exit_code_and_last_lines(tokens, tmp_path):
 
 
 def test_output_pump_separates_lines_from_progress_redraws():
-    from llm.train.stages import _pump
+    from llm.torchrun import _pump
 
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdout.write('a\\n 10%\\r 20%\\rb\\nc')"],
                             stdout=subprocess.PIPE)

@@ -138,21 +138,15 @@ class ChatSession:
         return text
 
 
-def _device(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(args: argparse.Namespace, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
     from llm.checkpoint import load_model
+    from llm.dist import resolve_device
     from llm.tokenizer import load_tokenizer
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     store = Store(".", args.s3_endpoint)
-    model, meta = load_model(args.checkpoint, device=_device(args.device), endpoint_url=args.s3_endpoint)
+    device = resolve_device(args.device, "--device")
+    model, meta = load_model(args.checkpoint, device=device, endpoint_url=args.s3_endpoint)
     model.eval()
     tok_uri = args.tokenizer or find_tokenizer_uri(args.checkpoint, store, meta)
     tok = load_tokenizer(tok_uri, args.s3_endpoint)

@@ -8,16 +8,16 @@ Outputs: ``core.json`` (``{"core", "label", "n_tasks", "tasks": {label: {accurac
 ...}}, "missing": [...], "references": ...}``), ``core.csv``, ``bpb.json``, ``samples.json``.
 Metrics go to MLflow (one per task plus CORE and bpb).
 
-With ``eval.nproc`` > 1 (or "auto" on a multi-GPU box) the work runs under ``torchrun``:
-``python -m llm.eval.stage SPEC.json`` on every rank, examples strided across ranks, rank 0
-writing the results. Otherwise it runs in this process.
+With ``eval.nproc`` > 1 (or "auto" on a multi-GPU box) the work runs under ``torchrun``
+(:func:`llm.torchrun.launch`, the launcher training uses): ``python -m llm.eval.stage SPEC.json``
+on every rank, examples strided across ranks, rank 0 writing the results. Otherwise it runs in
+this process.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,26 +40,6 @@ def key_config(cfg: KilnConfig) -> dict[str, Any]:
     for k in ("nproc", "stages", "batch_tokens"):
         section.pop(k, None)
     return {"eval": section, "seed": cfg.run.seed}
-
-
-def _device(cfg: KilnConfig) -> str:
-    import torch
-
-    if cfg.eval.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.eval.device == "cuda" and not torch.cuda.is_available():
-        raise StageError("eval.device=cuda but no CUDA device is visible")
-    return cfg.eval.device
-
-
-def _nproc(cfg: KilnConfig, device: str) -> int:
-    if cfg.eval.nproc != "auto":
-        return int(cfg.eval.nproc)
-    if device == "cuda":
-        import torch
-
-        return max(1, torch.cuda.device_count())
-    return 1
 
 
 # --------------------------------------------------------------------------- the work (every rank)
@@ -194,8 +174,9 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
         raise StageError("eval needs a 'model' input (a training stage output or checkpoint)")
     if "tokenizer" not in inputs:
         raise StageError("eval needs a 'tokenizer' input (the tokenizer stage output)")
-    device = _device(cfg)
-    nproc = _nproc(cfg, device)
+    from llm.dist import resolve_devices
+
+    device, nproc = resolve_devices(cfg.eval, "eval")
     spec = {
         "config": cfg.model_dump_json(),
         "model": inputs["model"]["uri"],
@@ -208,14 +189,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
     if nproc <= 1:
         evaluate_checkpoint(spec, out.workdir, progress=progress)
     else:
-        spec_path = out.path("_spec.json.tmp")  # .tmp: scratch, not published
-        spec_path.write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "llm.eval.stage", str(spec_path), str(out.workdir)] + (["--progress"] if progress else [])
-        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        spec_path.unlink(missing_ok=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"eval under torchrun ({nproc} ranks) failed with exit code {proc.returncode}")
+        _evaluate_under_torchrun(spec, out, nproc, progress)
     core = json.loads((out.workdir / "core.json").read_text())
     bpb = json.loads((out.workdir / "bpb.json").read_text())
     _log_mlflow(cfg, model_stage, core, bpb, out.workdir, inputs)
@@ -235,22 +209,34 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
     }
 
 
+def _evaluate_under_torchrun(spec: dict[str, Any], out: StageOutput, nproc: int, progress: bool) -> None:
+    """:func:`evaluate_checkpoint` on ``nproc`` ranks (:func:`_main` on each), through the one launcher."""
+    from llm.torchrun import launch
+
+    spec_path = out.path("_spec.json.tmp")  # .tmp: scratch, not published
+    spec_path.write_text(json.dumps(spec))
+    try:
+        launch("llm.eval.stage", [str(spec_path), str(out.workdir), *(["--progress"] if progress else [])],
+               label="eval", nproc=nproc, env={"OMP_NUM_THREADS": "1", **os.environ}, progress=progress)
+    finally:
+        spec_path.unlink(missing_ok=True)
+
+
 def _main(argv: list[str]) -> int:
     """torchrun entry point: ``python -m llm.eval.stage SPEC.json OUTDIR [--progress]``."""
-    import torch
     import torch.distributed as dist
 
+    from llm.dist import barrier, finish, init_distributed
+
     spec = json.loads(Path(argv[0]).read_text())
-    backend = "nccl" if spec["device"] == "cuda" and torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    d = init_distributed(spec["device"], {}, "eval.device")
     try:
         evaluate_checkpoint(spec, Path(argv[1]), progress="--progress" in argv)
-        dist.barrier()
+        barrier(d)
     except BaseException:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
         raise
-    from llm.dist import finish
-
     return finish(0)
 
 

@@ -150,14 +150,6 @@ def run_midtrain(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, 
 # --------------------------------------------------------------------------- SFT
 
 
-def _device(train_device: str) -> str:
-    import torch
-
-    if train_device == "cpu":
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def heldout_loss(model: Any, spec: dict[str, Any], *, batch_size: int, seq_len: int, seed: int,
                  max_tokens: int) -> float:
     """Mean loss per supervised token on the held-out conversations (the trainer's val batches, one process)."""
@@ -181,6 +173,7 @@ def run_sft(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progr
     """Registry stage "sft": inputs "model" (midtrain output) and "tokenizer"."""
     from llm.checkpoint import load_model
     from llm.chat.format import RenderedChats
+    from llm.dist import resolve_device
     from llm.tokenizer import load_tokenizer
     from llm.train.stages import launch_training, mlflow_settings, training_counts, upload_uri_for
 
@@ -195,7 +188,7 @@ def run_sft(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progr
     rows_per_epoch = SFTStream(RenderedChats.load(chat_dir, "train"), seq_len=T, seed=cfg.run.seed,
                                pad_id=tok.bos_id).rows_per_epoch()
     steps = sft.steps if sft.steps is not None else sft_steps(rows_per_epoch, sft.epochs, sft.total_batch_tokens, T)
-    device = _device(sft.device)
+    device = resolve_device(sft.device, "sft.device")
     init_model, _ = load_model(model_uri, device=device, endpoint_url=cfg.run.s3_endpoint)
     eval_kw = dict(batch_size=sft.device_batch_size, seq_len=T, seed=cfg.run.seed, max_tokens=sft.eval_tokens)
     val_before = heldout_loss(init_model, spec, **eval_kw)

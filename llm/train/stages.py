@@ -1,20 +1,18 @@
-"""Training stages: launch ``torchrun -m llm.train.trainer`` as a subprocess and turn its result into a manifest.
+"""Training stages: run ``llm.train.trainer`` under torchrun and turn its result into a manifest.
 
 :func:`launch_training` is the one reusable entry point — pretraining (:func:`run_pretrain`, registry
 stage "pretrain") and the chat stages (midtrain/SFT) all call it with their own train config, loader
 kind/spec and init checkpoint. It
 
-1. picks the process count (``train.nproc``, or the GPU count, or 1 on CPU) and the rendezvous
-   (``--standalone``, or multi-node from ``KILN_NNODES``/``KILN_RDZV_ENDPOINT``: ``llm.torchrun``),
+1. picks the process count (``train.nproc``, or the GPU count, or 1 on CPU: ``llm.dist``) and the
+   rendezvous (``--standalone``, or multi-node from ``KILN_NNODES``/``KILN_RDZV_ENDPOINT``: ``llm.torchrun``),
 2. checks the batch plan BEFORE launching (an indivisible batch is a :class:`~llm.stages.output.StageError`),
-3. writes ``job.json`` into the output dir and runs ``python -m torch.distributed.run --standalone
-   --nproc_per_node=N -m llm.train.trainer --job job.json`` in its own process group,
-4. streams every output line to stdout (progress bars pass through) or to a sink — a callback argument,
-   or one installed with :func:`line_sink` (how a Prefect task routes lines into its run logger without
-   ``llm/`` importing Prefect),
-5. fails with the exit code and the last lines of output, or returns ``summary.json``; on a multi-node
-   follower (``KILN_NODE_RANK`` > 0) it raises :class:`~llm.stages.output.FollowerDone` instead: rank 0, on
-   node 0, wrote the summary and that node publishes.
+3. writes ``job.json`` into the output dir and runs ``torchrun ... -m llm.train.trainer --job job.json``
+   through :func:`llm.torchrun.launch` (output streamed or sent to a :func:`~llm.torchrun.line_sink`,
+   SIGTERM/Ctrl-C forwarded so the job checkpoints, the job dying with this process),
+4. fails with the exit code and the last lines of output (:class:`~llm.torchrun.TrainingFailed`), or
+   returns ``summary.json``; on a multi-node follower (``KILN_NODE_RANK`` > 0) it raises
+   :class:`~llm.stages.output.FollowerDone` instead: rank 0, on node 0, wrote the summary and that node publishes.
 
 Resume is automatic: the stage work dir (``<key>.partial``) survives a crash, and the trainer resumes
 from its newest checkpoint (or from the S3 mirror of it when the artifact root is ``s3://``).
@@ -22,53 +20,14 @@ from its newest checkpoint (or from the S3 mirror of it when the artifact root i
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import contextvars
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from llm.stages.output import FollowerDone, StageError, StageOutput
 from llm.storage import write_atomic
-
-LineSink = Callable[[str], None]
-_SINK: contextvars.ContextVar[LineSink | None] = contextvars.ContextVar("kiln_train_line_sink", default=None)
-TAIL_LINES = 40
-
-
-@contextlib.contextmanager
-def line_sink(fn: LineSink) -> Iterator[None]:
-    """Route training output lines to ``fn`` (e.g. a Prefect run logger's ``info``) inside this block."""
-    token = _SINK.set(fn)
-    try:
-        yield
-    finally:
-        _SINK.reset(token)
-
-
-class TrainingFailed(RuntimeError):
-    """torchrun exited non-zero (possibly transient: OOM, NCCL, preemption). Carries the exit code and tail."""
-
-    def __init__(self, stage: str, code: int, tail: list[str]):
-        self.code, self.tail = code, tail
-        super().__init__(f"{stage}: training exited with code {code}; last lines:\n" + "\n".join(tail))
-
-
-def pick_nproc(train_cfg: Any) -> int:
-    """``train.nproc`` when set; else every visible GPU (when the device may be CUDA), else 1."""
-    if train_cfg.nproc != "auto":
-        return int(train_cfg.nproc)
-    if train_cfg.device == "cpu":
-        return 1
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return max(1, n)
+from llm.torchrun import LineSink, TrainingFailed, launch, multi_node, rendezvous_args
 
 
 def launch_training(
@@ -100,21 +59,19 @@ def launch_training(
     ``mlflow``: {"enabled", "tracking_uri", "experiment", "run_name"}. Raises StageError for a bad batch
     plan, :class:`TrainingFailed` for a non-zero exit, RuntimeError when the job stopped early (signal).
     """
+    from llm.dist import resolve_devices
     from llm.model import GPTConfig
     from llm.train.plan import BatchPlanError, plan_batch
 
-    from llm.torchrun import multi_node, rendezvous_args
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    n = nproc or pick_nproc(train_config)
+    n = nproc or resolve_devices(train_config, stage)[1]
     mc = GPTConfig.from_dict(model_config)
     child_env = dict(os.environ)
     if s3_endpoint:  # the job reads shards/tokenizer/checkpoints from s3:// through boto3's env chain
         child_env.setdefault("AWS_ENDPOINT_URL", s3_endpoint)
     child_env.update({k: str(v) for k, v in train_config.nccl_env.items()})
     child_env.update(env or {})
-    rdzv = rendezvous_args(child_env)  # --standalone, or multi-node args from KILN_NNODES etc.
     nodes = multi_node(child_env)
     try:
         plan_batch(train_config.total_batch_tokens, train_config.device_batch_size, mc.seq_len,
@@ -130,91 +87,37 @@ def launch_training(
     }
     job_path = out_dir / "job.json"
     write_atomic(job_path, json.dumps(job, indent=2))
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={n}",
-           "-m", "llm.train.trainer", "--job", str(job_path)]
-    child_env["PYTHONUNBUFFERED"] = "1"
-    repo = str(Path(__file__).resolve().parents[2])
-    child_env["PYTHONPATH"] = repo + (os.pathsep + child_env["PYTHONPATH"] if child_env.get("PYTHONPATH") else "")
-    sink = on_line or _SINK.get()
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    emit = _emitter(sink, progress, tail)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
-                            start_new_session=True)
-    try:
-        _pump(proc, emit)
-        code = proc.wait()
-    except BaseException:
-        # We are being interrupted: ask the job to checkpoint and stop (torchrun forwards SIGTERM).
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(Exception):
-            proc.wait(timeout=120)
-        raise
-    if code != 0:
-        if code == 2 and any("batch plan error" in t for t in tail):
-            raise StageError(f"{stage}: " + next(t for t in tail if "batch plan error" in t))
-        raise TrainingFailed(stage, code, list(tail))
+    tail = _run_trainer(stage, job_path, n, child_env, progress, on_line)
     if nodes is not None and not nodes.leader:
         # Global rank 0, the only rank that writes checkpoints and summary.json, runs on node 0.
         raise FollowerDone(f"{stage}: node {nodes.rank} of {nodes.nnodes} is a follower: training finished on every "
                            f"node; node 0 publishes the output, this node publishes nothing")
+    return _read_summary(stage, out_dir, tail)
+
+
+def _run_trainer(stage: str, job_path: Path, nproc: int, env: dict[str, str], progress: bool,
+                 on_line: LineSink | None) -> list[str]:
+    """The trainer under torchrun; a batch plan the ranks refuse (exit 2) is a StageError, like one refused here."""
+    try:
+        return launch("llm.train.trainer", ["--job", str(job_path)], label=stage, nproc=nproc, env=env,
+                      rendezvous=rendezvous_args(env), progress=progress, on_line=on_line)
+    except TrainingFailed as e:
+        plan_errors = [t for t in e.tail if "batch plan error" in t]
+        if e.code == 2 and plan_errors:
+            raise StageError(f"{stage}: " + plan_errors[0]) from None
+        raise
+
+
+def _read_summary(stage: str, out_dir: Path, tail: list[str]) -> dict[str, Any]:
+    """The finished job's ``summary.json``; a job that stopped early (a signal) is an error saying how to resume."""
     summary_path = out_dir / "summary.json"
     if not summary_path.is_file():
-        raise TrainingFailed(stage, code, list(tail) + ["(no summary.json written)"])
+        raise TrainingFailed(stage, 0, tail + ["(no summary.json written)"])
     summary = json.loads(summary_path.read_text())
     if summary.get("status") != "done":
         raise RuntimeError(f"{stage}: training stopped at step {summary.get('steps')} of {summary.get('planned_steps')} "
                            f"({summary.get('status')}); its checkpoint is in {out_dir}, run again to resume")
     return summary
-
-
-def _emitter(sink: LineSink | None, progress: bool, tail: collections.deque[str]) -> Callable[[str, bool], None]:
-    bar_shown = False
-    tty = sys.stdout.isatty()
-
-    def emit(text: str, is_bar: bool) -> None:
-        nonlocal bar_shown
-        if not text.strip():
-            return
-        if is_bar:  # a carriage-return progress-bar redraw
-            if sink is None and progress:
-                sys.stdout.write("\r" + text)
-                sys.stdout.flush()
-                bar_shown = True
-            return
-        tail.append(text)
-        if sink is not None:
-            sink(text)
-        else:
-            if bar_shown:  # put the log line where the bar was (TTY) or below it
-                sys.stdout.write("\r\x1b[2K" if tty else "\n")
-                bar_shown = False
-            sys.stdout.write(text + "\n")
-            sys.stdout.flush()
-
-    return emit
-
-
-def _pump(proc: subprocess.Popen, emit: Callable[[str, bool], None]) -> None:
-    """Split the child's output on '\\n' (log lines) and '\\r' (progress-bar redraws)."""
-    assert proc.stdout is not None
-    buf = b""
-    while True:
-        chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-        if not chunk:
-            break
-        buf += chunk
-        while True:
-            i_n, i_r = buf.find(b"\n"), buf.find(b"\r")
-            cuts = [i for i in (i_n, i_r) if i >= 0]
-            if not cuts:
-                break
-            i = min(cuts)
-            piece, sep, buf = buf[:i], buf[i:i + 1], buf[i + 1:]
-            emit(piece.decode("utf-8", "replace"), sep == b"\r")
-    if buf:
-        emit(buf.decode("utf-8", "replace"), False)
 
 
 def read_vocab_size(tokens_uri: str, store: Any) -> int:

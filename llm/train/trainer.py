@@ -53,7 +53,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,63 +65,10 @@ from llm.storage import write_atomic
 from llm.train.checkpointer import Checkpointer
 from llm.train.plan import BatchPlanError, peak_flops, plan_batch, plan_text, plan_tokens
 from llm.train.runlog import Interval, RunLog
+from llm.dist import Dist, all_sum, barrier, gather_objects, init_distributed
 
 # Tokens generated per sample prompt during training (a glance at what the model says, not a benchmark).
 SAMPLE_TOKENS = 24
-
-
-# --------------------------------------------------------------------------- distributed helpers
-
-
-@dataclass
-class Dist:
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str, nccl_env: dict[str, str]) -> Dist:
-    for k, v in nccl_env.items():
-        os.environ.setdefault(k, str(v))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available")
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
-    return Dist(rank, local, world, device)
-
-
-def all_sum(values: list[float], d: Dist) -> list[float]:
-    if d.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def gather_objects(obj: Any, d: Dist) -> list[Any]:
-    if d.world == 1:
-        return [obj]
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
 
 
 # --------------------------------------------------------------------------- the run
