@@ -383,3 +383,38 @@ def test_compose_file_structure_without_a_client():
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert any(str(a).startswith("--allowed-hosts") for a in services["mlflow"]["command"])
     assert "minio/minio" not in text  # the Docker Hub image is gone (2026)
+
+
+# --------------------------------------------------------------------------- a bare checkpoint through Prefect
+
+from test_data_flow import prefect_env  # noqa: E402,F401  (pytest fixture: a throwaway Prefect server)
+from test_eval_stage import upstream  # noqa: E402,F401  (pytest fixture: tokenizer, tokens and model outputs)
+
+
+def test_eval_on_a_bare_checkpoint_dir_runs_through_the_prefect_stage_task(upstream, prefect_env, tmp_path):  # noqa: F811
+    """`kiln eval --checkpoint <dir>` takes a checkpoint directory that is no stage output (a
+    ``checkpoints/step_*`` of a running job, the ``final/`` of a training output); so must the
+    Prefect stage task, whose cache key is the same content key."""
+    from prefect import flow
+
+    from llm.config import load_config
+    from llm.stages.output import verify_output
+    from llm.storage import Store
+    from tasks.stage_tasks import run_stage_task
+
+    ckpt = tmp_path / "step_000007"
+    shutil.copytree(Path(upstream["model"]) / "final", ckpt)
+    cfg = load_config("tiny", {"run.artifact_root": upstream["root"], "orchestration.result_storage": str(prefect_env),
+                               "eval.tasks": ["copa"], "eval.max_per_task": 2, "eval.bpb_tokens": 4096,
+                               "eval.sample_max_tokens": 2, "eval.device": "cpu", "eval.nproc": 1})
+    inputs = {"model": str(ckpt), "tokenizer": upstream["tokenizer"], "tokens": upstream["tokens"]}
+
+    @flow
+    def twice() -> list[tuple[dict, bool]]:
+        return [run_stage_task("eval", cfg, inputs, label="eval_step_7") for _ in range(2)]
+
+    (first, cached1), (second, cached2) = twice()
+    m = verify_output(Store(upstream["root"]), first["uri"])
+    assert m is not None and m["stage"] == "eval" and "core" in m["counts"]
+    assert m["inputs"]["model"]["uri"] == str(ckpt)
+    assert not cached1 and cached2 and second["uri"] == first["uri"]  # the second is a Prefect cache hit

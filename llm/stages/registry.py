@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from llm.config import KilnConfig, check_devices
-from llm.stages.output import StageOutput, StageResult, run_stage
+from llm.stages.output import ExternalInput, StageOutput, StageResult, output_address, run_stage
 from llm.storage import Store
 
 
@@ -106,13 +106,33 @@ ROLE_PRODUCERS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _external_input(cfg: KilnConfig, name: str) -> Callable[[str, str], dict[str, Any] | None] | None:
+def _external_input(cfg: KilnConfig, name: str) -> ExternalInput | None:
     if "model" not in STAGES[name].inputs:
         return None
     from llm.checkpoint import as_stage_input
 
     # A model input may also be a bare checkpoint dir (a step of a running or unpublished run).
     return lambda role, uri: as_stage_input(uri, endpoint_url=cfg.run.s3_endpoint) if role == "model" else None
+
+
+def _keyed(name: str, cfg: KilnConfig) -> tuple[dict[str, Any], str, ExternalInput | None]:
+    """What stage ``name``'s key is made of besides its inputs' hashes, and how its inputs are read:
+    (key config, code version, reader of inputs that are not stage outputs)."""
+    sd = STAGES[name]
+    return sd.key_config(cfg), sd.version, _external_input(cfg, name)
+
+
+def stage_key(name: str, cfg: KilnConfig, inputs: dict[str, str], store: Store | None = None) -> tuple[str, str]:
+    """(content key, output URI) of stage ``name`` for this config and these inputs, without running it.
+
+    The same derivation :func:`execute` runs the stage under (the same key rule, code version and
+    reading of inputs, bare checkpoint directories included), so an orchestrator's cache record and
+    the stage's output always agree.
+    """
+    config, version, external = _keyed(name, cfg)
+    key, uri, _ = output_address(store or Store(cfg.run.artifact_root, cfg.run.s3_endpoint), name, config, inputs,
+                                 version, external)
+    return key, uri
 
 
 def check_inputs(name: str, cfg: KilnConfig, inputs: dict[str, str], store: Store | None = None) -> None:
@@ -142,10 +162,14 @@ def execute(
     progress: bool = True,
     store: Store | None = None,
 ) -> StageResult:
-    """Run one stage (or reuse its verified output) and return its URI and manifest."""
+    """Run one stage (or reuse its verified output) and return its URI and manifest.
+
+    Its output is where :func:`stage_key` says: the same key rule, version and input reading.
+    """
     sd = STAGES[name]
     store = store or Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
     fn = sd.function()
+    config, version, external = _keyed(name, cfg)
 
     def body(out: StageOutput, manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
         # Only when computing: a reused output needs no devices (the stage may have run elsewhere).
@@ -155,5 +179,5 @@ def execute(
     check_inputs(name, cfg, inputs, store)
     from llm.torchrun import is_follower
 
-    return run_stage(store, name, sd.key_config(cfg), inputs, sd.version, body, force=force,
-                     external=_external_input(cfg, name), follower=sd.multinode and is_follower())
+    return run_stage(store, name, config, inputs, version, body, force=force, external=external,
+                     follower=sd.multinode and is_follower())
