@@ -4,13 +4,18 @@ Every stage reads its own section of :class:`KilnConfig`. Presets are YAML files
 ``llm/presets/``; ``key=value`` overrides are applied on top with dotted paths. Every
 model is ``extra="forbid"`` so a misspelt key is an error that names it, before any
 compute starts.
+
+A field marked ``Operational[...]`` changes how a stage runs, never what it produces (worker
+counts, logging and checkpoint cadence, timeouts): it is left out of the stage's cache key, so
+changing it finds the same output (and, for training, resumes the same ``.partial`` run). Every
+other field of a section a stage names is in its key (the one rule: llm/stages/registry.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -33,6 +38,31 @@ def _check_nproc(v: Any) -> Any:
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
         return v
     raise ValueError("must be an integer >= 1 or 'auto'")
+
+
+class _OperationalMark:
+    """The marker :data:`Operational` puts in a field's metadata (see the module docstring)."""
+
+    def __repr__(self) -> str:
+        return "Operational"
+
+
+OPERATIONAL = _OperationalMark()
+_T = TypeVar("_T")
+# ``workers: Operational[int] = 4``: the field stays out of every cache key.
+Operational = Annotated[_T, OPERATIONAL]
+
+
+def operational_exclude(model: type[BaseModel]) -> dict[str, Any]:
+    """pydantic's ``exclude`` spec for ``model``'s operational fields, nested sections included."""
+    spec: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        if any(m is OPERATIONAL for m in f.metadata):
+            spec[name] = True
+        elif isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            if nested := operational_exclude(f.annotation):
+                spec[name] = nested
+    return spec
 
 
 Nproc = Annotated[int | Literal["auto"], BeforeValidator(_check_nproc)]
@@ -67,12 +97,12 @@ class DownloadConfig(Section):
     # None = no budget; otherwise at least 1 (a negative count would slice files[:-1] silently).
     max_files: int | None = Field(None, ge=1)
     max_rows: int | None = Field(None, ge=1)
-    workers: int = 4
-    retries: int = 5
+    workers: Operational[int] = 4
+    retries: Operational[int] = 5
     # Seconds between attempts start at backoff_s and double each retry (capped at 30 s).
-    backoff_s: float = 0.5
+    backoff_s: Operational[float] = 0.5
     # Per-request connect/read timeout: a stall longer than this fails the attempt and retries it.
-    timeout_s: float = 60.0
+    timeout_s: Operational[float] = 60.0
     # The source's text column; written out as `text` (the data stages' contract).
     text_column: str = "text"
 
@@ -140,7 +170,7 @@ class LanguageFilterConfig(Section):
 
 
 class FilterConfig(Section):
-    workers: int = 2
+    workers: Operational[int] = 2
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
     c4: C4Config = C4Config()
@@ -153,7 +183,7 @@ class FilterConfig(Section):
 
 class DedupConfig(Section):
     # Processes for signatures (phase 1) and filtering (phase 4); the output does not depend on it.
-    workers: int = Field(2, ge=1)
+    workers: Operational[int] = Field(2, ge=1)
     ngram: int = Field(5, ge=1)
     # FineWeb's layout: 112 permutations as 14 bands x 8 rows (LSH threshold ~ (1/14)^(1/8) = 0.72).
     num_bands: int = Field(14, ge=1)
@@ -183,10 +213,11 @@ class TokenizerConfig(Section):
 
 
 class TokenizeConfig(Section):
-    workers: int = 2
+    workers: Operational[int] = 2
     val_fraction: float = 0.01
     shard_tokens: int = 100_000_000
-    batch_docs: int = 1024
+    # Documents per encode call: the shards come out the same whatever the batch.
+    batch_docs: Operational[int] = 1024
 
 
 # --------------------------------------------------------------------------- model / training
@@ -206,6 +237,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     # Whether the devices exist is checked when the stage starts (check_devices), not here:
     # a config is also built where the stage will not run (an orchestrator, `kiln config`).
+    # nproc is in the key on purpose: a checkpoint's loader state is laid out per rank.
     nproc: Nproc = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     device_batch_size: int = Field(32, ge=1)
@@ -231,19 +263,19 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     warmdown_frac: Fraction = 0.2
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    compile: bool = False
+    compile: Operational[bool] = False
     eval_every: int = Field(250, ge=0)  # 0 = only at the end
     eval_tokens: int = Field(10 * 524_288, ge=1)
-    log_every: int = Field(10, ge=1)
-    ckpt_every: int = Field(1000, ge=0)  # 0 = only at the end
-    keep_last: int = Field(2, ge=1)
+    log_every: Operational[int] = Field(10, ge=1)
+    ckpt_every: Operational[int] = Field(1000, ge=0)  # 0 = only at the end
+    keep_last: Operational[int] = Field(2, ge=1)
     sample_every: int = Field(0, ge=0)  # 0 = with every eval
     sample_prompts: list[str] = [
         "The capital of France is",
         "The tallest mountain in the world is",
         "If yesterday was Friday, then tomorrow will be",
     ]
-    nccl_env: dict[str, str] = {}
+    nccl_env: Operational[dict[str, str]] = {}
 
 
 class MidtrainConfig(TrainConfig):
@@ -295,21 +327,23 @@ class EvalConfig(Section):
     # Evaluate only these CORE task labels (quick checks); None = every task with data. A subset
     # is labelled CORE-subset-<n>, never CORE.
     tasks: list[str] | None = None
-    batch_tokens: int = Field(16384, ge=1)
+    # Results do not depend on how rows are packed into batches (tested).
+    batch_tokens: Operational[int] = Field(16384, ge=1)
     bpb_tokens: int = Field(1_048_576, ge=1)
     # Sequences longer than this are cropped from the left (None: the model's seq_len).
     max_seq_len: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Ranks for CORE/bpb: "auto" = every visible GPU (1 on CPU); >1 launches torchrun.
-    nproc: Nproc = "auto"
+    # Ranks for CORE/bpb: "auto" = every visible GPU (1 on CPU); >1 launches torchrun. Results do
+    # not depend on the rank count (tested).
+    nproc: Operational[Nproc] = "auto"
     sample_max_tokens: int = Field(32, ge=0)
     sample_prompts: list[str] = [
         "The tallest mountain in the world is",
         "The chemical symbol of gold is",
         "The opposite of hot is",
     ]
-    # Which training stages' models are evaluated.
-    stages: list[Literal["pretrain", "midtrain", "sft"]] = ["pretrain", "midtrain", "sft"]
+    # Which training stages' models a pipeline evaluates (one eval each); not how one is evaluated.
+    stages: Operational[list[Literal["pretrain", "midtrain", "sft"]]] = ["pretrain", "midtrain", "sft"]
 
 
 class ReportConfig(Section):
@@ -400,8 +434,9 @@ class KilnConfig(Section):
         return self
 
     def section(self, name: str) -> dict[str, Any]:
-        """The JSON-able dict of one section, used in stage cache keys."""
+        """The JSON-able dict of one section (all of it: a cache key leaves the operational fields out)."""
         return getattr(self, name).model_dump(mode="json")
+
 
 
 # --------------------------------------------------------------------------- loading
