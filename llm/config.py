@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Iterable, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -442,12 +442,23 @@ class KilnConfig(Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """Parse an override value as YAML so `3`, `1e-3`, `true`, `[a, b]` and `null` get types."""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", ...]`` as ``[("a.b", 3), ...]`` (the CLI's ``--set`` and a flow's list of overrides)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), parse_value(v)))
+    return out
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -539,16 +550,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
 def load_config(preset: str = "tiny", overrides: list[str] | dict[str, Any] | None = None) -> KilnConfig:
     """Load a preset and apply ``a.b=c`` overrides; raises :class:`ConfigError` naming the bad key."""
     data = load_preset_dict(preset)
-    items: list[tuple[str, Any]]
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for ov in overrides or []:
-            if "=" not in ov:
-                raise ConfigError(f"override {ov!r} must look like key=value")
-            k, v = ov.split("=", 1)
-            items.append((k.strip(), _parse_value(v)))
+    items = list(overrides.items()) if isinstance(overrides, dict) else parse_overrides(overrides or [])
     for k, v in items:
         _known_path(k)
         _set_dotted(data, k, v)
