@@ -342,8 +342,8 @@ class EvalConfig(Section):
         "The chemical symbol of gold is",
         "The opposite of hot is",
     ]
-    # Which training stages' models a pipeline evaluates (one eval each); not how one is evaluated.
-    stages: Operational[list[Literal["pretrain", "midtrain", "sft"]]] = ["pretrain", "midtrain", "sft"]
+    # Which model stages' outputs a pipeline evaluates (one eval each); not how one is evaluated.
+    stages: Operational[list[str]] = ["pretrain", "midtrain", "sft"]
 
 
 class ReportConfig(Section):
@@ -376,13 +376,27 @@ class OrchestrationConfig(Section):
     fail_once: list[str] = []
 
 
-STAGES = [
-    "download", "filter", "dedup", "tokenizer", "tokenize",
-    "pretrain", "midtrain", "sft", "eval", "report",
-]
-TRAIN_SECTIONS = ("pretrain", "midtrain", "sft")
-# The stages that pick devices; each reads `device` and `nproc` from its own config section.
-DEVICE_STAGES = (*TRAIN_SECTIONS, "eval")
+def _stage_names() -> tuple[list[str], list[str]]:
+    """(every stage, the stages whose output is a model), from the registry: the one list of stages.
+
+    Imported when a config is validated, not with this module: the registry imports this module.
+    """
+    from llm.stages.registry import STAGES
+
+    return list(STAGES), [n for n, sd in STAGES.items() if sd.produces == "model"]
+
+
+def _unknown_stages(cfg: "KilnConfig") -> str | None:
+    """Why a list of stage names in ``cfg`` names a stage it cannot (one message naming the key)."""
+    names, models = _stage_names()
+    checks = (("orchestration.force", [s for s in cfg.orchestration.force if s != "all"], names, "unknown stages"),
+              ("orchestration.fail_once", cfg.orchestration.fail_once, names, "unknown stages"),
+              ("eval.stages", cfg.eval.stages, models, "stages that make no model"))
+    for key, given, known, what in checks:
+        bad = [s for s in given if s not in known]
+        if bad:
+            return f"{key} names {what} {bad}; known: {known}"
+    return None
 
 
 def _batch_problem(name: str, tr: TrainConfig, seq_len: int) -> str | None:
@@ -422,12 +436,9 @@ class KilnConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "KilnConfig":
-        bad = [s for s in self.orchestration.force if s not in STAGES and s != "all"]
-        if bad:
-            raise ValueError(f"orchestration.force names unknown stages {bad}; known: {STAGES}")
-        bad = [s for s in self.orchestration.fail_once if s not in STAGES]
-        if bad:
-            raise ValueError(f"orchestration.fail_once names unknown stages {bad}; known: {STAGES}")
+        unknown = _unknown_stages(self)
+        if unknown:
+            raise ValueError(unknown)
         problems = [p for name in TRAIN_SECTIONS if (p := _batch_problem(name, getattr(self, name), self.model.seq_len))]
         if problems:
             raise ValueError("; ".join(problems))
@@ -437,6 +448,16 @@ class KilnConfig(Section):
         """The JSON-able dict of one section (all of it: a cache key leaves the operational fields out)."""
         return getattr(self, name).model_dump(mode="json")
 
+
+def _sections_with(field: str) -> tuple[str, ...]:
+    return tuple(n for n, f in KilnConfig.model_fields.items() if isinstance(f.annotation, type)
+                 and issubclass(f.annotation, BaseModel) and field in f.annotation.model_fields)
+
+
+# The training sections (their batch is checked above), and the stages that pick devices: each
+# reads `device` and `nproc` from its own config section, named like the stage.
+TRAIN_SECTIONS = _sections_with("total_batch_tokens")
+DEVICE_STAGES = _sections_with("device")
 
 
 # --------------------------------------------------------------------------- loading

@@ -297,8 +297,8 @@ def stage_deployment_task(
     logger = get_run_logger()
     name = deployment_name(stage, cfg)
     params = {"config": config, "inputs": inputs, "force": force, "mlflow_run_id": mlflow_run_id}
-    if stage == "eval" and label and label.startswith("eval_"):
-        params["model_stage"] = label[len("eval_"):]  # names the child's task eval_<stage>
+    if STAGES[stage].per_model and label and label.startswith(f"{stage}_"):
+        params["model_stage"] = label[len(stage) + 1:]  # names the child's task <stage>_<model stage>
     flow_run = run_deployment(
         name,
         parameters=params,

@@ -64,6 +64,12 @@ def test_bad_force_stage() -> None:
         load_config("tiny", ["orchestration.force=[pretrainn]"])
 
 
+def test_eval_stages_must_name_model_stages() -> None:
+    with pytest.raises(ConfigError, match=r"eval\.stages names stages that make no model \['tokenize'\]"):
+        load_config("tiny", ["eval.stages=[pretrain, tokenize]"])
+    assert load_config("tiny", ["eval.stages=[sft]"]).eval.stages == ["sft"]
+
+
 def test_cli_rejects_bad_key_before_compute(capsys) -> None:
     assert kiln(["pretrain", "--set", "pretrain.nope=1"]) == 2
     assert "unknown config key 'pretrain.nope'" in capsys.readouterr().err

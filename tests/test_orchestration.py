@@ -385,6 +385,53 @@ def test_compose_file_structure_without_a_client():
     assert "minio/minio" not in text  # the Docker Hub image is gone (2026)
 
 
+# --------------------------------------------------------------------------- full-pipeline walks the plan
+
+
+class _FakeRunner:
+    """Stands in for full_pipeline's runner: records what it starts, submits and waits for."""
+
+    def __init__(self, remote: bool):
+        self.remote, self.log = remote, []
+
+    def start(self, step, uris):
+        from llm.stages.registry import STAGES
+
+        assert all(label in uris for label in step.inputs.values()), f"{step.label} started before its inputs"
+        if self.remote and STAGES[step.stage].gpu:
+            self.log.append(f"submit {step.label}")
+            return step.label
+        self.log.append(f"run {step.label}")
+        uris[step.label] = f"uri-{step.label}"
+        return None
+
+    def collect(self, pending):
+        self.log.append(f"wait {pending}")
+        return {"uri": f"uri-{pending}"}
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_full_pipeline_starts_each_step_once_its_inputs_exist(remote):
+    """In one process: the plan's order. With deployments: an eval is submitted as soon as its model
+    exists and runs while the next training stage trains; the flow waits only for what comes next."""
+    from flows.full_pipeline import _run_plan
+    from llm.config import load_config
+    from llm.stages.pipeline import plan
+
+    steps = plan(load_config("tiny"))
+    runner, uris, pending = _FakeRunner(remote), {}, {}
+    _run_plan(runner, steps, uris, pending)
+    assert set(uris) == {s.label for s in steps} and not pending
+    if not remote:
+        assert runner.log == [f"run {s.label}" for s in steps]
+        return
+    data = [f"run {s}" for s in ("download", "filter", "dedup", "tokenizer", "tokenize")]
+    assert runner.log == data + [
+        "submit pretrain", "wait pretrain", "submit midtrain", "submit eval_pretrain", "wait midtrain",
+        "submit sft", "submit eval_midtrain", "wait sft", "submit eval_sft",
+        "wait eval_pretrain", "wait eval_midtrain", "wait eval_sft", "run report"]
+
+
 # --------------------------------------------------------------------------- a bare checkpoint through Prefect
 
 from test_data_flow import prefect_env  # noqa: E402,F401  (pytest fixture: a throwaway Prefect server)

@@ -13,7 +13,7 @@ A stage implementation is a plain function::
 files are). It writes files under ``out.workdir`` (``out.path(rel)``) and returns
 ``{"counts": {...}, ...}`` which lands in the manifest.
 
-The key rule is the same for every stage (:func:`key_config`): each config section the stage
+The key rule is the same for every stage (:meth:`StageDef.key_config`): each config section the stage
 names, minus the fields llm/config.py marks ``Operational``, plus the run seed where the stage
 uses it, plus the few true extras a stage's ``key_extras`` hook adds (a file's hash, a resolved
 source). The code version is explicit and bumped by hand when a stage's output would change for
