@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -320,6 +320,17 @@ class ChatDataConfig(Section):
 # --------------------------------------------------------------------------- eval / report
 
 
+def _model_stage(name: str) -> str:
+    """A stage whose output is a model (the registry says which), said as a Literal's error would."""
+    models = _stage_names()[1]
+    if name not in models:
+        raise ValueError("Input should be " + ", ".join(f"'{m}'" for m in models[:-1]) + f" or '{models[-1]}'")
+    return name
+
+
+ModelStage = Annotated[str, AfterValidator(_model_stage)]
+
+
 class EvalConfig(Section):
     bundle: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
     bundle_sha256: str = ""
@@ -343,7 +354,7 @@ class EvalConfig(Section):
         "The opposite of hot is",
     ]
     # Which model stages' outputs a pipeline evaluates (one eval each); not how one is evaluated.
-    stages: Operational[list[str]] = ["pretrain", "midtrain", "sft"]
+    stages: Operational[list[ModelStage]] = ["pretrain", "midtrain", "sft"]
 
 
 class ReportConfig(Section):
@@ -387,15 +398,13 @@ def _stage_names() -> tuple[list[str], list[str]]:
 
 
 def _unknown_stages(cfg: "KilnConfig") -> str | None:
-    """Why a list of stage names in ``cfg`` names a stage it cannot (one message naming the key)."""
-    names, models = _stage_names()
-    checks = (("orchestration.force", [s for s in cfg.orchestration.force if s != "all"], names, "unknown stages"),
-              ("orchestration.fail_once", cfg.orchestration.fail_once, names, "unknown stages"),
-              ("eval.stages", cfg.eval.stages, models, "stages that make no model"))
-    for key, given, known, what in checks:
-        bad = [s for s in given if s not in known]
+    """Why a list of stage names in ``cfg`` names no stage (one message naming the key)."""
+    names = _stage_names()[0]
+    for key, given in (("orchestration.force", [s for s in cfg.orchestration.force if s != "all"]),
+                       ("orchestration.fail_once", cfg.orchestration.fail_once)):
+        bad = [s for s in given if s not in names]
         if bad:
-            return f"{key} names {what} {bad}; known: {known}"
+            return f"{key} names unknown stages {bad}; known: {names}"
     return None
 
 

@@ -65,7 +65,8 @@ def test_bad_force_stage() -> None:
 
 
 def test_eval_stages_must_name_model_stages() -> None:
-    with pytest.raises(ConfigError, match=r"eval\.stages names stages that make no model \['tokenize'\]"):
+    # The registry says which stages make a model; a data stage is refused like a misspelt name.
+    with pytest.raises(ConfigError, match=r"eval\.stages\.1: Input should be 'pretrain', 'midtrain' or 'sft' \(got 'tokenize'\)"):
         load_config("tiny", ["eval.stages=[pretrain, tokenize]"])
     assert load_config("tiny", ["eval.stages=[sft]"]).eval.stages == ["sft"]
 
