@@ -1,7 +1,7 @@
-"""The data flow: download -> filter -> dedup -> tokenizer -> tokenize, as Prefect tasks.
+"""The data flow: the registry's data stages (download -> filter -> dedup -> tokenizer -> tokenize), as Prefect tasks.
 
-A subset of ``full-pipeline`` for iterating on data: same cached stage tasks, same keys, so
-a later ``full-pipeline`` run finds these stages ``Cached``.
+A subset of ``full-pipeline`` for iterating on data: the same plan's first steps, the same cached
+stage tasks and keys, so a later ``full-pipeline`` run finds these stages ``Cached``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from typing import Any
 from prefect import flow
 
 from flows.settings import flow_config
+from llm.stages.pipeline import plan
 from llm.stages.registry import STAGES
 from tasks.stage_tasks import run_stage_task
 
-DATA_STAGES = ["download", "filter", "dedup", "tokenizer", "tokenize"]
+DATA_STAGES = [name for name, sd in STAGES.items() if sd.data]
 
 
 @flow(name="data", log_prints=True)
@@ -23,11 +24,11 @@ def data_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None
     cfg = flow_config(preset, overrides)
     force = set(force or []) | set(cfg.orchestration.force)
     uris: dict[str, str] = {}
-    for name in DATA_STAGES:
-        inputs = {role: uris[up] for role, up in STAGES[name].inputs.items()}
-        summary, cached = run_stage_task(name, cfg, inputs, force=name in force or "all" in force)
-        uris[name] = summary["uri"]
-        print(f"[kiln] {name}: {'cached' if cached else 'computed'} -> {summary['uri']}")
+    for step in [s for s in plan(cfg) if s.stage in DATA_STAGES]:
+        inputs = {role: uris[label] for role, label in step.inputs.items()}
+        summary, cached = run_stage_task(step.stage, cfg, inputs, force=step.stage in force or "all" in force)
+        uris[step.label] = summary["uri"]
+        print(f"[kiln] {step.label}: {'cached' if cached else 'computed'} -> {summary['uri']}")
     return uris
 
 

@@ -4,8 +4,8 @@
                                                           ↓           ↓        ↓
                                                    eval_pretrain eval_midtrain eval_sft → export → report
 
-Same shape as ``llm.stages.pipeline.run_pipeline`` (one task per stage, stages pass artifact URIs).
-Every stage task is cached on its content key (tasks/stage_tasks.py), so an unchanged config
+The steps are ``llm.stages.pipeline.plan``'s, the same ``kiln run`` walks (one task per step,
+steps pass artifact URIs). Every stage task is cached on its content key (tasks/stage_tasks.py), so an unchanged config
 finishes with every stage ``Cached``; ``force`` recomputes the named stages (``eval`` means
 every eval, ``all`` everything).
 
@@ -30,9 +30,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 
-from llm.config import STAGES as STAGE_NAMES
 from llm.config import ConfigError, KilnConfig
-from llm.stages.pipeline import CHAIN, export_inputs
+from llm.stages.pipeline import Step, plan
 from llm.stages.registry import STAGES
 from flows.settings import flow_config
 from tasks.stage_tasks import resolve_future, run_stage_task, submit_stage_task
@@ -52,6 +51,9 @@ def _flow_run_and_url() -> tuple[Any, str | None]:
     return ctx.flow_run, url
 
 
+Pending = tuple[str, str, PrefectFuture]  # (stage, label, future) of a submitted step
+
+
 class _Runner:
     """Runs stages for one flow run: routing, tracking, a status line per stage."""
 
@@ -65,6 +67,15 @@ class _Runner:
     def _force(self, name: str) -> bool:
         return "all" in self.forced or name in self.forced
 
+    def start(self, step: Step, uris: dict[str, str]) -> Pending | None:
+        """Start ``step`` on the outputs in ``uris``: run it now and record its URI, or, for a gpu stage
+        with deployments, submit it and return what :meth:`collect` waits on."""
+        inputs = {role: uris[label] for role, label in step.inputs.items()}
+        if self.remote and STAGES[step.stage].gpu:
+            return self.submit(step.stage, step.label, inputs)
+        uris[step.label] = self.run(step.stage, step.label, inputs)["uri"]
+        return None
+
     def run(self, name: str, label: str, inputs: dict[str, str]) -> dict[str, Any]:
         try:
             run_id = self.tracker.stage_start(label, name)
@@ -76,7 +87,7 @@ class _Runner:
             raise
         return self._done(name, label, summary, cached)
 
-    def submit(self, name: str, label: str, inputs: dict[str, str]) -> tuple[str, str, PrefectFuture]:
+    def submit(self, name: str, label: str, inputs: dict[str, str]) -> Pending:
         try:
             run_id = self.tracker.stage_start(label, name)
             fut = submit_stage_task(name, self.cfg, inputs, force=self._force(name), label=label,
@@ -87,7 +98,7 @@ class _Runner:
             raise
         return name, label, fut
 
-    def collect(self, pending: tuple[str, str, PrefectFuture]) -> dict[str, Any]:
+    def collect(self, pending: Pending) -> dict[str, Any]:
         name, label, fut = pending
         try:
             summary, cached = resolve_future(fut)
@@ -118,9 +129,9 @@ def full_pipeline(
     """
     cfg = flow_config(preset, overrides)
     forced = set(force or []) | set(cfg.orchestration.force)
-    unknown = forced - set(STAGE_NAMES) - {"all"}
+    unknown = forced - set(STAGES) - {"all"}
     if unknown:
-        raise ConfigError(f"force names unknown stages {sorted(unknown)}; known: {STAGE_NAMES}")
+        raise ConfigError(f"force names unknown stages {sorted(unknown)}; known: {list(STAGES)}")
     flow_run, flow_url = _flow_run_and_url()
     tracker = PipelineTracker.start(
         cfg, params={"preset": preset, "overrides": overrides or {}, "force": sorted(forced)},
@@ -131,30 +142,18 @@ def full_pipeline(
     print(f"[kiln] MLflow run: {tracker.url}")
     runner = _Runner(cfg, tracker, forced)
     uris: dict[str, str] = {}
-    pending: list[tuple[str, str, PrefectFuture]] = []
+    pending: dict[str, Pending] = {}
     try:
-        for name in CHAIN:
-            inputs = {role: uris[up] for role, up in STAGES[name].inputs.items()}
-            uris[name] = runner.run(name, name, inputs)["uri"]
-            if name in cfg.eval.stages and runner.remote:  # evaluate while the next stage trains
-                pending.append(runner.submit("eval", f"eval_{name}", _eval_inputs(uris, name)))
-        for model_stage in cfg.eval.stages:
-            if not runner.remote:
-                uris[f"eval_{model_stage}"] = runner.run("eval", f"eval_{model_stage}", _eval_inputs(uris, model_stage))["uri"]
-        while pending:
-            p = pending.pop(0)
-            uris[p[1]] = runner.collect(p)["uri"]
-        uris["export"] = runner.run("export", "export", export_inputs(uris))["uri"]
-        uris["report"] = runner.run("report", "report", dict(uris))["uri"]
+        _run_plan(runner, plan(cfg), uris, pending)
         markdown = tracker.log_report(uris["report"])
         if markdown and flow_run is not None:
             create_markdown_artifact(markdown=markdown, key="kiln-report",
                                      description=f"Kiln report, preset {cfg.preset}, output {uris['report']}")
         tracker.finish(ok=True)
     except BaseException as e:
-        # Evals already running finish (and are cached) before this run fails, so a retry of
+        # Steps already running (evals) finish (and are cached) before this run fails, so a retry of
         # this run does not redo them; their own errors are recorded on their child runs.
-        for p in pending:
+        for p in pending.values():
             try:
                 runner.collect(p)
             except BaseException:  # noqa: BLE001, S110 - the first error is the one to report
@@ -165,8 +164,27 @@ def full_pipeline(
     return uris
 
 
-def _eval_inputs(uris: dict[str, str], model_stage: str) -> dict[str, str]:
-    return {"model": uris[model_stage], "tokenizer": uris["tokenizer"], "tokens": uris["tokenize"]}
+def _run_plan(runner: _Runner, steps: list[Step], uris: dict[str, str], pending: dict[str, Pending]) -> None:
+    """Run ``steps``, filling ``uris`` {label: output URI}; ``pending`` holds the submitted ones.
+
+    Each step starts as soon as its inputs exist, in plan order. In this process that is the plan's
+    order, one after the other. With deployments a gpu step is submitted and the flow goes on, so an
+    eval runs on the gpu pool while the next training stage trains; the flow waits for a submitted
+    step only when the next step in plan order needs it (and for all of them at the end).
+    """
+    todo = list(steps)
+    while todo:
+        ready = next((s for s in todo if all(label in uris for label in s.inputs.values())), None)
+        if ready is None:  # wait for the oldest submitted step the first waiting one reads
+            label = next(label for label in pending if label in todo[0].inputs.values())
+            uris[label] = runner.collect(pending.pop(label))["uri"]
+            continue
+        todo.remove(ready)
+        if (p := runner.start(ready, uris)) is not None:
+            pending[ready.label] = p
+    while pending:
+        label = next(iter(pending))
+        uris[label] = runner.collect(pending.pop(label))["uri"]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Any
 
-from llm.config import ConfigError, KilnConfig, load_config
+from llm.config import ConfigError, KilnConfig, load_config, parse_overrides
 
 
 def site_overrides() -> dict[str, Any]:
@@ -37,11 +37,5 @@ def flow_config(preset: str, overrides: dict[str, Any] | list[str] | None) -> Ki
     if isinstance(overrides, dict):
         merged.update(overrides)
     elif overrides:
-        from llm.config import _parse_value
-
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like key=value")
-            k, v = item.split("=", 1)
-            merged[k.strip()] = _parse_value(v)
+        merged.update(parse_overrides(overrides))
     return load_config(preset, merged)

@@ -56,9 +56,9 @@ def filter_sharded(preset: str = "tiny", overrides: dict[str, Any] | list[str] |
     """Filter every shard of ``inputs["docs"]`` (default: this config's download output) as Dask tasks."""
     cfg = flow_config(preset, overrides)
     if not inputs:
-        from llm.stages.pipeline import run_pipeline
+        from llm.stages.pipeline import step, upstream_inputs
 
-        inputs = {"docs": run_pipeline(cfg, until="download", progress=False)["download"].uri}
+        inputs = upstream_inputs(cfg, step("filter"), progress=False)
     sd = STAGES["filter"]
     res = run_stage(Store(cfg.run.artifact_root, cfg.run.s3_endpoint), "filter", sd.key_config(cfg), inputs,
                     sd.version, _body(cfg), force=force)

@@ -14,40 +14,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import Flow, flow
 
 from flows.settings import flow_config
 from llm.config import KilnConfig
-from llm.stages.pipeline import eval_inputs, export_inputs, report_inputs, run_pipeline
+from llm.stages.pipeline import target_step, upstream_inputs
 from llm.stages.registry import STAGES
 from tasks.stage_tasks import run_stage_task
 
 
-def _upstream_inputs(stage: str, cfg: KilnConfig, model_stage: str) -> dict[str, str]:
-    """Inputs of ``stage`` found (or computed) by content key, in this process."""
-    if stage == "report":
-        return report_inputs(run_pipeline(cfg, until="export", progress=False))
-    if stage == "export":
-        return export_inputs({label: r.uri for label, r in run_pipeline(cfg, until="eval", progress=False).items()})
-    if stage == "eval":
-        return eval_inputs(run_pipeline(cfg, until=model_stage, progress=False), model_stage)
-    ups = STAGES[stage].inputs
-    if not ups:
-        return {}
-    from llm.stages.pipeline import CHAIN
-
-    results = run_pipeline(cfg, until=max(ups.values(), key=CHAIN.index), progress=False)
-    return {role: results[up].uri for role, up in ups.items()}
-
-
 def run_one(stage: str, *, preset: str, overrides: dict[str, Any] | list[str] | None, inputs: dict[str, str] | None,
             force: bool, mlflow_run_id: str | None, config: dict[str, Any] | None,
-            model_stage: str = "sft") -> dict[str, Any]:
+            model_stage: str | None = None) -> dict[str, Any]:
     cfg = KilnConfig.model_validate(config) if config else flow_config(preset, overrides)
-    inputs = dict(inputs or {})
-    if not inputs and (STAGES[stage].inputs or stage == "report"):
-        inputs = _upstream_inputs(stage, cfg, model_stage)
-    label = f"eval_{model_stage}" if stage == "eval" else stage
+    target = target_step(cfg, stage, model_stage)
+    inputs = dict(inputs or {}) or upstream_inputs(cfg, target, progress=False)
+    label = target.label
     if mlflow_run_id is None:  # alone: a small tree of its own (this flow run -> the stage)
         from prefect.context import FlowRunContext
 
@@ -74,103 +56,34 @@ def run_one(stage: str, *, preset: str, overrides: dict[str, Any] | list[str] | 
     return summary
 
 
-# One function per stage (deployment entrypoints must be module-level functions).
-# Parameters: preset/overrides (or a full `config` dict, which wins), explicit `inputs`
-# {role: URI} (default: found by content key), `force`, and `mlflow_run_id` (the run to log into).
+# One flow per stage, built from the registry. Parameters: preset/overrides (or a full `config` dict,
+# which wins), explicit `inputs` {role: URI} (default: found by content key), `force`, and
+# `mlflow_run_id` (the run to log into); a per-model stage (eval) also takes `model_stage`.
 
 
-@flow(name="download", log_prints=True)
-def download_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-                  inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-                  config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("download", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
+def _stage_flow(name: str) -> Flow:
+    """The flow ``name`` (a deployment's entrypoint is ``flows/stage_flows.py:<name>_flow``)."""
+    sd = STAGES[name]
+    default_model = sd.inputs.get("model", "")  # a per-model stage's model when `model_stage` is not given
 
-
-@flow(name="filter", log_prints=True)
-def filter_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-                inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-                config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("filter", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-@flow(name="dedup", log_prints=True)
-def dedup_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-               inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-               config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("dedup", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-@flow(name="tokenizer", log_prints=True)
-def tokenizer_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
+    def stage_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
                    inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
                    config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("tokenizer", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
+        return run_one(name, preset=preset, overrides=overrides, inputs=inputs, force=force,
+                       mlflow_run_id=mlflow_run_id, config=config)
+
+    def per_model_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
+                       inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
+                       config: dict[str, Any] | None = None, model_stage: str = default_model) -> dict[str, Any]:
+        return run_one(name, preset=preset, overrides=overrides, inputs=inputs, force=force,
+                       mlflow_run_id=mlflow_run_id, config=config, model_stage=model_stage)
+
+    fn = per_model_flow if sd.per_model else stage_flow
+    fn.__name__ = fn.__qualname__ = f"{name}_flow"
+    fn.__doc__ = f"Stage {name!r}: {sd.description}." + (
+        " ``model_stage`` (a model stage) picks the checkpoint when ``inputs`` is not given." if sd.per_model else "")
+    return flow(name=name, log_prints=True)(fn)
 
 
-@flow(name="tokenize", log_prints=True)
-def tokenize_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-                  inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-                  config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("tokenize", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-@flow(name="pretrain", log_prints=True)
-def pretrain_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-                  inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-                  config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("pretrain", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-@flow(name="midtrain", log_prints=True)
-def midtrain_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-                  inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-                  config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("midtrain", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-@flow(name="sft", log_prints=True)
-def sft_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-             inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-             config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("sft", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-@flow(name="eval", log_prints=True)
-def eval_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-              inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-              config: dict[str, Any] | None = None, model_stage: str = "sft") -> dict[str, Any]:
-    """``model_stage`` (pretrain/midtrain/sft) picks the checkpoint when ``inputs`` is not given."""
-    return run_one("eval", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config, model_stage=model_stage)
-
-
-@flow(name="export", log_prints=True)
-def export_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-                inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-                config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("export", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-@flow(name="report", log_prints=True)
-def report_flow(preset: str = "tiny", overrides: dict[str, Any] | list[str] | None = None,
-                inputs: dict[str, str] | None = None, force: bool = False, mlflow_run_id: str | None = None,
-                config: dict[str, Any] | None = None) -> dict[str, Any]:
-    return run_one("report", preset=preset, overrides=overrides, inputs=inputs, force=force,
-                   mlflow_run_id=mlflow_run_id, config=config)
-
-
-STAGE_FLOWS = {
-    "download": download_flow, "filter": filter_flow, "dedup": dedup_flow, "tokenizer": tokenizer_flow,
-    "tokenize": tokenize_flow, "pretrain": pretrain_flow, "midtrain": midtrain_flow, "sft": sft_flow,
-    "eval": eval_flow, "export": export_flow, "report": report_flow,
-}
-assert set(STAGE_FLOWS) == set(STAGES), "every registered stage needs a flow here"
+STAGE_FLOWS: dict[str, Flow] = {name: _stage_flow(name) for name in STAGES}
+globals().update({f"{name}_flow": f for name, f in STAGE_FLOWS.items()})  # download_flow, ..., report_flow

@@ -4,16 +4,21 @@ Every stage reads its own section of :class:`KilnConfig`. Presets are YAML files
 ``llm/presets/``; ``key=value`` overrides are applied on top with dotted paths. Every
 model is ``extra="forbid"`` so a misspelt key is an error that names it, before any
 compute starts.
+
+A field marked ``Operational[...]`` changes how a stage runs, never what it produces (worker
+counts, logging and checkpoint cadence, timeouts): it is left out of the stage's cache key, so
+changing it finds the same output (and, for training, resumes the same ``.partial`` run). Every
+other field of a section a stage names is in its key (the one rule: llm/stages/registry.py).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Iterable, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -33,6 +38,31 @@ def _check_nproc(v: Any) -> Any:
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
         return v
     raise ValueError("must be an integer >= 1 or 'auto'")
+
+
+class _OperationalMark:
+    """The marker :data:`Operational` puts in a field's metadata (see the module docstring)."""
+
+    def __repr__(self) -> str:
+        return "Operational"
+
+
+OPERATIONAL = _OperationalMark()
+_T = TypeVar("_T")
+# ``workers: Operational[int] = 4``: the field stays out of every cache key.
+Operational = Annotated[_T, OPERATIONAL]
+
+
+def operational_exclude(model: type[BaseModel]) -> dict[str, Any]:
+    """pydantic's ``exclude`` spec for ``model``'s operational fields, nested sections included."""
+    spec: dict[str, Any] = {}
+    for name, f in model.model_fields.items():
+        if any(m is OPERATIONAL for m in f.metadata):
+            spec[name] = True
+        elif isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            if nested := operational_exclude(f.annotation):
+                spec[name] = nested
+    return spec
 
 
 Nproc = Annotated[int | Literal["auto"], BeforeValidator(_check_nproc)]
@@ -67,12 +97,12 @@ class DownloadConfig(Section):
     # None = no budget; otherwise at least 1 (a negative count would slice files[:-1] silently).
     max_files: int | None = Field(None, ge=1)
     max_rows: int | None = Field(None, ge=1)
-    workers: int = 4
-    retries: int = 5
+    workers: Operational[int] = 4
+    retries: Operational[int] = 5
     # Seconds between attempts start at backoff_s and double each retry (capped at 30 s).
-    backoff_s: float = 0.5
+    backoff_s: Operational[float] = 0.5
     # Per-request connect/read timeout: a stall longer than this fails the attempt and retries it.
-    timeout_s: float = 60.0
+    timeout_s: Operational[float] = 60.0
     # The source's text column; written out as `text` (the data stages' contract).
     text_column: str = "text"
 
@@ -140,7 +170,7 @@ class LanguageFilterConfig(Section):
 
 
 class FilterConfig(Section):
-    workers: int = 2
+    workers: Operational[int] = 2
     gopher_quality: GopherQualityConfig = GopherQualityConfig()
     gopher_repetition: GopherRepetitionConfig = GopherRepetitionConfig()
     c4: C4Config = C4Config()
@@ -153,7 +183,7 @@ class FilterConfig(Section):
 
 class DedupConfig(Section):
     # Processes for signatures (phase 1) and filtering (phase 4); the output does not depend on it.
-    workers: int = Field(2, ge=1)
+    workers: Operational[int] = Field(2, ge=1)
     ngram: int = Field(5, ge=1)
     # FineWeb's layout: 112 permutations as 14 bands x 8 rows (LSH threshold ~ (1/14)^(1/8) = 0.72).
     num_bands: int = Field(14, ge=1)
@@ -183,10 +213,11 @@ class TokenizerConfig(Section):
 
 
 class TokenizeConfig(Section):
-    workers: int = 2
+    workers: Operational[int] = 2
     val_fraction: float = 0.01
     shard_tokens: int = 100_000_000
-    batch_docs: int = 1024
+    # Documents per encode call: the shards come out the same whatever the batch.
+    batch_docs: Operational[int] = 1024
 
 
 # --------------------------------------------------------------------------- model / training
@@ -206,6 +237,7 @@ class ModelConfig(Section):
 class TrainConfig(Section):
     # Whether the devices exist is checked when the stage starts (check_devices), not here:
     # a config is also built where the stage will not run (an orchestrator, `kiln config`).
+    # nproc is in the key on purpose: a checkpoint's loader state is laid out per rank.
     nproc: Nproc = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     device_batch_size: int = Field(32, ge=1)
@@ -231,19 +263,19 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     warmdown_frac: Fraction = 0.2
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    compile: bool = False
+    compile: Operational[bool] = False
     eval_every: int = Field(250, ge=0)  # 0 = only at the end
     eval_tokens: int = Field(10 * 524_288, ge=1)
-    log_every: int = Field(10, ge=1)
-    ckpt_every: int = Field(1000, ge=0)  # 0 = only at the end
-    keep_last: int = Field(2, ge=1)
+    log_every: Operational[int] = Field(10, ge=1)
+    ckpt_every: Operational[int] = Field(1000, ge=0)  # 0 = only at the end
+    keep_last: Operational[int] = Field(2, ge=1)
     sample_every: int = Field(0, ge=0)  # 0 = with every eval
     sample_prompts: list[str] = [
         "The capital of France is",
         "The tallest mountain in the world is",
         "If yesterday was Friday, then tomorrow will be",
     ]
-    nccl_env: dict[str, str] = {}
+    nccl_env: Operational[dict[str, str]] = {}
 
 
 class MidtrainConfig(TrainConfig):
@@ -288,6 +320,17 @@ class ChatDataConfig(Section):
 # --------------------------------------------------------------------------- eval / report
 
 
+def _model_stage(name: str) -> str:
+    """A stage whose output is a model (the registry says which), said as a Literal's error would."""
+    models = _stage_names()[1]
+    if name not in models:
+        raise ValueError("Input should be " + ", ".join(f"'{m}'" for m in models[:-1]) + f" or '{models[-1]}'")
+    return name
+
+
+ModelStage = Annotated[str, AfterValidator(_model_stage)]
+
+
 class EvalConfig(Section):
     bundle: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
     bundle_sha256: str = ""
@@ -295,21 +338,23 @@ class EvalConfig(Section):
     # Evaluate only these CORE task labels (quick checks); None = every task with data. A subset
     # is labelled CORE-subset-<n>, never CORE.
     tasks: list[str] | None = None
-    batch_tokens: int = Field(16384, ge=1)
+    # Results do not depend on how rows are packed into batches (tested).
+    batch_tokens: Operational[int] = Field(16384, ge=1)
     bpb_tokens: int = Field(1_048_576, ge=1)
     # Sequences longer than this are cropped from the left (None: the model's seq_len).
     max_seq_len: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # Ranks for CORE/bpb: "auto" = every visible GPU (1 on CPU); >1 launches torchrun.
-    nproc: Nproc = "auto"
+    # Ranks for CORE/bpb: "auto" = every visible GPU (1 on CPU); >1 launches torchrun. Results do
+    # not depend on the rank count (tested).
+    nproc: Operational[Nproc] = "auto"
     sample_max_tokens: int = Field(32, ge=0)
     sample_prompts: list[str] = [
         "The tallest mountain in the world is",
         "The chemical symbol of gold is",
         "The opposite of hot is",
     ]
-    # Which training stages' models are evaluated.
-    stages: list[Literal["pretrain", "midtrain", "sft"]] = ["pretrain", "midtrain", "sft"]
+    # Which model stages' outputs a pipeline evaluates (one eval each); not how one is evaluated.
+    stages: Operational[list[ModelStage]] = ["pretrain", "midtrain", "sft"]
 
 
 class ExportConfig(Section):
@@ -349,13 +394,25 @@ class OrchestrationConfig(Section):
     fail_once: list[str] = []
 
 
-STAGES = [
-    "download", "filter", "dedup", "tokenizer", "tokenize",
-    "pretrain", "midtrain", "sft", "eval", "export", "report",
-]
-TRAIN_SECTIONS = ("pretrain", "midtrain", "sft")
-# The stages that pick devices; each reads `device` and `nproc` from its own config section.
-DEVICE_STAGES = (*TRAIN_SECTIONS, "eval")
+def _stage_names() -> tuple[list[str], list[str]]:
+    """(every stage, the stages whose output is a model), from the registry: the one list of stages.
+
+    Imported when a config is validated, not with this module: the registry imports this module.
+    """
+    from llm.stages.registry import STAGES
+
+    return list(STAGES), [n for n, sd in STAGES.items() if sd.produces == "model"]
+
+
+def _unknown_stages(cfg: "KilnConfig") -> str | None:
+    """Why a list of stage names in ``cfg`` names no stage (one message naming the key)."""
+    names = _stage_names()[0]
+    for key, given in (("orchestration.force", [s for s in cfg.orchestration.force if s != "all"]),
+                       ("orchestration.fail_once", cfg.orchestration.fail_once)):
+        bad = [s for s in given if s not in names]
+        if bad:
+            return f"{key} names unknown stages {bad}; known: {names}"
+    return None
 
 
 def _batch_problem(name: str, tr: TrainConfig, seq_len: int) -> str | None:
@@ -396,31 +453,50 @@ class KilnConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "KilnConfig":
-        bad = [s for s in self.orchestration.force if s not in STAGES and s != "all"]
-        if bad:
-            raise ValueError(f"orchestration.force names unknown stages {bad}; known: {STAGES}")
-        bad = [s for s in self.orchestration.fail_once if s not in STAGES]
-        if bad:
-            raise ValueError(f"orchestration.fail_once names unknown stages {bad}; known: {STAGES}")
+        unknown = _unknown_stages(self)
+        if unknown:
+            raise ValueError(unknown)
         problems = [p for name in TRAIN_SECTIONS if (p := _batch_problem(name, getattr(self, name), self.model.seq_len))]
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     def section(self, name: str) -> dict[str, Any]:
-        """The JSON-able dict of one section, used in stage cache keys."""
+        """The JSON-able dict of one section (all of it: a cache key leaves the operational fields out)."""
         return getattr(self, name).model_dump(mode="json")
+
+
+def _sections_with(field: str) -> tuple[str, ...]:
+    return tuple(n for n, f in KilnConfig.model_fields.items() if isinstance(f.annotation, type)
+                 and issubclass(f.annotation, BaseModel) and field in f.annotation.model_fields)
+
+
+# The training sections (their batch is checked above), and the stages that pick devices: each
+# reads `device` and `nproc` from its own config section, named like the stage.
+TRAIN_SECTIONS = _sections_with("total_batch_tokens")
+DEVICE_STAGES = _sections_with("device")
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_value(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """Parse an override value as YAML so `3`, `1e-3`, `true`, `[a, b]` and `null` get types."""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+def parse_overrides(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", ...]`` as ``[("a.b", 3), ...]`` (the CLI's ``--set`` and a flow's list of overrides)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), parse_value(v)))
+    return out
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -512,16 +588,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
 def load_config(preset: str = "tiny", overrides: list[str] | dict[str, Any] | None = None) -> KilnConfig:
     """Load a preset and apply ``a.b=c`` overrides; raises :class:`ConfigError` naming the bad key."""
     data = load_preset_dict(preset)
-    items: list[tuple[str, Any]]
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    else:
-        items = []
-        for ov in overrides or []:
-            if "=" not in ov:
-                raise ConfigError(f"override {ov!r} must look like key=value")
-            k, v = ov.split("=", 1)
-            items.append((k.strip(), _parse_value(v)))
+    items = list(overrides.items()) if isinstance(overrides, dict) else parse_overrides(overrides or [])
     for k, v in items:
         _known_path(k)
         _set_dotted(data, k, v)

@@ -461,10 +461,10 @@ def push_to_hub(folder: Path, repo: str, *, token: str | None = None, endpoint: 
 # --------------------------------------------------------------------------- the stage
 
 
-def key_config(cfg: Any) -> dict[str, Any]:
-    # The preset names the model in its card (and in the MLflow registry), so it is part of what this
-    # stage produces; the run seed is not.
-    return {"export": cfg.section("export"), "preset": cfg.preset}
+def key_extras(cfg: Any) -> dict[str, Any]:
+    """The preset names the model in its card (and in the MLflow registry), so it is part of what this
+    stage produces; the run seed is not."""
+    return {"preset": cfg.preset}
 
 
 def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> dict[str, Any]:

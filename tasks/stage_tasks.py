@@ -1,7 +1,8 @@
 """Prefect tasks for every stage: thin wrappers over ``llm.stages.registry.execute``.
 
-Caching follows the stage's content key (config sections + upstream manifest hashes +
-the stage's explicit code version + the artifact root), never ``RUN_ID`` or
+Caching follows the stage's content key (``llm.stages.registry.stage_key``: config sections +
+upstream manifest hashes + the stage's explicit code version, the same key the stage publishes
+under) and the artifact root, never ``RUN_ID`` or
 ``TASK_SOURCE``: a new flow run with the same config finds every stage ``Cached``, and
 changing only the SFT config changes only the keys from SFT on. Cache records live in
 ``cfg.orchestration.result_storage`` (see :mod:`tasks.results`), shared by all workers.
@@ -36,8 +37,8 @@ from prefect.futures import PrefectFuture
 from prefect.states import State
 
 from llm.config import ConfigError, KilnConfig
-from llm.stages.output import StageError, content_key, require_manifest, verify_output
-from llm.stages.registry import STAGES, execute
+from llm.stages.output import StageError, require_manifest, verify_output
+from llm.stages.registry import STAGES, execute, stage_key
 from llm.storage import Store, is_transient as is_transient_storage_error, join
 from tasks.results import RESULT_SERIALIZER, result_storage_for
 
@@ -117,15 +118,6 @@ def retry_on_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect
 
 
 # --------------------------------------------------------------------------- cache keys
-
-
-def stage_key(stage: str, cfg: KilnConfig, inputs: dict[str, str]) -> tuple[str, str]:
-    """(content key, output URI) of a stage for this config and these inputs."""
-    sd = STAGES[stage]
-    store = Store(cfg.run.artifact_root, cfg.run.s3_endpoint)
-    hashes = {role: require_manifest(store, uri, f"{stage} input {role!r}")["hash"] for role, uri in inputs.items()}
-    key = content_key(stage, sd.key_config(cfg), hashes, sd.version)
-    return key, store.uri(stage, key)
 
 
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:  # noqa: ARG001
@@ -305,8 +297,8 @@ def stage_deployment_task(
     logger = get_run_logger()
     name = deployment_name(stage, cfg)
     params = {"config": config, "inputs": inputs, "force": force, "mlflow_run_id": mlflow_run_id}
-    if stage == "eval" and label and label.startswith("eval_"):
-        params["model_stage"] = label[len("eval_"):]  # names the child's task eval_<stage>
+    if STAGES[stage].per_model and label and label.startswith(f"{stage}_"):
+        params["model_stage"] = label[len(stage) + 1:]  # names the child's task <stage>_<model stage>
     flow_run = run_deployment(
         name,
         parameters=params,

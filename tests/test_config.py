@@ -64,6 +64,13 @@ def test_bad_force_stage() -> None:
         load_config("tiny", ["orchestration.force=[pretrainn]"])
 
 
+def test_eval_stages_must_name_model_stages() -> None:
+    # The registry says which stages make a model; a data stage is refused like a misspelt name.
+    with pytest.raises(ConfigError, match=r"eval\.stages\.1: Input should be 'pretrain', 'midtrain' or 'sft' \(got 'tokenize'\)"):
+        load_config("tiny", ["eval.stages=[pretrain, tokenize]"])
+    assert load_config("tiny", ["eval.stages=[sft]"]).eval.stages == ["sft"]
+
+
 def test_cli_rejects_bad_key_before_compute(capsys) -> None:
     assert kiln(["pretrain", "--set", "pretrain.nope=1"]) == 2
     assert "unknown config key 'pretrain.nope'" in capsys.readouterr().err

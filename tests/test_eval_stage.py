@@ -135,12 +135,15 @@ def test_kiln_eval_checkpoint_cli(upstream, capsys):
 
 def test_kiln_eval_checkpoint_resolves_only_the_missing_inputs():
     # With --checkpoint given, the tokenizer/tokens come from the data chain; no training stage is run.
-    from llm.cli.main import _parse_inputs, _upstream_until
+    from llm.cli.main import _parse_inputs
+    from llm.stages.pipeline import target_step, upstream_steps
 
     inputs = _parse_inputs("eval", [], "/some/pretrain/output")
     assert inputs == {"model": "/some/pretrain/output"}
-    assert _upstream_until("eval", ["tokenizer", "tokens"]) == "tokenize"
-    assert _upstream_until("eval") == "sft"
+    cfg, target = load_config("tiny"), target_step(load_config("tiny"), "eval")
+    assert [s.stage for s in upstream_steps(cfg, target, ["tokenizer", "tokens"])] == [
+        "download", "filter", "dedup", "tokenizer", "tokenize"]
+    assert upstream_steps(cfg, target, ["model", "tokenizer", "tokens"])[-1].stage == "sft"
 
 
 def test_kiln_eval_on_a_bare_checkpoint_dir(upstream, capsys, tmp_path):

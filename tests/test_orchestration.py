@@ -383,3 +383,85 @@ def test_compose_file_structure_without_a_client():
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert any(str(a).startswith("--allowed-hosts") for a in services["mlflow"]["command"])
     assert "minio/minio" not in text  # the Docker Hub image is gone (2026)
+
+
+# --------------------------------------------------------------------------- full-pipeline walks the plan
+
+
+class _FakeRunner:
+    """Stands in for full_pipeline's runner: records what it starts, submits and waits for."""
+
+    def __init__(self, remote: bool):
+        self.remote, self.log = remote, []
+
+    def start(self, step, uris):
+        from llm.stages.registry import STAGES
+
+        assert all(label in uris for label in step.inputs.values()), f"{step.label} started before its inputs"
+        if self.remote and STAGES[step.stage].gpu:
+            self.log.append(f"submit {step.label}")
+            return step.label
+        self.log.append(f"run {step.label}")
+        uris[step.label] = f"uri-{step.label}"
+        return None
+
+    def collect(self, pending):
+        self.log.append(f"wait {pending}")
+        return {"uri": f"uri-{pending}"}
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_full_pipeline_starts_each_step_once_its_inputs_exist(remote):
+    """In one process: the plan's order. With deployments: an eval is submitted as soon as its model
+    exists and runs while the next training stage trains; the flow waits only for what comes next."""
+    from flows.full_pipeline import _run_plan
+    from llm.config import load_config
+    from llm.stages.pipeline import plan
+
+    steps = plan(load_config("tiny"))
+    runner, uris, pending = _FakeRunner(remote), {}, {}
+    _run_plan(runner, steps, uris, pending)
+    assert set(uris) == {s.label for s in steps} and not pending
+    if not remote:
+        assert runner.log == [f"run {s.label}" for s in steps]
+        return
+    data = [f"run {s}" for s in ("download", "filter", "dedup", "tokenizer", "tokenize")]
+    assert runner.log == data + [
+        "submit pretrain", "wait pretrain", "submit midtrain", "submit eval_pretrain", "wait midtrain",
+        "submit sft", "submit eval_midtrain", "wait sft", "submit eval_sft",
+        "wait eval_pretrain", "wait eval_midtrain", "wait eval_sft", "run report"]
+
+
+# --------------------------------------------------------------------------- a bare checkpoint through Prefect
+
+from test_data_flow import prefect_env  # noqa: E402,F401  (pytest fixture: a throwaway Prefect server)
+from test_eval_stage import upstream  # noqa: E402,F401  (pytest fixture: tokenizer, tokens and model outputs)
+
+
+def test_eval_on_a_bare_checkpoint_dir_runs_through_the_prefect_stage_task(upstream, prefect_env, tmp_path):  # noqa: F811
+    """`kiln eval --checkpoint <dir>` takes a checkpoint directory that is no stage output (a
+    ``checkpoints/step_*`` of a running job, the ``final/`` of a training output); so must the
+    Prefect stage task, whose cache key is the same content key."""
+    from prefect import flow
+
+    from llm.config import load_config
+    from llm.stages.output import verify_output
+    from llm.storage import Store
+    from tasks.stage_tasks import run_stage_task
+
+    ckpt = tmp_path / "step_000007"
+    shutil.copytree(Path(upstream["model"]) / "final", ckpt)
+    cfg = load_config("tiny", {"run.artifact_root": upstream["root"], "orchestration.result_storage": str(prefect_env),
+                               "eval.tasks": ["copa"], "eval.max_per_task": 2, "eval.bpb_tokens": 4096,
+                               "eval.sample_max_tokens": 2, "eval.device": "cpu", "eval.nproc": 1})
+    inputs = {"model": str(ckpt), "tokenizer": upstream["tokenizer"], "tokens": upstream["tokens"]}
+
+    @flow
+    def twice() -> list[tuple[dict, bool]]:
+        return [run_stage_task("eval", cfg, inputs, label="eval_step_7") for _ in range(2)]
+
+    (first, cached1), (second, cached2) = twice()
+    m = verify_output(Store(upstream["root"]), first["uri"])
+    assert m is not None and m["stage"] == "eval" and "core" in m["counts"]
+    assert m["inputs"]["model"]["uri"] == str(ckpt)
+    assert not cached1 and cached2 and second["uri"] == first["uri"]  # the second is a Prefect cache hit

@@ -103,3 +103,69 @@ def test_misshapen_manifest_is_a_clear_error(artifact_root: Path, body: str) -> 
         verify_output(store, str(bad))
     with pytest.raises(StageError, match=r"corrupt manifest"):
         run_stage(store, "s", {}, {"docs": str(bad)}, "1", _writer([]))
+
+
+# --------------------------------------------------------------------------- the registry is the one list of stages
+
+
+def test_the_plan_is_the_registry_in_order() -> None:
+    from llm.config import load_config
+    from llm.stages.pipeline import plan
+    from llm.stages.registry import STAGES
+
+    cfg = load_config("tiny")
+    steps = plan(cfg)
+    chain = [n for n, sd in STAGES.items() if not (sd.per_model or sd.reads_all)]
+    evals = [f"eval_{m}" for m in cfg.eval.stages]
+    assert [s.label for s in steps] == chain + evals + ["report"]
+    assert steps[-1].inputs == {label: label for label in chain + evals}  # the report reads every step
+    assert {s.label: s.inputs["model"] for s in steps if s.stage == "eval"} == {f"eval_{m}": m for m in cfg.eval.stages}
+    assert [s.label for s in plan(cfg, until="midtrain")][-1] == "midtrain"
+    assert [s.label for s in plan(cfg, until="eval")] == chain + evals
+    only_sft = load_config("tiny", {"eval.stages": ["sft"]})
+    assert [s.label for s in plan(only_sft) if s.stage == "eval"] == ["eval_sft"]
+
+
+def count_words(cfg, out, inputs, *, progress: bool) -> dict:  # noqa: ARG001 - the stage signature
+    """A stage added by a test: words in its docs input."""
+    import pyarrow.parquet as pq
+
+    files = sorted(Path(inputs["docs"]["uri"]).rglob("*.parquet"))
+    words = sum(len(t.split()) for f in files for t in pq.read_table(f, columns=["text"])["text"].to_pylist())
+    out.path("words.json").write_text(json.dumps({"words": words}))
+    return {"counts": {"words": words}}
+
+
+@pytest.fixture()
+def extra_stage():
+    """The registry with one more stage after sft, as a new stage is added: one StageDef entry."""
+    from llm.stages.registry import STAGES, StageDef
+
+    saved = dict(STAGES)
+    new = StageDef("wordcount", "test_stage:count_words", ("download",), {"docs": "download"}, headline=("words",),
+                   description="count the words")
+    items = list(saved.items())
+    at = list(saved).index("sft") + 1
+    STAGES.clear()
+    STAGES.update(items[:at] + [("wordcount", new)] + items[at:])
+    yield new
+    STAGES.clear()
+    STAGES.update(saved)
+
+
+def test_a_new_stage_is_one_registry_entry(extra_stage, artifact_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """In the plan after its place, read by the report, a `kiln` command that finds its inputs by
+    content key (running only the steps they need), a stage name the config accepts."""
+    from llm.cli.main import main as kiln
+    from llm.config import load_config
+    from llm.stages.pipeline import plan
+
+    cfg = load_config("tiny", {"orchestration.force": ["wordcount"]})
+    labels = [s.label for s in plan(cfg)]
+    assert labels.index("wordcount") == labels.index("sft") + 1 and plan(cfg)[-1].inputs["wordcount"] == "wordcount"
+    rc = kiln(["wordcount", "--output", str(artifact_root), "--quiet", "--set", "download.max_files=1",
+               "download.max_rows=50"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "words=" in out and "filter" not in out
+    assert sorted(p.name for p in artifact_root.iterdir()) == ["download", "wordcount"]

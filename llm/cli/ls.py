@@ -25,20 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from llm.stages.output import MANIFEST, read_manifest, work_root
+from llm.stages.registry import STAGES
 from llm.storage import Store, is_s3, join, local_path, sha256_file
 
-# The counts worth a column, per stage: a glance tells a user which output is which.
-HEADLINE: dict[str, tuple[str, ...]] = {
-    "download": ("files", "rows"),
-    "filter": ("docs_in", "docs_out"),
-    "dedup": ("docs_in", "docs_out"),
-    "tokenizer": ("vocab_size", "chars_per_token"),
-    "tokenize": ("tokens", "docs"),
-    "pretrain": ("steps", "tokens", "final_val_loss"),
-    "midtrain": ("steps", "tokens", "final_val_loss"),
-    "sft": ("steps", "tokens", "final_val_loss"),
-    "eval": ("core",),
-}
+# The counts worth a column, per stage (the registry's headline counts).
+HEADLINE: dict[str, tuple[str, ...]] = {name: sd.headline for name, sd in STAGES.items() if sd.headline}
 
 
 @dataclass
@@ -264,8 +255,6 @@ def main(args: argparse.Namespace) -> int:
         root = load_config(args.preset).run.artifact_root
     store = Store(root, args.s3_endpoint)
     if args.stage is not None:
-        from llm.stages.registry import STAGES
-
         if args.stage not in STAGES:
             print(f"kiln ls: unknown stage {args.stage!r}; stages: {', '.join(STAGES)}", file=sys.stderr)
             return 2

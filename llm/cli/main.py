@@ -44,19 +44,10 @@ EXTRA_HELP: dict[str, str] = {
     "export": "a checkpoint as a Hugging Face transformers directory: --checkpoint URI --format hf --output DIR",
 }
 
-# What a stage reads when it has no upstream role, or takes roles of any name.
-STAGE_READS: dict[str, str] = {
-    "download": "Reads download.source (hf://datasets/<repo>@<rev>/<glob>, s3://... or a local glob); "
-                "with KILN_DATA_MIRROR set, hub sources come from that offline mirror.",
-    "report": "Inputs: any finished outputs as --input ROLE=URI; without any, the whole chain for this config "
-              "(run first if needed).",
-}
-
-
 def _stage_description(name: str) -> str:
     sd = STAGES[name]
-    if name in STAGE_READS:
-        return f"{sd.description}. {STAGE_READS[name]}"
+    if sd.reads:
+        return f"{sd.description}. {sd.reads}"
     roles = ", ".join(f"{r} (from {u})" for r, u in sd.inputs.items())
     return f"{sd.description}. Inputs: {roles}; those not given with --input are found (or first computed) by content key."
 
@@ -82,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(name, help=sd.description, description=_stage_description(name))
         _common(p)
-        if sd.inputs or name == "report":
+        if sd.inputs or sd.reads_all:
             p.add_argument("--input", action="append", default=[], metavar="[ROLE=]URI",
                            help="an upstream output URI; ROLE may be omitted when the stage has one input")
         else:
             p.set_defaults(input=[])
         p.add_argument("--force", action="store_true", help="recompute even if a verified output exists")
-        if name == "eval":
+        if sd.per_model:
             p.add_argument("--checkpoint", default=None, help="the model stage output (or checkpoint dir) to evaluate")
     p = sub.add_parser("run", help="the whole pipeline in this process",
                        description="Run the whole pipeline in this process (no server). Stages already done for "
@@ -131,7 +122,7 @@ def _parse_inputs(stage: str, raw: list[str], checkpoint: str | None) -> dict[st
             if len(roles) != 1:
                 raise ConfigError(f"{stage} has inputs {roles}: give --input ROLE=URI")
             role, uri = roles[0], item
-        if role not in roles and stage != "report":
+        if role not in roles and not STAGES[stage].reads_all:
             raise ConfigError(f"{stage} has no input {role!r} (inputs: {roles})")
         out[role] = uri
     if checkpoint:
@@ -145,9 +136,10 @@ def _shown_counts(stage: str, counts: dict[str, Any], n: int = 5) -> str:
     A reused output's manifest has its counts in alphabetical order, so "the first five" would
     show a different, less useful set for the same output depending on whether it was cached.
     """
-    from llm.cli.ls import HEADLINE, _fmt_counts
+    from llm.cli.ls import _fmt_counts
 
-    order = [k for k in HEADLINE.get(stage, ()) if k in counts] + [k for k in counts if k not in HEADLINE.get(stage, ())]
+    headline = STAGES[stage].headline if stage in STAGES else ()
+    order = [k for k in headline if k in counts] + [k for k in counts if k not in headline]
     return _fmt_counts({k: counts[k] for k in order[:n]})
 
 
@@ -197,7 +189,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0
-    from llm.stages.pipeline import run_pipeline
+    from llm.stages.pipeline import run_pipeline, target_step, upstream_inputs
     from llm.stages.registry import check_inputs, execute
 
     t0 = time.time()
@@ -208,31 +200,18 @@ def _run_command(args: argparse.Namespace) -> int:
                                                           f"[kiln] {n}: {'cached' if r.cached else 'done'} -> {r.uri}", flush=True))
     else:
         inputs = _parse_inputs(args.command, args.input, getattr(args, "checkpoint", None))
-        missing = [r for r in STAGES[args.command].inputs if r not in inputs]
         # The inputs given on the command line are checked now: a typo must not cost an upstream run.
         check_inputs(args.command, cfg, inputs)
-        from llm.stages.pipeline import report_inputs
-
-        if missing and args.command != "report":
-            # Only the missing roles decide how far upstream to run: `kiln eval --checkpoint X`
-            # needs the tokenizer and tokens, not a whole training chain up to sft.
-            upstream = run_pipeline(cfg, until=_upstream_until(args.command, missing), progress=progress)
-            for role in missing:
-                inputs[role] = upstream[STAGES[args.command].inputs[role]].uri
-        elif args.command == "report" and not inputs:
-            upstream = run_pipeline(cfg, until="export", progress=progress)
-            inputs = report_inputs(upstream)
+        target = target_step(cfg, args.command)
+        # Only the missing roles decide how far upstream to run: `kiln eval --checkpoint X` needs the
+        # tokenizer and tokens, not a whole training chain up to sft. A reads-all stage (the report)
+        # given any input reads just those.
+        missing = [] if STAGES[args.command].reads_all and inputs else [r for r in target.inputs if r not in inputs]
+        if missing:
+            inputs |= upstream_inputs(cfg, target, missing, progress=progress)
         results = {args.command: execute(args.command, cfg, inputs, force=args.force, progress=progress)}
     print(summary(results, time.time() - t0))
     return 0
-
-
-def _upstream_until(stage: str, roles: list[str] | None = None) -> str:
-    """The last chain stage this stage's default inputs (or just ``roles``) need."""
-    from llm.stages.pipeline import CHAIN
-
-    ups = [u for r, u in STAGES[stage].inputs.items() if roles is None or r in roles]
-    return max(ups, key=CHAIN.index)
 
 
 if __name__ == "__main__":

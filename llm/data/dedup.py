@@ -72,13 +72,6 @@ SIG_SCHEMA_FIELDS = ("doc_id", "exact", "words", "sig")
 BAND_SCHEMA = pa.schema([("bucket", pa.uint64()), ("doc_id", pa.uint64())])
 
 
-def key_config(cfg: KilnConfig) -> dict[str, Any]:
-    """The dedup output depends on everything in its section except how many processes ran it."""
-    section = cfg.section("dedup")
-    section.pop("workers", None)
-    return {"dedup": section}
-
-
 def doc_id(shard: int, row: int) -> int:
     return (shard << 32) | row
 

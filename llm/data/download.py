@@ -37,8 +37,8 @@ def _stage_source(cfg: Any) -> str:
     return uri
 
 
-def key_config(cfg: Any) -> dict[str, Any]:
-    """What the output depends on: the source actually read and the budgets, not workers or timeouts.
+def key_extras(cfg: Any) -> dict[str, Any]:
+    """The source actually read (a mirror's copy when one is set), beside the configured one.
 
     The hub commit a branch points at is NOT in the key: the key must be computable without the
     network (the orchestrator checks its cache before the stage runs), so ``...@main/...`` keeps
@@ -48,11 +48,7 @@ def key_config(cfg: Any) -> dict[str, Any]:
     ``source_commit``, and downstream keys hash the files' sha256 (the manifest hash), so new bytes
     under the same key still change every key after it.
     """
-    d = cfg.download
-    return {
-        "download": {"source": d.source, "max_files": d.max_files, "max_rows": d.max_rows, "text_column": d.text_column},
-        "resolved_source": _stage_source(cfg),
-    }
+    return {"resolved_source": _stage_source(cfg)}
 
 
 def _check_shard(text_column: str) -> Callable[[FetchedFile], None]:

@@ -32,17 +32,14 @@ BATCH_ROWS = 1024
 EXAMPLE_CHARS = 200
 
 
-def key_config(cfg: KilnConfig) -> dict[str, Any]:
-    """The filter config plus the block list's content, so editing that file invalidates the cache."""
-    from llm.stages.registry import without_operational
-
-    key: dict[str, Any] = {"filter": without_operational(cfg.section("filter"))}
-    if cfg.filter.url_blocklist:
-        path = Path(cfg.filter.url_blocklist)
-        if not path.is_file():
-            raise StageError(f"filter.url_blocklist: no such file {path}")
-        key["url_blocklist_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return key
+def key_extras(cfg: KilnConfig) -> dict[str, Any]:
+    """The block list's content (the config names only its path), so editing that file invalidates the cache."""
+    if not cfg.filter.url_blocklist:
+        return {}
+    path = Path(cfg.filter.url_blocklist)
+    if not path.is_file():
+        raise StageError(f"filter.url_blocklist: no such file {path}")
+    return {"url_blocklist_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 @dataclass

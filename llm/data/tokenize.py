@@ -31,12 +31,6 @@ from llm.data.shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWrit
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
 
 
-def key_config(cfg) -> dict[str, Any]:
-    # Worker count and batch size do not change the output, so they stay out of the cache key.
-    t = cfg.tokenize
-    return {"tokenize": {"val_fraction": t.val_fraction, "shard_tokens": t.shard_tokens}}
-
-
 def encode_docs(tok: Tokenizer, texts: list[str], dtype: np.dtype, method: str = "numpy") -> tuple[np.ndarray, np.ndarray]:
     """Encode ``texts`` and lay them out as ``[BOS, ids..., BOS, ids..., ...]`` plus per-doc lengths.
 

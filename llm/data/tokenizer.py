@@ -113,9 +113,9 @@ def train_tokenizer(texts: Iterable[str] | Iterable[list[str]], vocab_size: int,
 # --------------------------------------------------------------------------- the stage
 
 
-def key_config(cfg) -> dict[str, Any]:
-    # BPE training is deterministic; the run seed does not enter it.
-    return {"tokenizer": cfg.section("tokenizer"), "heldout_fraction": HELDOUT_FRACTION}
+def key_extras(cfg) -> dict[str, Any]:  # noqa: ARG001 - the registry's key_extras signature
+    """The held-out share is a constant of this module, not config, yet it decides which docs train the BPE."""
+    return {"heldout_fraction": HELDOUT_FRACTION}
 
 
 def _training_stream(docs: Iterator[tuple[str, str]], doc_cap: int, max_chars: int, heldout: list[str],

@@ -29,17 +29,6 @@ from llm.stages.output import StageError, StageOutput
 RESULT_FILES = ("core.json", "core.csv", "bpb.json", "samples.json")
 
 
-def key_config(cfg: KilnConfig) -> dict[str, Any]:
-    """What the output depends on: the eval section minus knobs that cannot change results.
-
-    ``nproc`` and ``batch_tokens`` only change speed (results are rank-count and packing
-    independent, which the tests check); ``stages`` says which
-    checkpoints a pipeline evaluates, not how one is evaluated.
-    """
-    section = cfg.section("eval")
-    for k in ("nproc", "stages", "batch_tokens"):
-        section.pop(k, None)
-    return {"eval": section, "seed": cfg.run.seed}
 
 
 # --------------------------------------------------------------------------- the work (every rank)

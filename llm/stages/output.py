@@ -335,6 +335,18 @@ def input_manifest(store: Store, stage: str, role: str, uri: str, external: Exte
     return m
 
 
+def output_address(store: Store, stage: str, config: dict[str, Any], inputs: dict[str, str], code_version: str,
+                   external: ExternalInput | None = None) -> tuple[str, str, dict[str, dict[str, Any]]]:
+    """(key, URI, input manifests) of the output of ``stage`` for this config, these inputs and code version.
+
+    The one derivation of a key: :func:`run_stage` publishes where this says, and an orchestrator that
+    needs the key before running (llm.stages.registry.stage_key) asks here too.
+    """
+    in_manifests = {name: input_manifest(store, stage, name, uri, external) for name, uri in inputs.items()}
+    key = content_key(stage, config, {n: m["hash"] for n, m in in_manifests.items()}, code_version)
+    return key, store.uri(stage, key), in_manifests
+
+
 def run_stage(
     store: Store,
     stage: str,
@@ -356,9 +368,7 @@ def run_stage(
     ``follower``: this node takes part in a multi-node job whose leader publishes. It takes no
     lock (the leader holds it, and its job waits for this node) and works in node-local scratch.
     """
-    in_manifests = {name: input_manifest(store, stage, name, uri, external) for name, uri in inputs.items()}
-    key = content_key(stage, config, {n: m["hash"] for n, m in in_manifests.items()}, code_version)
-    uri = store.uri(stage, key)
+    key, uri, in_manifests = output_address(store, stage, config, inputs, code_version, external)
     seen = verify_output(store, uri)
     if seen is not None and not force:
         return StageResult(uri=uri, manifest=seen, cached=True)
