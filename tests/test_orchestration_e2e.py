@@ -35,9 +35,9 @@ BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 LABELS = ["download", "filter", "dedup", "tokenizer", "tokenize", "pretrain", "midtrain", "sft",
-          "eval_pretrain", "eval_midtrain", "eval_sft", "report"]
+          "eval_pretrain", "eval_midtrain", "eval_sft", "export", "report"]
 BEFORE_FAILURE = ["download", "filter", "dedup", "tokenizer", "tokenize", "pretrain", "eval_pretrain"]
-FROM_FAILURE = ["midtrain", "sft", "eval_midtrain", "eval_sft", "report"]
+FROM_FAILURE = ["midtrain", "sft", "eval_midtrain", "eval_sft", "export", "report"]
 # The stages the first (failing) attempt must have finished, midtrain failing.
 FIRST_ATTEMPT = ["download", "filter", "dedup", "tokenizer", "tokenize", "pretrain", "midtrain"]
 
