@@ -62,7 +62,8 @@ STAGES: dict[str, StageDef] = {
     s.name: s
     for s in [
         StageDef("download", "llm.data.download:run", ("download",), description="fetch and verify parquet shards"),
-        StageDef("filter", "llm.data.filter:run", ("filter",), {"docs": "download"}, description="FineWeb-recipe quality filters"),
+        StageDef("filter", "llm.data.filter:run", ("filter",), {"docs": "download"}, description="FineWeb-recipe quality filters",
+                 version="2"),  # 2: words split as spaCy's English tokenizer, datatrove's symbol list
         StageDef("dedup", "llm.data.dedup:run", ("dedup",), {"docs": "filter"}, description="exact + MinHash LSH dedup"),
         StageDef("tokenizer", "llm.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, description="train a byte-level BPE"),
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
