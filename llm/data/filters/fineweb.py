@@ -9,7 +9,8 @@ from __future__ import annotations
 from operator import methodcaller
 
 from ...config import FineWebQualityConfig
-from .text import Doc, as_doc, duplicate_stats, terminal_punctuation
+from .text import Doc, as_doc, duplicate_stats
+from .words import terminal_punctuation
 
 Verdict = tuple[bool, str | None]
 

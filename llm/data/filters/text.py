@@ -7,45 +7,19 @@ all rules, and the per-word statistics are computed with C-level primitives (``r
 ``set``, ``map``, numpy) instead of Python loops.
 
 Words are spaCy's English tokens, reproduced by :mod:`.words` (datatrove's filters count
-spaCy's words, and the recipe's thresholds were set on them).
+spaCy's words, and the recipe's thresholds were set on them). Splits and the per-word classes
+(symbol only, has a letter) are memoised per whitespace chunk, so a document's counts are sums.
 """
 
 from __future__ import annotations
 
 import re
-import string
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import numpy as np
 
-from .words import all_chars, char_class, classes, split_words
+from .words import split_text
 
-
-@lru_cache(maxsize=1)
-def terminal_punctuation() -> tuple[str, ...]:
-    """Unicode Sentence_Terminal characters ('.', '!', '?', '。', '؟', ...), for line-end rules."""
-    import regex  # a tiktoken dependency, always present; only used once to list the characters
-
-    return tuple(regex.findall(r"\p{Sentence_Terminal}", all_chars()))
-
-
-@lru_cache(maxsize=1)
-def symbol_chars() -> str:
-    """Characters that make a word "symbol only" for the Gopher word statistics.
-
-    The set datatrove's Gopher filter uses, so that word counts and mean word lengths agree:
-    ASCII punctuation, a short list of typographic and CJK marks, control characters and
-    sentence terminals. Symbols outside it ("‘", "§", "£", "•", "×") count as words there,
-    and so they do here.
-    """
-    controls = "".join(map(chr, (*range(0, 9), *range(11, 32), *range(127, 160))))
-    return string.punctuation + "«´»–—’“”„…∶━►、〈〉《》「」【】％（），１：；～" + controls + "".join(terminal_punctuation())
-
-
-SYMBOL_CLASS = char_class(symbol_chars())
-# Over "\n".join(words), one pass: the group captures a symbol-only word, and is empty for a word
-# with a letter (``str.isalpha``, as datatrove counts them); words with neither do not match.
-TOKEN_CLASS_RE = re.compile(rf"^(?:([{SYMBOL_CLASS}]+)$|[^{classes()['alpha']}\n]*[{classes()['alpha']}])", re.M)
 PARAGRAPH_SPLIT_RE = re.compile(r"\n{2,}")
 LINES_SPLIT_RE = re.compile(r"\n+")
 
@@ -88,27 +62,25 @@ class Doc:
 
     # ---- words
     @cached_property
-    def words(self) -> list[str]:
-        return split_words(self.text)
+    def _split(self) -> tuple[list[str], int, int, int]:
+        """(words, symbol-only words, their characters, words with a letter): see words.split_text."""
+        return split_text(self.text)
 
-    @cached_property
-    def _token_classes(self) -> tuple[int, int, int]:
-        """(symbol-only words, their characters, words with a letter)."""
-        found = TOKEN_CLASS_RE.findall("\n".join(self.words))
-        symbols = [t for t in found if t]
-        return len(symbols), sum(map(len, symbols)), len(found) - len(symbols)
+    @property
+    def words(self) -> list[str]:
+        return self._split[0]
 
     @property
     def n_symbol_words(self) -> int:
-        return self._token_classes[0]
+        return self._split[1]
 
     @property
     def symbol_word_chars(self) -> int:
-        return self._token_classes[1]
+        return self._split[2]
 
     @property
     def n_alpha_words(self) -> int:
-        return self._token_classes[2]
+        return self._split[3]
 
     @cached_property
     def word_lengths(self) -> np.ndarray:

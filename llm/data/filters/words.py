@@ -28,8 +28,10 @@ the reference lists by hand; bench/bench_filter.py measures the effect on filter
 from __future__ import annotations
 
 import re
+import string
 from functools import lru_cache
 from itertools import chain
+from operator import itemgetter
 
 import numpy as np
 
@@ -461,18 +463,85 @@ def split_chunk(chunk: str) -> tuple[str, ...]:
     return tuple(_merge_specials(tokens) if len(tokens) > 1 else tokens)
 
 
-_CACHE: dict[str, tuple[str, ...]] = {}
-_CACHE_MAX = 500_000  # chunks (~100 MB); cleared when full, which only costs re-splitting
+# --------------------------------------------------------------------------- word classes
 
 
-def split_words(text: str) -> list[str]:
-    """The words of a text, as spaCy's English tokenizer splits it with whitespace tokens dropped."""
+@lru_cache(maxsize=1)
+def terminal_punctuation() -> tuple[str, ...]:
+    """Unicode Sentence_Terminal characters ('.', '!', '?', '。', '؟', ...), for line-end rules."""
+    import regex  # a tiktoken dependency, always present; only used once to list the characters
+
+    return tuple(regex.findall(r"\p{Sentence_Terminal}", all_chars()))
+
+
+@lru_cache(maxsize=1)
+def symbol_chars() -> str:
+    """Characters that make a word "symbol only" for the Gopher word statistics.
+
+    The set datatrove's Gopher filter uses, so that word counts and mean word lengths agree:
+    ASCII punctuation, a short list of typographic and CJK marks, control characters and
+    sentence terminals. Symbols outside it ("‘", "§", "£", "•", "×") count as words there,
+    and so they do here.
+    """
+    controls = "".join(map(chr, (*range(0, 9), *range(11, 32), *range(127, 160))))
+    return string.punctuation + "«´»–—’“”„…∶━►、〈〉《》「」【】％（），１：；～" + controls + "".join(terminal_punctuation())
+
+
+@lru_cache(maxsize=1)
+def _word_classes() -> tuple[frozenset[str], re.Pattern[str], re.Pattern[str]]:
+    """(symbol characters, a symbol-only word, a letter) for classifying words."""
+    symbols = symbol_chars()
+    return frozenset(symbols), re.compile(f"[{char_class(symbols)}]+"), re.compile(f"[{classes()['alpha']}]")
+
+
+Entry = tuple[tuple[str, ...], int, int, int]
+
+
+def _entry(chunk: str) -> Entry:
+    """A chunk's words, with its symbol-only words, their characters, and its words with a letter.
+
+    A word is symbol-only when every character is in :func:`symbol_chars`, and has a letter when
+    one character is ``str.isalpha`` (no symbol character is), as datatrove's Gopher filter counts.
+    """
+    words = split_chunk(chunk)
+    symbols, symbol_word, letter = _word_classes()
+    n_symbol = symbol_chars_ = n_alpha = 0
+    for word in words:
+        if word.isalpha():
+            n_alpha += 1
+        elif word in symbols or (len(word) > 1 and symbol_word.fullmatch(word)):
+            n_symbol += 1
+            symbol_chars_ += len(word)
+        elif len(word) > 1 and letter.search(word):
+            n_alpha += 1
+    return words, n_symbol, symbol_chars_, n_alpha
+
+
+_CACHE: dict[str, Entry] = {}
+_CACHE_MAX = 500_000  # chunks, about 100 MB (a kit shard fills 353k); cleared when full, which only costs re-splitting
+
+
+def split_text(text: str) -> tuple[list[str], int, int, int]:
+    """(words, symbol-only words, their characters, words with a letter) of a text.
+
+    The words are spaCy's English tokens with whitespace tokens dropped, as datatrove's filters
+    see them; the counts are summed from per-chunk counts kept in the memo with the split.
+    """
     chunks = text.split()
     new = set(chunks).difference(_CACHE)  # set operations run in C; most chunks were seen before
     if new:
         if len(_CACHE) + len(new) > _CACHE_MAX:
             _CACHE.clear()
             new = set(chunks)
+        specials = special_cases()
         for chunk in new:
-            _CACHE[chunk] = split_chunk(chunk)
-    return list(chain.from_iterable(map(_CACHE.__getitem__, chunks)))
+            # a word of letters is one word with a letter (the common case, answered here)
+            _CACHE[chunk] = ((chunk,), 0, 0, 1) if chunk.isalpha() and chunk not in specials else _entry(chunk)
+    entries = list(map(_CACHE.__getitem__, chunks))
+    words = list(chain.from_iterable(map(itemgetter(0), entries)))
+    return words, sum(map(itemgetter(1), entries)), sum(map(itemgetter(2), entries)), sum(map(itemgetter(3), entries))
+
+
+def split_words(text: str) -> list[str]:
+    """The words of a text, as spaCy's English tokenizer splits it with whitespace tokens dropped."""
+    return split_text(text)[0]
