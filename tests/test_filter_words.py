@@ -60,6 +60,13 @@ SPACY_SPLITS = [
     ("Ph.D.s", ["Ph", ".", "D.s"]),
     ("wed.", ["we", "d."]),
     ("1.", ["1", "."]),
+    ("(A.", ["(", "A."]),
+    ("xD.", ["xD."]),
+    ("half-A.", ["half", "-", "A."]),
+    ("Im.", ["I", "m."]),
+    ('"Jan."', ['"', "Jan.", '"']),
+    ("dogs’.", ["dogs", "’", "."]),
+    ("(1,000.5).", ["(", "1,000.5", ")", "."]),
     ("...", ["..."]),
     ("word...", ["word", "..."]),
     # infixes, and URLs / e-mail addresses that are not split at them

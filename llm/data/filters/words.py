@@ -435,17 +435,20 @@ def _split_wrapped(chunk: str, specials: dict[str, tuple[str, ...]]) -> list[str
     lead, core, trail = m.groups()
     if core in _wrapped_specials():
         return None
-    if core.isalpha() or core[0] in _DIGITS:
-        middle = list(specials.get(core, (core,)))
-    else:
-        middle = _DASH_SPLIT_RE.split(core)
-        if not all(map(str.isalpha, middle[::2])):
-            return None  # letters as ``re`` sees them ("²"), not as the tokenizer does
     tail = _TRAIL_PIECES_RE.findall(trail) if "." in trail else list(trail)
+    dot = ""
     if tail and tail[0] == "." and core[-1] not in _DIGITS and not (
             _is_lower(core[-1]) or (_is_upper(core[-1]) and _is_upper(core[-2:-1]))):
-        middle[-1] += "."  # "A." keeps its "." ("end." and "USA." do not: see _suffix_len)
-        del tail[0]
+        dot = tail.pop(0)  # "A." keeps its "." ("end." and "USA." do not: see _suffix_len)
+    if core[0] in _DIGITS:
+        middle = list(specials.get(core, (core,)))
+    else:
+        middle = _DASH_SPLIT_RE.split(core)  # "well-known" -> "well", "-", "known"
+        if not all(map(str.isalpha, middle[::2])):
+            return None  # letters as ``re`` sees them ("²"), not as the tokenizer does
+        if len(middle) == 1 and not dot:
+            middle = list(specials.get(core, (core,)))
+        middle[-1] += dot  # a word that keeps its "." is no special case: its core would be wrapped
     return [*lead, *middle, *tail]
 
 
