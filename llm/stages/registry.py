@@ -102,7 +102,9 @@ STAGES: dict[str, StageDef] = {
                        "with KILN_DATA_MIRROR set, hub sources come from that offline mirror."),
         # filter, dedup 2: file names kept whatever the root's spelling (under ./artifacts, version 1 shortened
         # them and could drop shards behind an ok), so a version-1 output is not reused
-        StageDef("filter", "llm.data.filter:run", ("filter",), {"docs": "download"}, version="2", produces="docs",
+        # 2: names kept under ./artifacts (a v1 output may have lost shards); 3: words split as spaCy's English
+        # tokenizer, Gopher symbol words by datatrove's list
+        StageDef("filter", "llm.data.filter:run", ("filter",), {"docs": "download"}, version="3", produces="docs",
                  data=True, key_extras="llm.data.filter:key_extras", headline=("docs_in", "docs_out"),
                  description="FineWeb-recipe quality filters"),
         StageDef("dedup", "llm.data.dedup:run", ("dedup",), {"docs": "filter"}, version="2", produces="docs", data=True,

@@ -9,7 +9,8 @@ from __future__ import annotations
 from operator import methodcaller
 
 from llm.config import FineWebQualityConfig
-from llm.data.filters.text import Doc, as_doc, duplicate_stats, terminal_punctuation
+from llm.data.filters.text import Doc, as_doc, duplicate_stats
+from llm.data.filters.words import terminal_punctuation
 
 Verdict = tuple[bool, str | None]
 

@@ -6,95 +6,20 @@ once in :class:`Doc`; lines, paragraphs and words are computed on first use and 
 all rules, and the per-word statistics are computed with C-level primitives (``re``,
 ``set``, ``map``, numpy) instead of Python loops.
 
-Word tokenisation is a single regular expression that approximates spaCy's English
-tokeniser on the points the heuristics are sensitive to: punctuation is split off words as
-its own tokens ("end." -> "end", "."), "..." and "---" stay one token, hyphens between
-letters are split ("well-known" -> "well", "-", "known"), numbers such as "3.5", "1,000",
-"12:30" and "1/2" stay whole, URLs stay whole, and initialisms such as "U.S." / "e.g." stay
-whole. It does not split clitics ("don't" is one token where spaCy gives "do", "n't"); the
-agreement this buys is measured in bench/bench_filter.py.
+Words are spaCy's English tokens, reproduced by :mod:`.words` (datatrove's filters count
+spaCy's words, and the recipe's thresholds were set on them). Splits and the per-word classes
+(symbol only, has a letter) are memoised per whitespace chunk, so a document's counts are sums.
 """
 
 from __future__ import annotations
 
 import re
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 import numpy as np
 
-# --------------------------------------------------------------------------- character classes
+from llm.data.filters.words import split_text
 
-
-@lru_cache(maxsize=1)
-def _all_chars() -> str:
-    # every code point except surrogates, decoded in one go (much faster than a chr() loop)
-    cps = np.concatenate([np.arange(0, 0xD800), np.arange(0xE000, 0x110000)]).astype("<u4")
-    return cps.tobytes().decode("utf-32-le")
-
-
-def _char_class(chars: str) -> str:
-    """A compact ``[...]`` body (ranges) for a set of characters, usable in ``re``."""
-    codes = sorted(set(map(ord, chars)))
-    parts: list[str] = []
-    i = 0
-    while i < len(codes):
-        j = i
-        while j + 1 < len(codes) and codes[j + 1] == codes[j] + 1:
-            j += 1
-        a, b = chr(codes[i]), chr(codes[j])
-        parts.append(re.escape(a) if i == j else f"{re.escape(a)}-{re.escape(b)}")
-        i = j + 1
-    return "".join(parts)
-
-
-@lru_cache(maxsize=1)
-def punctuation_chars() -> str:
-    """Characters that make a token "symbol only" for the Gopher word statistics.
-
-    Unicode punctuation (P*), math/currency/modifier symbols (Sm, Sc, Sk) and control
-    characters. Other symbols (©, °, emoji) count as words, as they do in datatrove.
-    """
-    import regex  # a tiktoken dependency, always present; scans all code points in C, once
-
-    found = regex.findall(r"[\p{P}\p{Sm}\p{Sc}\p{Sk}\p{Cc}]", _all_chars())
-    return "".join(c for c in found if not c.isspace())
-
-
-@lru_cache(maxsize=1)
-def terminal_punctuation() -> tuple[str, ...]:
-    """Unicode Sentence_Terminal characters ('.', '!', '?', '。', '؟', ...), for line-end rules."""
-    import regex  # a tiktoken dependency, always present; only used once to list the characters
-
-    return tuple(regex.findall(r"\p{Sentence_Terminal}", _all_chars()))
-
-
-PUNCT_CLASS = _char_class(punctuation_chars())
-
-_ABBREVIATIONS = (
-    "Mrs|Mr|Ms|Dr|St|Jr|Sr|Co|Corp|Inc|Ltd|vs|Gen|Gov|Sen|Rep|Rev|Prof|Mt|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept|Sep|Oct|Nov"
-    "|Dec|Ala|Ariz|Ark|Calif|Colo|Conn|Del|Fla|Ga|Ill|Ind|Kan|Ky|La|Md|Mass|Mich|Minn|Miss|Mo|Neb|Nev|Okla|Ore|Pa|Tenn"
-    "|Va|Wash|Wis"
-)
-_CLITIC = r"(?:[sSmMdD]|ll|re|ve|LL|RE|VE)\b"  # 's 'm 'd 'll 're 've, split off their word
-_WORD = rf"\w+(?:(?:['’](?!{_CLITIC})|[-–—](?=\d))\w+)*"  # O'Neil, F-35, 258–269
-# Order matters: the first alternative that matches at a position wins. The first one takes the
-# common case (a word starting with a letter, not followed by "." or "://") in one atomic step;
-# everything else falls through to the special cases, then to the general word rule.
-TOKEN_RE = re.compile(
-    rf"(?>[^\W\d_]\w*(?:(?:['’](?!{_CLITIC})|[-–—](?=\d))\w+)*)(?!\.|://)"
-    r"|(?:https?://|www\.)[^\s]*[^\s.,;:!?)\]'\"]"      # URL, trailing punctuation left out
-    r"|(?:[^\W\d_]\.){2,}"                             # initialisms: U.S. e.g. i.e.
-    r"|[^\W\d_]\.(?=\s|$)"                            # initials: J. A.
-    rf"|(?=[A-Z][a-z]{{0,4}}\.)(?:{_ABBREVIATIONS})\.(?=\s|$)"  # abbreviations (cheap gate first): Dr. Jan.
-    r"|\d+(?:[.,:/]\d+)+(?:[^\W\d_]+)?"                # 3.5 1,000 12:30 1/2 1.5x
-    rf"|['’]{_CLITIC}"
-    rf"|{_WORD}"
-    r"|\.{2,}|-{2,}|…"                                 # ellipses and dash runs stay whole
-    r"|[^\w\s]"                                        # any other symbol: its own token
-)
-# Over "\n".join(tokens), one pass: the group captures a punctuation-only token, and is empty
-# for a token with a letter; tokens with neither (numbers) do not match at all.
-TOKEN_CLASS_RE = re.compile(rf"^(?:([{PUNCT_CLASS}]+)$|(?:[^\w\n]|[\d_])*[^\W\d_])", re.M)
 PARAGRAPH_SPLIT_RE = re.compile(r"\n{2,}")
 LINES_SPLIT_RE = re.compile(r"\n+")
 
@@ -137,27 +62,25 @@ class Doc:
 
     # ---- words
     @cached_property
-    def words(self) -> list[str]:
-        return TOKEN_RE.findall(self.text)
+    def _split(self) -> tuple[list[str], int, int, int]:
+        """(words, symbol-only words, their characters, words with a letter): see words.split_text."""
+        return split_text(self.text)
 
-    @cached_property
-    def _token_classes(self) -> tuple[int, int, int]:
-        """(punctuation-only tokens, their characters, tokens with a letter)."""
-        found = TOKEN_CLASS_RE.findall("\n".join(self.words))
-        symbols = [t for t in found if t]
-        return len(symbols), sum(map(len, symbols)), len(found) - len(symbols)
+    @property
+    def words(self) -> list[str]:
+        return self._split[0]
 
     @property
     def n_symbol_words(self) -> int:
-        return self._token_classes[0]
+        return self._split[1]
 
     @property
     def symbol_word_chars(self) -> int:
-        return self._token_classes[1]
+        return self._split[2]
 
     @property
     def n_alpha_words(self) -> int:
-        return self._token_classes[2]
+        return self._split[3]
 
     @cached_property
     def word_lengths(self) -> np.ndarray:
