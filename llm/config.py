@@ -235,7 +235,7 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    # Whether the devices exist is checked when the stage starts (check_devices), not here:
+    # Whether the devices exist is checked when the stage starts (llm.dist.check_devices), not here:
     # a config is also built where the stage will not run (an orchestrator, `kiln config`).
     # nproc is in the key on purpose: a checkpoint's loader state is laid out per rank.
     nproc: Nproc = "auto"
@@ -601,22 +601,3 @@ def load_config(preset: str = "tiny", overrides: list[str] | dict[str, Any] | No
 
 def config_from_json(text: str) -> KilnConfig:
     return KilnConfig.model_validate(json.loads(text))
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def check_devices(cfg: KilnConfig, stage: str) -> None:
-    """Raise :class:`ConfigError` naming the key when ``stage`` asks for devices this machine lacks.
-
-    Called when the stage starts on the machine that runs it, before torchrun (or a model) is
-    launched, so a missing GPU is one line instead of a traceback from every rank. It is not part
-    of validation because configs are also built where the stage does not run: a CPU orchestrator
-    dispatching to a GPU pool, ``kiln config``, ``kiln ls``. The rules are llm/dist.py's, the same
-    ones the stage applies when it picks its device and process count.
-    """
-    if stage not in DEVICE_STAGES:
-        return
-    from llm.dist import resolve_devices
-
-    resolve_devices(getattr(cfg, stage), stage)

@@ -1,7 +1,7 @@
 """Which device and how many processes a job gets, and the process group its ranks share.
 
 One home for both, because each used to be decided in several places that could disagree: a stage
-checked before it started (``llm.config.check_devices``), training and eval each picked a process
+checked before it started (:func:`check_devices`), training and eval each picked a process
 count, and the trainer, the SFT held-out loss and ``kiln chat`` each resolved ``device: auto`` their
 own way (one of them quietly falling back to CPU when CUDA was asked for). Now
 :func:`resolve_device` and :func:`resolve_nproc` are the only rules, with one error message each
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from llm.config import ConfigError
+from llm.config import DEVICE_STAGES, ConfigError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -154,3 +154,20 @@ def finish(code: int) -> int:
         os._exit(code)
     dist.destroy_process_group()
     return code
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def check_devices(cfg: Any, stage: str) -> None:
+    """Raise :class:`ConfigError` naming the key when ``stage`` asks for devices this machine lacks.
+
+    Called when the stage starts on the machine that runs it, before torchrun (or a model) is
+    launched, so a missing GPU is one line instead of a traceback from every rank. It is not part
+    of validation because configs are also built where the stage does not run: a CPU orchestrator
+    dispatching to a GPU pool, ``kiln config``, ``kiln ls``. The rules are this module's, the same
+    ones the stage applies when it picks its device and process count.
+    """
+    if stage not in DEVICE_STAGES:
+        return
+    resolve_devices(getattr(cfg, stage), stage)

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from llm.cli.main import main as kiln
-from llm.config import ConfigError, check_devices, load_config
+from llm.config import ConfigError, load_config
+from llm.dist import check_devices
 from s3_server import moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from llm.config import KilnConfig, check_devices, operational_exclude
+from llm.config import KilnConfig, operational_exclude
+from llm.dist import check_devices
 from llm.stages.output import ExternalInput, StageOutput, StageResult, input_manifest, output_address, run_stage
 from llm.storage import Store
 
