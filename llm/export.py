@@ -264,7 +264,7 @@ def card_info(model_uri: str, tokenizer_uri: str = "", *, root: str | None = Non
               endpoint_url: str = "", preset: str = "") -> CardInfo:
     """Lineage, tokens and scores from the manifests around the model (a stage output, or a checkpoint
     inside one) and the tokenizer; a bare checkpoint outside any stage output adds no lineage."""
-    from llm.cli.ls import lineage
+    from llm.stages.output import lineage
     from llm.stages.output import read_manifest
     from llm.storage import Store
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm.stages.output import MANIFEST, read_manifest, work_root
+from llm.stages.output import MANIFEST, lineage, read_manifest, work_root
 from llm.stages.registry import STAGES
 from llm.storage import Store, is_s3, join, local_path, sha256_file
 
@@ -166,52 +166,6 @@ def _partial(store: Store, stage: str, keydir: str, uri: str, size: int, where: 
     else:
         problem = f"unfinished{where}: crashed or failed; the next run with this key resumes it"
     return Entry(stage, key, uri, "partial", size, problem=problem)
-
-
-def _locate(store: Store, root: str | None, uri: str) -> tuple[str, dict[str, Any] | None]:
-    """The manifest of ``uri``, or of the same ``<stage>/<key>`` under ``root``.
-
-    Manifests read back have their inputs resolved against where they were found; an old manifest's
-    input that resolves nowhere (its root since moved, its path relative to another directory) is
-    still found by ``<stage>/<key>``: the key names the content, so the copy under this root is the same.
-    """
-    m = read_manifest(store, uri)
-    if m is None and root is not None:
-        stage_key = uri.rstrip("/").split("/")[-2:]
-        if len(stage_key) == 2:
-            alt = join(root, *stage_key)
-            if alt != uri:
-                m2 = read_manifest(store, alt)
-                if m2 is not None:
-                    return alt, m2
-    return uri, m
-
-
-def lineage(store: Store, uri: str, *, root: str | None = None,
-            max_depth: int = 32) -> list[tuple[int, str, dict[str, Any] | None]]:
-    """``(depth, role/stage label, manifest)`` from ``uri`` back through its inputs, depth first.
-
-    Shared upstreams (tokenizer and tokens both lead to the same dedup output) are printed once in
-    full and then by reference, so the tree stays readable.
-    """
-    seen: set[str] = set()
-    out: list[tuple[int, str, dict[str, Any] | None]] = []
-
-    def walk(u: str, label: str, depth: int) -> None:
-        u, m = _locate(store, root, u)
-        name = f"{label}: {u}" if label else u
-        if u in seen:
-            out.append((depth, f"{name} (above)", None))
-            return
-        seen.add(u)
-        out.append((depth, name, m))
-        if m is None or depth >= max_depth:
-            return
-        for role, inp in sorted((m.get("inputs") or {}).items()):
-            walk(inp.get("uri", ""), role, depth + 1)
-
-    walk(uri.rstrip("/"), "", 0)
-    return out
 
 
 # --------------------------------------------------------------------------- CLI

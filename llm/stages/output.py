@@ -442,3 +442,52 @@ def _follow(store: Store, stage: str, key: str, uri: str, in_manifests: dict[str
         shutil.rmtree(scratch, ignore_errors=True)
     raise StageError(f"{stage}: ran as a multi-node follower but the stage does not support it "
                      f"(it returned instead of raising FollowerDone)")
+
+
+# --------------------------------------------------------------------------- lineage
+
+
+def _locate_output(store: Store, root: str | None, uri: str) -> tuple[str, dict[str, Any] | None]:
+    """The manifest of ``uri``, or of the same ``<stage>/<key>`` under ``root``.
+
+    Manifests read back have their inputs resolved against where they were found; an old manifest's
+    input that resolves nowhere (its root since moved, its path relative to another directory) is
+    still found by ``<stage>/<key>``: the key names the content, so the copy under this root is the same.
+    """
+    m = read_manifest(store, uri)
+    if m is None and root is not None:
+        stage_key = uri.rstrip("/").split("/")[-2:]
+        if len(stage_key) == 2:
+            alt = join(root, *stage_key)
+            if alt != uri:
+                m2 = read_manifest(store, alt)
+                if m2 is not None:
+                    return alt, m2
+    return uri, m
+
+
+def lineage(store: Store, uri: str, *, root: str | None = None,
+            max_depth: int = 32) -> list[tuple[int, str, dict[str, Any] | None]]:
+    """``(depth, role/stage label, manifest)`` from ``uri`` back through its inputs, depth first.
+
+    Shared upstreams (tokenizer and tokens both lead to the same dedup output) are printed once in
+    full and then by reference, so the tree stays readable.
+    """
+    seen: set[str] = set()
+    out: list[tuple[int, str, dict[str, Any] | None]] = []
+
+    def walk(u: str, label: str, depth: int) -> None:
+        u, m = _locate_output(store, root, u)
+        name = f"{label}: {u}" if label else u
+        if u in seen:
+            out.append((depth, f"{name} (above)", None))
+            return
+        seen.add(u)
+        out.append((depth, name, m))
+        if m is None or depth >= max_depth:
+            return
+        for role, inp in sorted((m.get("inputs") or {}).items()):
+            walk(inp.get("uri", ""), role, depth + 1)
+
+    walk(uri.rstrip("/"), "", 0)
+    return out
