@@ -329,6 +329,7 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
 
 def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]], scratch: Path,
                 sign_tasks: list[SignTask], pool: ProcessPoolExecutor | None, progress: bool) -> dict[str, Any]:
+    """Signatures, exact groups, band clustering, then filtering each shard: the phases in order."""
     d = cfg.dedup
     timings: dict[str, float] = {}
     t = time.time()
@@ -346,59 +347,37 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
 
     # 3. near duplicates: one (band, partition) bucket table at a time
     t = time.time()
-    from tqdm import tqdm
-
-    collisions = 0
-    band_dirs = [scratch / "bands" / f"band_{b:02d}" / f"part_{p:03d}"
-                 for b in range(d.num_bands) for p in range(d.band_partitions)]
-    peak_table_rows = 0
-    for band_dir in tqdm(band_dirs, desc="dedup bands", unit="table", disable=not progress):
-        keepers, others = band_pairs(band_dir, exact_removed)
-        collisions += len(others)
-        for a, b in zip(keepers.tolist(), others.tolist()):
-            uf.union(a, b)
-        peak_table_rows = max(peak_table_rows, sum(pq.ParquetFile(p).metadata.num_rows for p in band_dir.glob("*.parquet")))
+    collisions, peak_table_rows = _cluster_bands(d, scratch, exact_removed, uf, progress)
     clusters = uf.clusters()
     timings["clusters"] = time.time() - t
-
-    # which rows go, per shard; exact vs near for the counts
-    removed: dict[int, list[int]] = {}
     exact_set = set(exact_removed.tolist())
-    near = 0
-    for members in clusters.values():
-        for m in members[1:]:  # the keep rule: members are sorted, the smallest id stays
-            s, r = split_id(m)
-            removed.setdefault(s, []).append(r)
-            near += m not in exact_set
+    removed, near = _removals(clusters, exact_set)
     ranked = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: d.sample_clusters]
-    sample_rows: dict[int, set[int]] = {}
-    for _, members in ranked:
-        for m in members[:SAMPLE_MEMBERS]:
-            s, r = split_id(m)
-            sample_rows.setdefault(s, set()).add(r)
 
     # 4. filter each shard
     t = time.time()
+    sample_rows = _sample_rows(ranked)
     filter_tasks = [FilterTask(i, name, str(path), str(out.path(name)), np.array(sorted(removed.get(i, [])), dtype=np.int64),
                                tuple(sorted(sample_rows.get(i, ()))), d.row_group_rows)
                     for i, (name, path) in enumerate(files)]
     filtered = parallel_map(filter_shard, filter_tasks, progress=progress, desc="dedup filter", unit="shard", pool=pool)
     timings["filter"] = time.time() - t
 
-    first_lines = {doc_id(r["shard"], row): line for r in filtered for row, line in r["samples"].items()}
-    sample = []
-    for _, members in ranked:
-        shown, keeper = members[:SAMPLE_MEMBERS], members[0]
-        sample.append({
-            "size": len(members),
-            "members": [{"shard": files[split_id(m)[0]][0], "row": split_id(m)[1], "kept": m == keeper,
-                         "kind": "keep" if m == keeper else ("exact" if m in exact_set else "near"),
-                         "first_line": first_lines.get(m, "")} for m in shown],
-        })
     docs_out = sum(r["kept"] for r in filtered)
     exact_dups = len(exact_removed)
     assert docs_out == docs_in - exact_dups - near, "dedup bookkeeping mismatch"
     check_published_docs("dedup", out.workdir, [files[r["shard"]][0] for r in filtered if r["kept"]], docs_out)
+    method = _method(d)
+    method["docs_without_words"] = sum(r["no_words"] for r in signed)
+    method["memory"] = {
+        "signature_worker_peak_rss_mb": round(max(r["peak_rss_mb"] for r in signed), 1),
+        "filter_worker_peak_rss_mb": round(max(r["peak_rss_mb"] for r in filtered), 1),
+        "largest_band_table_rows": peak_table_rows,
+        "union_find_ids": len(uf.parent),
+        "note": "workers stream row groups (flat in corpus size); the clustering step holds one "
+                "(band, partition) bucket table and a union-find over candidate duplicates",
+    }
+    method["phase_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     return {
         "counts": {
             "docs_in": docs_in,
@@ -412,30 +391,83 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
             "shards_in": len(files),
             "shards_out": sum(1 for r in filtered if r["kept"]),
         },
-        "dedup": {
-            "normalisation": NORMALISATION,
-            "exact_key": "xxh3_64 of the normalised UTF-8 text" if d.exact else "off",
-            "shingles": f"word {d.ngram}-grams of the normalised text (a text with fewer words is one shingle)",
-            "minhash": {
-                "library": "datasketch MinHash.generator", "scheme": SCHEME, "hashfunc": "xxhash.xxh32_intdigest",
-                "num_perm": d.num_perm, "bands": d.num_bands, "rows_per_band": d.rows_per_band, "seed": d.seed,
-                "band_key": "xxh3_64 of the band's little-endian uint32 values",
-                "threshold_approx": round(lsh_threshold(d.num_bands, d.rows_per_band), 4),
-                "p_candidate_at_jaccard": {str(j): round(collision_probability(j, d.num_bands, d.rows_per_band), 4)
-                                           for j in (0.5, 0.7, 0.8, 0.85, 0.9)},
-            },
-            "keep_rule": KEEP_RULE,
-            "docs_without_words": sum(r["no_words"] for r in signed),
-            "memory": {
-                "signature_worker_peak_rss_mb": round(max(r["peak_rss_mb"] for r in signed), 1),
-                "filter_worker_peak_rss_mb": round(max(r["peak_rss_mb"] for r in filtered), 1),
-                "largest_band_table_rows": peak_table_rows,
-                "union_find_ids": len(uf.parent),
-                "note": "workers stream row groups (flat in corpus size); the clustering step holds one "
-                        "(band, partition) bucket table and a union-find over candidate duplicates",
-            },
-            "phase_seconds": {k: round(v, 3) for k, v in timings.items()},
-        },
-        "sample_clusters": sample,
+        "dedup": method,
+        "sample_clusters": _cluster_sample(ranked, files, exact_set, filtered),
         "shards": [{"name": files[r["shard"]][0], "docs_in": r["rows"], "docs_out": r["kept"]} for r in filtered],
     }
+
+
+def _cluster_bands(d: Any, scratch: Path, exact_removed: np.ndarray, uf: UnionFind, progress: bool) -> tuple[int, int]:
+    """Union every candidate pair, one (band, partition) bucket table at a time, so memory holds one table.
+
+    Returns (band collisions, rows of the largest table)."""
+    from tqdm import tqdm
+
+    collisions = peak_table_rows = 0
+    band_dirs = [scratch / "bands" / f"band_{b:02d}" / f"part_{p:03d}"
+                 for b in range(d.num_bands) for p in range(d.band_partitions)]
+    for band_dir in tqdm(band_dirs, desc="dedup bands", unit="table", disable=not progress):
+        keepers, others = band_pairs(band_dir, exact_removed)
+        collisions += len(others)
+        for a, b in zip(keepers.tolist(), others.tolist()):
+            uf.union(a, b)
+        peak_table_rows = max(peak_table_rows, sum(pq.ParquetFile(p).metadata.num_rows for p in band_dir.glob("*.parquet")))
+    return collisions, peak_table_rows
+
+
+def _removals(clusters: dict[int, list[int]], exact_set: set[int]) -> tuple[dict[int, list[int]], int]:
+    """Which rows go, per shard (all but each cluster's smallest id), and how many were near (not exact) dups."""
+    removed: dict[int, list[int]] = {}
+    near = 0
+    for members in clusters.values():
+        for m in members[1:]:  # the keep rule: members are sorted, the smallest id stays
+            s, r = split_id(m)
+            removed.setdefault(s, []).append(r)
+            near += m not in exact_set
+    return removed, near
+
+
+def _sample_rows(ranked: list[tuple[int, list[int]]]) -> dict[int, set[int]]:
+    """Per shard, the rows of the largest clusters whose first line the manifest shows."""
+    sample_rows: dict[int, set[int]] = {}
+    for _, members in ranked:
+        for m in members[:SAMPLE_MEMBERS]:
+            s, r = split_id(m)
+            sample_rows.setdefault(s, set()).add(r)
+    return sample_rows
+
+
+def _cluster_sample(ranked: list[tuple[int, list[int]]], files: list[tuple[str, Path]], exact_set: set[int],
+                    filtered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The largest clusters as a person reads them: which member stayed, which went and why, first lines."""
+    first_lines = {doc_id(r["shard"], row): line for r in filtered for row, line in r["samples"].items()}
+    sample = []
+    for _, members in ranked:
+        shown, keeper = members[:SAMPLE_MEMBERS], members[0]
+        sample.append({
+            "size": len(members),
+            "members": [{"shard": files[split_id(m)[0]][0], "row": split_id(m)[1], "kept": m == keeper,
+                         "kind": "keep" if m == keeper else ("exact" if m in exact_set else "near"),
+                         "first_line": first_lines.get(m, "")} for m in shown],
+        })
+    return sample
+
+
+def _method(d: Any) -> dict[str, Any]:
+    """How duplicates were found, stated in the manifest (the hash scheme explicitly: datasketch 2.x changed it)."""
+    return {
+        "normalisation": NORMALISATION,
+        "exact_key": "xxh3_64 of the normalised UTF-8 text" if d.exact else "off",
+        "shingles": f"word {d.ngram}-grams of the normalised text (a text with fewer words is one shingle)",
+        "minhash": {
+            "library": "datasketch MinHash.generator", "scheme": SCHEME, "hashfunc": "xxhash.xxh32_intdigest",
+            "num_perm": d.num_perm, "bands": d.num_bands, "rows_per_band": d.rows_per_band, "seed": d.seed,
+            "band_key": "xxh3_64 of the band's little-endian uint32 values",
+            "threshold_approx": round(lsh_threshold(d.num_bands, d.rows_per_band), 4),
+            "p_candidate_at_jaccard": {str(j): round(collision_probability(j, d.num_bands, d.rows_per_band), 4)
+                                       for j in (0.5, 0.7, 0.8, 0.85, 0.9)},
+        },
+        "keep_rule": KEEP_RULE,
+    }
+
+
