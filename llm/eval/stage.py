@@ -25,6 +25,7 @@ from typing import Any
 
 from llm.config import KilnConfig, config_from_json
 from llm.stages.output import StageError, StageOutput
+from llm.storage import write_atomic
 
 RESULT_FILES = ("core.json", "core.csv", "bpb.json", "samples.json")
 
@@ -36,37 +37,61 @@ RESULT_FILES = ("core.json", "core.csv", "bpb.json", "samples.json")
 
 def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = False) -> dict[str, Any] | None:
     """Run CORE, bpb and samples; rank 0 writes RESULT_FILES into ``outdir`` and returns a summary."""
-    import torch
     import torch.distributed as dist
 
-    from llm.checkpoint import load_model
-    from llm.sources import resolve_source
-    from llm.tokenizer import load_tokenizer
-    from llm.eval.loss import evaluate_bpb, val_tokens
-    from llm.eval.bundle import load_bundle
-    from llm.eval.core import comparison_table, core_csv, evaluate_core, model_scorer
     from llm.eval.samples import complete
 
     cfg = config_from_json(spec["config"])
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = spec["device"]
-    if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
+    device = _rank_device(spec["device"])
     log = (lambda msg: print(f"[eval] {msg}", flush=True)) if rank == 0 and progress else None
+    model, meta, tokenizer = _load_pair(spec, cfg, device)
+    core, bundle, bundle_src = _core(cfg, model, tokenizer, device, progress, log)
+    bpb = _bpb(spec, cfg, model, tokenizer, device, progress)
+    if rank != 0:
+        return None
+    smp = complete(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_max_tokens)  # cheap, same everywhere
+    result = core.to_json() | _core_context(core, bundle, bundle_src)
+    result["checkpoint"] = {"uri": spec["model"], "step": meta.get("step"), "tokens": meta.get("tokens")}
+    result["device"] = device
+    _write_results(outdir, result, core, bpb, smp)
+    return {"core": result, "bpb": bpb, "samples": smp}
+
+
+def _rank_device(device: str) -> str:
+    """This rank's device: its own GPU (LOCAL_RANK) under torchrun on CUDA."""
+    if device != "cuda":
+        return device
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    return f"cuda:{local}"
+
+
+def _load_pair(spec: dict[str, Any], cfg: KilnConfig, device: str) -> tuple[Any, dict[str, Any], Any]:
+    """The model and its tokenizer, refused together when the tokenizer has ids the model has no row for."""
+    from llm.checkpoint import load_model
+    from llm.tokenizer import load_tokenizer
 
     model, meta = load_model(spec["model"], device=device, endpoint_url=cfg.run.s3_endpoint)
     tokenizer = load_tokenizer(spec["tokenizer"], cfg.run.s3_endpoint)
     if getattr(tokenizer, "vocab_size", model.config.vocab_size) > model.config.vocab_size:
         raise StageError(f"tokenizer {spec['tokenizer']} has vocab {tokenizer.vocab_size}, larger than the "
                          f"model's {model.config.vocab_size}: they do not belong together")
+    return model, meta, tokenizer
+
+
+def _core(cfg: KilnConfig, model: Any, tokenizer: Any, device: str, progress: bool, log: Any) -> tuple[Any, Any, str]:
+    """CORE over the bundle: (result, bundle, where the bundle came from)."""
+    from llm.eval.bundle import load_bundle
+    from llm.eval.core import evaluate_core, model_scorer
+    from llm.sources import resolve_source
+
     # Like nanochat, score the full few-shot context; crop only beyond what the model can
     # position (its rotary table), or at eval.max_seq_len when set.
     rope = getattr(model, "rope_cos", None)
     max_seq_len = cfg.eval.max_seq_len or (int(rope.shape[0]) if rope is not None else model.config.seq_len)
-
-    # ---- CORE
     bundle_src = resolve_source(cfg.eval.bundle, "core_eval", cfg.run.data_mirror)
     bundle = load_bundle(bundle_src, sha256=cfg.eval.bundle_sha256, s3_endpoint=cfg.run.s3_endpoint)
     if log and bundle.missing:
@@ -74,44 +99,42 @@ def evaluate_checkpoint(spec: dict[str, Any], outdir: Path, *, progress: bool = 
     core = evaluate_core(model_scorer(model, device), tokenizer, bundle, max_per_task=cfg.eval.max_per_task,
                          batch_tokens=cfg.eval.batch_tokens, max_seq_len=max_seq_len, device=device,
                          tasks=cfg.eval.tasks, progress=progress, log=log)
+    return core, bundle, bundle_src
 
-    # ---- bits per byte
-    bpb: dict[str, Any]
-    if spec.get("tokens"):
-        from llm.data.shards import open_split
 
-        toks = val_tokens(open_split(spec["tokens"], "val", cfg.run.s3_endpoint), cfg.eval.bpb_tokens + 1)
-        seq_len = min(model.config.seq_len, max(1, len(toks) - 1))
-        bpb = evaluate_bpb(model, toks, tokenizer.token_bytes, seq_len=seq_len,
-                           batch_size=max(1, cfg.eval.batch_tokens // seq_len), device=device, progress=progress)
-        bpb["split"] = "val"
-    else:
-        bpb = {"bpb": None, "skipped": "no tokens input (tokenize stage output) given"}
+def _core_context(core: Any, bundle: Any, bundle_src: str) -> dict[str, Any]:
+    """What a CORE number needs beside it: which bundle, and the GPT-2 references over the same tasks."""
+    from llm.eval.core import comparison_table
 
-    if rank != 0:
-        return None
-    # ---- samples (rank 0 only: cheap and identical everywhere)
-    smp = complete(model, tokenizer, cfg.eval.sample_prompts, cfg.eval.sample_max_tokens)
+    return {"bundle": bundle_src, "bundle_fingerprint": bundle.fingerprint(),
+            "references": {m: {"core_22": bundle.reference_core.get(m)} for m in bundle.references},
+            "comparison": comparison_table(core, bundle)}
 
-    result = core.to_json()
-    result["bundle"] = bundle_src
-    result["bundle_fingerprint"] = bundle.fingerprint()
-    result["references"] = {m: {"core_22": bundle.reference_core.get(m)} for m in bundle.references}
-    result["comparison"] = comparison_table(core, bundle)
-    result["checkpoint"] = {"uri": spec["model"], "step": meta.get("step"), "tokens": meta.get("tokens")}
-    result["device"] = device
+
+def _bpb(spec: dict[str, Any], cfg: KilnConfig, model: Any, tokenizer: Any, device: str,
+         progress: bool) -> dict[str, Any]:
+    """Bits per byte on the tokenize stage's held-out split, when that input was given."""
+    if not spec.get("tokens"):
+        return {"bpb": None, "skipped": "no tokens input (tokenize stage output) given"}
+    from llm.data.shards import open_split
+    from llm.eval.loss import evaluate_bpb, val_tokens
+
+    toks = val_tokens(open_split(spec["tokens"], "val", cfg.run.s3_endpoint), cfg.eval.bpb_tokens + 1)
+    seq_len = min(model.config.seq_len, max(1, len(toks) - 1))
+    bpb = evaluate_bpb(model, toks, tokenizer.token_bytes, seq_len=seq_len,
+                       batch_size=max(1, cfg.eval.batch_tokens // seq_len), device=device, progress=progress)
+    bpb["split"] = "val"
+    return bpb
+
+
+def _write_results(outdir: Path, result: dict[str, Any], core: Any, bpb: dict[str, Any], smp: Any) -> None:
+    from llm.eval.core import core_csv
+
     outdir.mkdir(parents=True, exist_ok=True)
-    _write(outdir / "core.json", json.dumps(result, indent=2))
-    _write(outdir / "core.csv", core_csv(core))
-    _write(outdir / "bpb.json", json.dumps(bpb, indent=2))
-    _write(outdir / "samples.json", json.dumps(smp, indent=2, ensure_ascii=False))
-    return {"core": result, "bpb": bpb, "samples": smp}
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(outdir / "core.json", json.dumps(result, indent=2))
+    write_atomic(outdir / "core.csv", core_csv(core))
+    write_atomic(outdir / "bpb.json", json.dumps(bpb, indent=2))
+    write_atomic(outdir / "samples.json", json.dumps(smp, indent=2, ensure_ascii=False))
 
 
 # --------------------------------------------------------------------------- the stage
