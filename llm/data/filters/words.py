@@ -8,7 +8,7 @@ rules (its documented algorithm, checked against its output on the data kit) ins
 approximating them:
 
 1. Whitespace separates chunks and each chunk is split on its own, so splits are memoised
-   per chunk (:func:`split_words` is a dictionary look-up for almost every chunk).
+   per chunk (:func:`split_text` is a dictionary look-up for almost every chunk).
 2. A chunk that is a special case (a contraction "don't" -> "do", "n't", an abbreviation
    "Dr.", an emoticon ":)") gets its fixed split.
 3. Otherwise one prefix ("(", quotes, "$", ...) and one suffix (")", ",", "'s", a "." after a
@@ -21,8 +21,12 @@ approximating them:
 
 Character classes follow the tokenizer's: "letters" are ``str.isalpha`` characters, "lower"
 are letters that are not upper case (uncased scripts count as both lower and upper), icons
-are Unicode "other symbols" (So). Differences remain only for rare scripts and symbols that
-the reference lists by hand; bench/bench_filter.py measures the effect on filter decisions.
+are Unicode "other symbols" (So). The tokenizer lists its letters by script instead, so splits
+differ next to rare letters (modifier letters, "µ", Greek Extended, scripts it does not list);
+bench/results_filter.md lists every known difference and measures the effect on decisions.
+
+Each word is also classed as datatrove's Gopher filter classes it (symbol only, has a letter),
+and the counts are memoised with the split.
 """
 
 from __future__ import annotations
@@ -453,7 +457,7 @@ def _split_wrapped(chunk: str, specials: dict[str, tuple[str, ...]]) -> list[str
 
 
 def split_chunk(chunk: str) -> tuple[str, ...]:
-    """The words of one whitespace-free chunk (uncached; see :func:`split_words`)."""
+    """The words of one whitespace-free chunk (uncached; see :func:`split_text`)."""
     specials = special_cases()
     split = specials.get(chunk)
     if split is not None:
@@ -544,7 +548,3 @@ def split_text(text: str) -> tuple[list[str], int, int, int]:
     words = list(chain.from_iterable(map(itemgetter(0), entries)))
     return words, sum(map(itemgetter(1), entries)), sum(map(itemgetter(2), entries)), sum(map(itemgetter(3), entries))
 
-
-def split_words(text: str) -> list[str]:
-    """The words of a text, as spaCy's English tokenizer splits it with whitespace tokens dropped."""
-    return split_text(text)[0]
