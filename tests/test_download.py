@@ -368,9 +368,11 @@ def test_interrupted_stage_is_continued_by_the_next_run(hub: HubServer, shared_d
     hub.add_fault("stall", match=f"*/{name}", times=1, fraction=0.9, seconds=60)
     overrides = {"run.artifact_root": str(artifact_root), "download.source": hub.source("*.parquet"), **FAST,
                  "download.max_files": 1, "download.workers": 1}
-    # The child's short timeout only bounds how long Ctrl-C waits for the stalled read (timeouts are
-    # not part of the stage's key, so the rerun below continues the same output).
-    child = subprocess.Popen([sys.executable, "-c", _STAGE_CHILD, json.dumps({**overrides, "download.timeout_s": 2.0})],
+    # The child's timeout bounds how long Ctrl-C waits for the stalled read (timeouts are not part of
+    # the stage's key, so the rerun below continues the same output). It must also outlast the time
+    # this test takes to see the partial and send the signal: with 2 s, a loaded machine let the
+    # child's retry finish the file first, and the "interrupted" child exited 0.
+    child = subprocess.Popen([sys.executable, "-c", _STAGE_CHILD, json.dumps({**overrides, "download.timeout_s": 10.0})],
                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
