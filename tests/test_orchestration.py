@@ -429,7 +429,8 @@ def test_full_pipeline_starts_each_step_once_its_inputs_exist(remote):
     assert runner.log == data + [
         "submit pretrain", "wait pretrain", "submit midtrain", "submit eval_pretrain", "wait midtrain",
         "submit sft", "submit eval_midtrain", "wait sft", "submit eval_sft",
-        "wait eval_pretrain", "wait eval_midtrain", "wait eval_sft", "run report"]
+        # export reads eval_sft (CORE for its model card) and runs while the other evals may still run
+        "wait eval_sft", "run export", "wait eval_pretrain", "wait eval_midtrain", "run report"]
 
 
 # --------------------------------------------------------------------------- a bare checkpoint through Prefect
