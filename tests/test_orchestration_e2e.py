@@ -312,6 +312,6 @@ def test_changing_only_the_sft_config_recomputes_only_sft_and_what_follows(scena
     final = api.wait(fid, 900)
     assert final["state"]["type"] == "COMPLETED", final["state"]
     states = stage_states(api, fid, expect=LABELS)
-    recomputed = {"sft", "eval_sft", "report"}
+    recomputed = {"sft", "eval_sft", "export", "report"}  # export reads the SFT model and its eval
     assert {label for label, s in states.items() if s != "Cached"} == recomputed, states
     assert {states[label] for label in LABELS if label not in recomputed} == {"Cached"}, states
