@@ -232,6 +232,11 @@ class ModelConfig(Section):
     seq_len: int = Field(2048, ge=1)
     softcap: float = Field(15.0, ge=0.0)  # 0 = no soft cap
     rope_base: float = Field(10000.0, gt=0.0)
+    # Sliding-window attention (nanochat's convention): S = a short window (a quarter of seq_len, rounded up
+    # to 128), L = full context, tiled over the layers, the last layer always L; e.g. "SSSL". Cheaper
+    # attention on long contexts. "L" = every layer full, the model before this option. A model with S
+    # layers exports to transformers with Kiln's own code (trust_remote_code; NanoChat has no windows).
+    window_pattern: str = Field("L", pattern=r"^[SL]+$")
 
 
 class TrainConfig(Section):

@@ -7,7 +7,8 @@ Shape (all derived from :class:`GPTConfig`):
 * token embedding → parameter-free RMSNorm → ``depth`` pre-norm blocks → RMSNorm → untied ``lm_head``.
 * each block: ``x += attn(norm(x))``; ``x += mlp(norm(x))``. Attention uses rotary position embeddings,
   QK-norm (parameter-free RMSNorm on queries and keys after rotary) and ``F.scaled_dot_product_attention``
-  (the flash kernel on GPU). The MLP is ``proj(relu(fc(x))²)`` with a 4× hidden size.
+  (the flash kernel on GPU); optionally some layers attend over a sliding window only (``window_pattern``,
+  an SDPA boolean mask). The MLP is ``proj(relu(fc(x))²)`` with a 4× hidden size.
 * no biases anywhere; logits are soft-capped: ``softcap · tanh(logits / softcap)`` in fp32.
 
 Why these choices: they are the nanochat/modded-nanoGPT recipe that trains stably at high learning rates
@@ -20,8 +21,9 @@ Accounting (exact, checked by tests against a hand calculation):
   H query heads, K kv heads, hd head_dim (wte + lm_head, then q,k,v,o and the 4× MLP).
 * ``flops_per_token() = 6·(N − V·D) + 12·depth·H·hd·T``: 6 FLOPs per matmul weight per token (forward 2 +
   backward 4), the embedding lookup excluded because it is a gather, plus the attention score/value matmuls
-  (QKᵀ and AV: 2·2·H·hd·T forward per layer per token, ×3 for forward+backward). T is ``seq_len``; causal
-  masking is NOT halved, following the PaLM/nanochat convention so MFU numbers are comparable.
+  (QKᵀ and AV: 2·2·H·hd·T forward per layer per token, ×3 for forward+backward). T is ``seq_len``, or a
+  sliding-window layer's window when shorter; causal masking is NOT halved, following the PaLM/nanochat
+  convention so MFU numbers are comparable.
 """
 
 from __future__ import annotations
@@ -50,8 +52,15 @@ class GPTConfig:
     seq_len: int = 2048
     softcap: float = 15.0
     rope_base: float = 10000.0
+    # Sliding-window attention, nanochat's convention: S (short window) and L (full context) tiled over the
+    # layers, the last layer always L. Short windows cut attention cost on long contexts while the L layers
+    # keep long-range reach. "L" (every layer full) is the architecture before this option existed.
+    window_pattern: str = "L"
 
     def __post_init__(self) -> None:
+        if not self.window_pattern or set(self.window_pattern) - set("SL"):
+            raise ValueError(f"GPTConfig: window_pattern {self.window_pattern!r} must be a non-empty string of "
+                             "S (short window) and L (full context), e.g. 'SSSL'")
         if self.vocab_size <= 0 or self.depth <= 0 or self.head_dim <= 0 or self.aspect_ratio <= 0:
             raise ValueError(f"GPTConfig: vocab_size, depth, aspect_ratio, head_dim must be positive: {self}")
         if self.model_dim % self.head_dim:
@@ -75,6 +84,22 @@ class GPTConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def short_window(self) -> int:
+        """An S layer's window: a quarter of ``seq_len`` rounded up to a multiple of 128 (nanochat's rule,
+        where 128 is FlashAttention-3's tile; kept so that a Kiln and a nanochat model of one config match)."""
+        quarter = -(-self.seq_len // 4)
+        return -(-quarter // 128) * 128
+
+    def layer_windows(self) -> list[int | None]:
+        """Per layer, how many earlier tokens a query sees besides itself (None: all of them). The pattern
+        is tiled over the layers and the last layer is always full, so the output sees the whole context.
+        An L layer is unlimited (nanochat caps it at ``seq_len``; the same within training, and generation
+        past ``seq_len`` keeps Kiln's pre-window behaviour)."""
+        tiled = [self.window_pattern[i % len(self.window_pattern)] for i in range(self.depth)]
+        tiled[-1] = "L"
+        return [self.short_window if c == "S" else None for c in tiled]
 
     @classmethod
     def from_model_config(cls, model_cfg: Any, vocab_size: int) -> "GPTConfig":
@@ -106,6 +131,15 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device: torch.device
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)
     return freqs.cos(), freqs.sin()
+
+
+def window_mask(t_q: int, t_k: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """SDPA boolean mask (True = attend) for the last ``t_q`` of ``t_k`` positions over all ``t_k`` keys:
+    causal, and at most ``window`` tokens back (a query sees ``window + 1`` keys, itself included)."""
+    q_pos = torch.arange(t_k - t_q, t_k, device=device).unsqueeze(1)
+    back = q_pos - torch.arange(t_k, device=device).unsqueeze(0)
+    mask = back >= 0
+    return mask if window is None else mask & (back <= window)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,6 +175,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.window = cfg.layer_windows()[layer]
         d = cfg.model_dim
         self.c_q = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
         self.c_k = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
@@ -162,7 +197,10 @@ class Attention(nn.Module):
             rep = self.n_heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         kw = {"enable_gqa": True} if (gqa and _SDPA_GQA) else {}
-        if past == 0:
+        if self.window is not None and k.shape[2] > self.window + 1:  # some query has keys out of its window
+            mask = window_mask(T, k.shape[2], self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
+        elif past == 0:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         elif T == 1:  # one new token attends to everything cached
             y = F.scaled_dot_product_attention(q, k, v, **kw)
@@ -237,9 +275,11 @@ class GPT(nn.Module):
         return self.wte.weight.numel()
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6·(N − embedding) + 12·depth·H·hd·seq_len (see module docstring)."""
+        """Training FLOPs per token: 6·(N − embedding) + 12·H·hd·Σ_layers min(window, seq_len) (see module
+        docstring; a full layer's window is seq_len, so without windows that is 12·depth·H·hd·seq_len)."""
         c = self.config
-        return 6 * (self.num_params() - self.num_embedding_params()) + 12 * c.depth * c.n_heads * c.head_dim * c.seq_len
+        spans = sum(c.seq_len if w is None else min(w, c.seq_len) for w in c.layer_windows())
+        return 6 * (self.num_params() - self.num_embedding_params()) + 12 * c.n_heads * c.head_dim * spans
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role, for optimizers: 'embedding', 'lm_head', 'matrices' (every block weight)."""

@@ -152,3 +152,87 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"missing \['blocks\.1"):
         load_model(str(tmp_path / "ck"))
+
+
+# --------------------------------------------------------------------------- sliding-window attention
+
+
+def _windowed(pattern: str = "SSSL", seed: int = 0, kv_heads: int | None = None) -> GPT:
+    """A 4-layer model at seq_len 512 (short window 128), random weights at a scale where every block
+    matters (the init's zero residual projections would make attention invisible)."""
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(vocab_size=64, depth=4, aspect_ratio=16, head_dim=16, n_kv_heads=kv_heads, seq_len=512,
+                      window_pattern=pattern))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+    return m.eval()
+
+
+def test_window_pattern_follows_nanochats_convention():
+    cfg = GPTConfig(vocab_size=10, depth=6, aspect_ratio=32, head_dim=16, seq_len=512, window_pattern="SSL")
+    assert cfg.short_window == 128  # a quarter of 512, already a multiple of 128
+    assert cfg.layer_windows() == [128, 128, None, 128, 128, None]
+    assert GPTConfig(vocab_size=10, depth=3, aspect_ratio=32, head_dim=16, seq_len=2048,
+                     window_pattern="S").layer_windows() == [512, 512, None]  # the last layer is always full
+    assert GPTConfig(vocab_size=10, depth=1, aspect_ratio=32, head_dim=16, seq_len=100).short_window == 128
+    with pytest.raises(ValueError, match="window_pattern"):
+        GPTConfig(vocab_size=10, depth=2, aspect_ratio=32, head_dim=16, window_pattern="SXL")
+    # An old checkpoint's meta has no window_pattern: every layer full, as before the option existed.
+    old = GPTConfig.from_dict({"vocab_size": 10, "depth": 2, "aspect_ratio": 32, "head_dim": 16, "n_kv_heads": None,
+                               "seq_len": 64, "softcap": 15.0, "rope_base": 10000.0})
+    assert old.window_pattern == "L" and old.layer_windows() == [None, None]
+    # Training FLOPs count a short layer's attention over its window only.
+    full, win = _windowed("L"), _windowed("SSSL")
+    assert full.flops_per_token() - win.flops_per_token() == 12 * 4 * 16 * 3 * (512 - 128)
+
+
+def test_windowed_attention_equals_manual_masked_softmax():
+    m = _windowed()
+    attn = m.blocks[0].attn
+    assert attn.window == 128
+    T = 300
+    x = torch.randn(1, T, 64)
+    cos, sin = m.rope_cos[:T], m.rope_sin[:T]
+    with torch.no_grad():
+        got = attn(x, cos, sin, None)
+        q = attn.c_q(x).view(1, T, 4, 16).transpose(1, 2)
+        k = attn.c_k(x).view(1, T, 4, 16).transpose(1, 2)
+        v = attn.c_v(x).view(1, T, 4, 16).transpose(1, 2)
+        from llm.model import apply_rotary, rms_norm
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        i, j = torch.arange(T).unsqueeze(1), torch.arange(T).unsqueeze(0)
+        allowed = (j <= i) & (i - j <= 128)  # itself and the 128 tokens before it
+        scores = (q @ k.transpose(-1, -2) / 4.0).masked_fill(~allowed, float("-inf"))
+        want = attn.c_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(1, T, 64))
+        assert (got - want).abs().max().item() < 1e-5
+        # A token outside a query's window does not reach it; one inside does.
+        x2 = x.clone()
+        x2[0, 10] += 5.0
+        moved = (attn(x2, cos, sin, None) - got).abs().amax(dim=-1)[0]
+    assert moved[10:139].min().item() > 1e-4      # positions 10..138 see position 10
+    assert moved[139:].max().item() == 0.0        # position 139 on: 129 or more back, out of the window
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_windowed_kv_cache_equals_full_forward(kv_heads):
+    from llm.model import KVCache
+
+    m = _windowed(kv_heads=kv_heads)
+    full_l = _windowed("L", kv_heads=kv_heads)
+    ids = torch.randint(0, 64, (1, 320), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = m(ids)
+        assert (full - full_l(ids)).abs().max().item() > 1e-2  # the windows change the model
+        # Prefill, a chunk after the prefix, then one token at a time: all three cache paths.
+        cache = KVCache(4, 1, m.config.kv_heads, 320, 16, torch.device("cpu"), torch.float32)
+        parts = [m(ids[:, :150], kv_cache=cache), m(ids[:, 150:300], kv_cache=cache)]
+        parts += [m(ids[:, t:t + 1], kv_cache=cache) for t in range(300, 320)]
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-4
+    prompt = ids[0, :200].tolist()
+    got = list(m.generate(prompt, 12, temperature=0.0))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(prompt):]
