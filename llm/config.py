@@ -363,10 +363,15 @@ class EvalConfig(Section):
 
 
 class ExportConfig(Section):
-    # The export stage (llm/export.py): "hf" = a transformers model directory (NanoChat architecture).
+    # The export stage (llm/export.py): "hf" = a transformers model directory (NanoChat architecture, or
+    # Kiln's own code for what NanoChat cannot express, see remote_code).
     format: Literal["hf"] = "hf"
     # float32 keeps the trained weights exactly; bfloat16 halves the size.
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # A model with an option NanoChat cannot express (sliding windows, ...) is exported with Kiln's own
+    # model code for trust_remote_code=True; False refuses such a model, naming the option, for users
+    # who must not run code from a model directory.
+    remote_code: bool = True
 
 
 class ReportConfig(Section):

@@ -1,4 +1,5 @@
-"""Take a model out of Kiln: a Hugging Face directory that ``transformers`` loads with no custom code.
+"""Take a model out of Kiln: a Hugging Face directory that ``transformers`` loads, with no custom code
+whenever transformers' own NanoChat architecture expresses the model, else with Kiln's own code.
 
     kiln export --checkpoint artifacts/sft/<key> --format hf --output DIR [--force] [--push-to-hub REPO]
 
@@ -30,8 +31,14 @@ logits within 1e-4, the same greedy tokens):
 * head: untied from the embedding; logits soft-capped ``c·tanh(x/c)``: ``final_logit_softcapping``
   (None when Kiln's ``softcap`` is 0, which Kiln treats as no cap).
 
-A checkpoint option outside that list (a future architecture switch) is refused by name: an export
-that silently drops a feature would produce a model that is subtly different.
+A model with an architecture option outside that list (sliding-window attention, ``window_pattern``
+with S layers; any field of ``GPTConfig`` away from its default) is never exported as NanoChat, which
+would silently drop the feature. It gets a remote-code export instead (``export.remote_code``, the
+default): ``config.json`` with ``model_type: kiln`` and an ``auto_map``, ``configuration_kiln.py`` and
+``modeling_kiln.py`` (from llm/hf_remote/) and ``kiln_gpt.py``, which is ``llm/model.py`` itself, copied
+byte for byte; so the exported network is Kiln's code, not a second implementation that can drift. It
+loads with ``trust_remote_code=True``, and the model card says which option needs it. With
+``remote_code`` off such a model is refused, naming the option.
 """
 
 from __future__ import annotations
@@ -52,8 +59,13 @@ FORMATS = ("hf",)
 DTYPES = ("float32", "bfloat16")
 CARD_FILE = "README.md"
 # What a Hugging Face model directory written here contains; `--force` replaces exactly these names.
+# The remote-code export's Python files: transformers' wrappers (shipped from llm/hf_remote/) and the
+# model itself (llm/model.py, under the name the wrapper imports).
+REMOTE_CODE_DIR = Path(__file__).parent / "hf_remote"
+REMOTE_WRAPPERS = ("configuration_kiln.py", "modeling_kiln.py")
+REMOTE_MODEL_FILE = "kiln_gpt.py"
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja", CARD_FILE)
+            "tokenizer_config.json", "chat_template.jinja", CARD_FILE, *REMOTE_WRAPPERS, REMOTE_MODEL_FILE)
 
 # GPTConfig fields NanoChat expresses (see the module docstring for how each maps). Any other field in a
 # checkpoint's model_config is an architecture option this export cannot write: refused, by name.
@@ -107,14 +119,79 @@ class ExportError(StageError):
 # --------------------------------------------------------------------------- the architecture
 
 
+def inexpressible(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The architecture options (name -> value) of a checkpoint's model_config that NanoChat cannot express.
+
+    A ``GPTConfig`` field outside NANOCHAT_FIELDS is fine at its default, which by Kiln's rule is the model
+    before that option existed (and so NanoChat's); a window pattern is fine when every layer comes out
+    full (e.g. "S" on one layer, which is always full). Anything else, unknown fields included, is not.
+    """
+    from dataclasses import MISSING, fields
+
+    from llm.model import GPTConfig
+
+    defaults = {f.name: f.default for f in fields(GPTConfig) if f.default is not MISSING}
+    out = {}
+    for name in sorted(set(model_config) - NANOCHAT_FIELDS):
+        value = model_config[name]
+        if name == "window_pattern":
+            if any(w is not None for w in GPTConfig.from_dict(model_config).layer_windows()):
+                out[name] = value
+        elif name not in defaults or value != defaults[name]:
+            out[name] = value
+    return out
+
+
 def check_expressible(model_config: dict[str, Any], where: str) -> None:
     """Refuse, naming it, any architecture option NanoChat cannot express (before loading any weight)."""
-    extra = sorted(set(model_config) - NANOCHAT_FIELDS)
+    extra = inexpressible(model_config)
     if extra:
-        opts = ", ".join(f"{k}={model_config[k]!r}" for k in extra)
+        opts = ", ".join(f"{k}={v!r}" for k, v in extra.items())
         raise ExportError(f"{where}: architecture option {opts} cannot be expressed by transformers' nanochat "
                           f"architecture (it expresses {', '.join(sorted(NANOCHAT_FIELDS))}); not exporting a "
-                          "model that would differ")
+                          "model that would differ (export.remote_code=true writes Kiln's own code for "
+                          "trust_remote_code instead)")
+
+
+def kiln_config(cfg: Any, specials: dict[str, int], dtype: str) -> dict[str, Any]:
+    """``config.json`` of a remote-code export: Kiln's GPTConfig whole under ``kiln`` (what the model is
+    built from), transformers' usual names beside it (what tools read), and where the code is."""
+    return {
+        "architectures": ["KilnForCausalLM"],
+        "model_type": "kiln",
+        "auto_map": {"AutoConfig": "configuration_kiln.KilnConfig",
+                     "AutoModelForCausalLM": "modeling_kiln.KilnForCausalLM"},
+        "kiln": cfg.to_dict(),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.model_dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "max_position_embeddings": cfg.seq_len,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": specials["<|bos|>"],
+        "eos_token_id": specials["<|assistant_end|>"],
+        "pad_token_id": specials["<|bos|>"],
+        "dtype": dtype,
+    }
+
+
+def write_remote_code(dest: Path) -> None:
+    """The wrappers, and llm/model.py itself as ``kiln_gpt.py`` (it imports only torch and the standard
+    library, so it runs wherever transformers does)."""
+    from llm import model as kiln_model
+
+    for name in REMOTE_WRAPPERS:
+        shutil.copyfile(REMOTE_CODE_DIR / name, dest / name)
+    shutil.copyfile(kiln_model.__file__, dest / REMOTE_MODEL_FILE)
+
+
+def kiln_weights(state: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """Kiln's state dict under ``model.`` (KilnForCausalLM holds Kiln's GPT as ``model``), in ``dtype``."""
+    import torch
+
+    return {f"model.{k}": t.detach().to("cpu", getattr(torch, dtype)).contiguous() for k, t in state.items()}
 
 
 def nanochat_config(cfg: Any, specials: dict[str, int], dtype: str) -> dict[str, Any]:
@@ -310,24 +387,44 @@ def _stage_output_of(store: Any, uri: str) -> str | None:
     return None
 
 
-def model_card(info: CardInfo, cfg: Any, meta: dict[str, Any], dtype: str) -> str:
+def _card_usage(remote: dict[str, Any]) -> list[str]:
+    """How to load the model: stock transformers, or with ``trust_remote_code=True`` and why."""
+    arg = ", trust_remote_code=True" if remote else ""
+    if remote:
+        opts = ", ".join(f"`{k}={v!r}`" for k, v in remote.items())
+        why = (f"It needs `trust_remote_code=True`: its architecture option {opts} (sliding-window attention "
+               "when it is `window_pattern`) is one transformers' NanoChat cannot express, so the directory ships "
+               "Kiln's own model code: `kiln_gpt.py` is Kiln's `llm/model.py` byte for byte, wrapped for "
+               "transformers by `modeling_kiln.py` and `configuration_kiln.py`. Read them before trusting them. "
+               "`generate` runs with transformers' KV cache; padded batches are refused (one sequence at a time).")
+    else:
+        why = "It runs on transformers' own NanoChat architecture: no `trust_remote_code` needed."
+    return [why, "",
+            "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f"model = AutoModelForCausalLM.from_pretrained(DIR{arg})", "tokenizer = AutoTokenizer.from_pretrained(DIR)",
+            'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
+            '                                    return_tensors="pt", return_dict=True)',
+            "out = model.generate(**ids, max_new_tokens=64)", "```", "",
+            f"Scoring with lm-evaluation-harness: `lm_eval --model hf --model_args pretrained=DIR,add_bos_token=True"
+            f"{',trust_remote_code=True' if remote else ''} --tasks arc_easy`"
+            f"{' (`--batch_size 1` for generation tasks, which pad)' if remote else ''}.", ""]
+
+
+def model_card(info: CardInfo, cfg: Any, meta: dict[str, Any], dtype: str, remote: dict[str, Any] | None = None) -> str:
     """``README.md``: YAML front matter for the hub, then usage, architecture, training and lineage."""
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- kiln", "- nanochat",
+    windows = [w for w in cfg.layer_windows() if w is not None]
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- kiln",
+             "- custom_code" if remote else "- nanochat",
              "---", "", f"# Kiln model{f' ({info.preset})' if info.preset else ''}", "",
              f"The {meta.get('stage') or 'final'} checkpoint (step {meta.get('step')}) of a model trained end to end "
-             "with Kiln, exported with `kiln export --format hf`. It runs on transformers' own NanoChat "
-             "architecture: no `trust_remote_code` needed.", "",
-             "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-             "model = AutoModelForCausalLM.from_pretrained(DIR)", "tokenizer = AutoTokenizer.from_pretrained(DIR)",
-             'ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,',
-             '                                    return_tensors="pt", return_dict=True)',
-             "out = model.generate(**ids, max_new_tokens=64)", "```", "",
-             "Scoring with lm-evaluation-harness: `lm_eval --model hf --model_args pretrained=DIR,add_bos_token=True "
-             "--tasks arc_easy`.", "",
+             "with Kiln, exported with `kiln export --format hf`.", "", *_card_usage(remote or {}),
              "## Architecture", "",
              f"depth {cfg.depth}, width {cfg.model_dim}, {cfg.n_heads} query heads / {cfg.kv_heads} key-value heads of "
              f"{cfg.head_dim}, context {cfg.seq_len}, vocabulary {cfg.vocab_size}; rotary (base {cfg.rope_base:g}), "
-             f"QK-norm, ReLU² MLP, untied head, logit soft-cap {cfg.softcap:g}; weights in {dtype}.", "",
+             f"QK-norm, ReLU² MLP, untied head, logit soft-cap {cfg.softcap:g}; weights in {dtype}."
+             + (f" Sliding-window attention `{cfg.window_pattern}`: {len(windows)} of {cfg.depth} layers see the "
+                f"last {windows[0]} tokens before each token, the others (the last included) the whole context."
+                if windows else ""), "",
              "The tokenizer gives every text a leading `<|bos|>`, as every training document had; the chat template "
              "renders conversations exactly as Kiln's SFT saw them. Special-token names typed inside message text "
              "(`<|user_end|>` ...) are read as those tokens by transformers, whereas Kiln encoded such text literally.",
@@ -365,11 +462,12 @@ def model_card(info: CardInfo, cfg: Any, meta: dict[str, Any], dtype: str) -> st
 
 
 def write_hf_dir(dest: Path, checkpoint_uri: str, tokenizer_uri: str, *, card: CardInfo, dtype: str = "float32",
-                 endpoint_url: str = "") -> dict[str, Any]:
+                 endpoint_url: str = "", remote_code: bool = True) -> dict[str, Any]:
     """Write the Hugging Face directory into ``dest`` (an empty scratch directory); returns a summary.
 
-    The checkpoint's architecture is checked from its meta, then every file verified (size and SHA-256,
-    by ``load_model``) before a weight is used; a failure names the option or the file.
+    The checkpoint's architecture is checked from its meta: NanoChat when it expresses the model, else
+    Kiln's own code (or, with ``remote_code`` off, a refusal naming the option). Then every file is
+    verified (size and SHA-256, by ``load_model``) before a weight is used; a failure names the file.
     """
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -380,7 +478,9 @@ def write_hf_dir(dest: Path, checkpoint_uri: str, tokenizer_uri: str, *, card: C
         raise ExportError(f"export dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint_dir(checkpoint_uri, endpoint_url=endpoint_url)
     meta = read_meta(ckpt)
-    check_expressible(meta.get("model_config") or {}, str(ckpt / "meta.json"))
+    needs_code = inexpressible(meta.get("model_config") or {})
+    if needs_code and not remote_code:
+        check_expressible(meta.get("model_config") or {}, str(ckpt / "meta.json"))
     tok, hf = load_hf_tokenizer(tokenizer_uri, endpoint_url)
     model, meta = load_model(str(ckpt))
     cfg = model.config
@@ -388,9 +488,13 @@ def write_hf_dir(dest: Path, checkpoint_uri: str, tokenizer_uri: str, *, card: C
         raise ExportError(f"{ckpt}: model vocabulary {cfg.vocab_size} is smaller than tokenizer {tokenizer_uri}'s "
                           f"{tok.vocab_size}: not the tokenizer this model was trained with")
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "config.json").write_text(json.dumps(nanochat_config(cfg, tok.special_tokens, dtype), indent=2) + "\n")
-    save_file(nanochat_weights(model.state_dict(), dtype, str(ckpt)), str(dest / "model.safetensors"),
-              metadata={"format": "pt"})
+    if needs_code:
+        config, weights = kiln_config(cfg, tok.special_tokens, dtype), kiln_weights(model.state_dict(), dtype)
+        write_remote_code(dest)
+    else:
+        config, weights = nanochat_config(cfg, tok.special_tokens, dtype), nanochat_weights(model.state_dict(), dtype, str(ckpt))
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
     params = model.num_params()
     del model
     transformers_tokenizer(tok, hf).save_pretrained(str(dest))
@@ -398,8 +502,8 @@ def write_hf_dir(dest: Path, checkpoint_uri: str, tokenizer_uri: str, *, card: C
     GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=[specials["<|assistant_end|>"], tok.bos_id],
                      pad_token_id=tok.bos_id, do_sample=True, temperature=0.6, top_k=50,
                      max_new_tokens=256).save_pretrained(str(dest))
-    (dest / CARD_FILE).write_text(model_card(card, cfg, meta, dtype), encoding="utf-8")
-    return {"architecture": "nanochat", "dtype": dtype, "checkpoint": str(ckpt), "step": meta.get("step"),
+    (dest / CARD_FILE).write_text(model_card(card, cfg, meta, dtype, needs_code), encoding="utf-8")
+    return {"architecture": "kiln" if needs_code else "nanochat", "remote_code": bool(needs_code), "dtype": dtype, "checkpoint": str(ckpt), "step": meta.get("step"),
             "params": params, "model_config": cfg.to_dict()}
 
 
@@ -413,7 +517,8 @@ def check_output_dir(output: Path, force: bool) -> None:
 
 
 def export_to_dir(checkpoint_uri: str, tokenizer_uri: str, output: Path, *, force: bool = False,
-                  card: CardInfo | None = None, dtype: str = "float32", endpoint_url: str = "") -> dict[str, Any]:
+                  card: CardInfo | None = None, dtype: str = "float32", endpoint_url: str = "",
+                  remote_code: bool = True) -> dict[str, Any]:
     """``kiln export``: write into a scratch directory beside ``output``, then move the files in, so an
     interrupted export leaves no half-written model under ``output``."""
     check_output_dir(output, force)
@@ -422,8 +527,11 @@ def export_to_dir(checkpoint_uri: str, tokenizer_uri: str, output: Path, *, forc
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         summary = write_hf_dir(tmp, checkpoint_uri, tokenizer_uri, card=card or CardInfo(source=checkpoint_uri),
-                               dtype=dtype, endpoint_url=endpoint_url)
+                               dtype=dtype, endpoint_url=endpoint_url, remote_code=remote_code)
         output.mkdir(exist_ok=True)
+        written = {p.name for p in tmp.iterdir()}
+        for name in set(HF_FILES) - written:  # a forced stock export over a remote-code one: no stale code
+            (output / name).unlink(missing_ok=True)
         for p in sorted(tmp.iterdir()):
             os.replace(p, output / p.name)
     finally:
@@ -479,7 +587,7 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     card = card_info(model_uri, inputs["tokenizer"]["uri"], root=cfg.run.artifact_root,
                      eval_uri=(inputs.get("eval") or {}).get("uri"), endpoint_url=cfg.run.s3_endpoint, preset=cfg.preset)
     summary = write_hf_dir(out.workdir, model_uri, inputs["tokenizer"]["uri"], card=card, dtype=ecfg.dtype,
-                           endpoint_url=cfg.run.s3_endpoint)
+                           endpoint_url=cfg.run.s3_endpoint, remote_code=ecfg.remote_code)
     size = sum(p.stat().st_size for p in out.workdir.iterdir() if p.is_file())
     registered = register_in_mlflow(cfg, out, model_uri, card)
     if progress:
@@ -490,7 +598,8 @@ def run(cfg: Any, out: StageOutput, inputs: dict[str, dict], *, progress: bool) 
     return {"counts": {"files": sum(1 for p in out.workdir.iterdir() if p.is_file()), "bytes": size,
                        "tokens_trained": sum(card.tokens.values()) or None,
                        "core": card.evaluation.get("core"), "bpb": card.evaluation.get("bpb")},
-            "format": ecfg.format, "architecture": summary["architecture"], "dtype": ecfg.dtype,
+            "format": ecfg.format, "architecture": summary["architecture"], "remote_code": summary["remote_code"],
+            "dtype": ecfg.dtype,
             "model_config": summary["model_config"], "mlflow_registered": registered}
 
 
@@ -550,6 +659,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
                    help="then upload DIR to this hub model repo (token from HF_TOKEN)")
     p.add_argument("--private", action="store_true", help="create the hub repo private")
+    p.add_argument("--no-remote-code", dest="remote_code", action="store_false",
+                   help="refuse a model NanoChat cannot express instead of shipping Kiln's code for trust_remote_code")
     p.add_argument("--s3-endpoint", default="", help="S3-compatible endpoint for s3:// URIs")
 
 
@@ -572,9 +683,10 @@ def main(args: argparse.Namespace) -> int:
     card = card_info(args.checkpoint, tok_uri, root=root_of(stage_uri) if stage_uri else None,
                      eval_uri=args.eval_uri, endpoint_url=args.s3_endpoint)
     summary = export_to_dir(args.checkpoint, tok_uri, output, force=args.force, card=card, dtype=args.dtype,
-                            endpoint_url=args.s3_endpoint)
+                            endpoint_url=args.s3_endpoint, remote_code=args.remote_code)
+    code = ", loads with trust_remote_code=True" if summary["remote_code"] else ""
     print(f"kiln export: {summary['checkpoint']} (step {summary['step']}) -> {output} "
-          f"({summary['architecture']}, {summary['dtype']})")
+          f"({summary['architecture']}, {summary['dtype']}{code})")
     if args.push_to_hub:
         url = push_to_hub(output, args.push_to_hub, private=args.private)
         print(f"kiln export: pushed to {args.push_to_hub}: {url}")

@@ -1,7 +1,9 @@
-"""`kiln export --format hf`: the exported directory is Kiln's model, loaded by stock transformers.
+"""`kiln export --format hf`: the exported directory is Kiln's model, loaded by transformers.
 
-transformers runs on CPU with no network (HF_HUB_OFFLINE) and no custom code. The proof that the
-NanoChat mapping is exact is numerical and behavioural: the logits agree within 1e-4 on random and real
+transformers runs on CPU with no network (HF_HUB_OFFLINE). Two paths: stock transformers' NanoChat for
+every model it expresses (no custom code), and Kiln's own code with ``trust_remote_code=True`` for one it
+cannot (the "swa" shape: sliding-window attention, whose window of 128 tokens is shorter than the prompts).
+The proof that each is exact is numerical and behavioural: the logits agree within 1e-4 on random and real
 prompts, greedy generation picks the same tokens, the chat template gives the ids (and the supervision
 mask) of Kiln's renderer, and the HF tokenizer gives tiktoken's ids on held-out kit text. The models are
 tiny and their weights random at a scale where every block matters (Kiln's init zeroes the residual
@@ -10,6 +12,7 @@ projections, which would leave attention and MLP untested).
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -31,7 +34,10 @@ VOCAB = 512
 SHAPES = {
     "mha": dict(depth=2, aspect_ratio=32, head_dim=16, n_kv_heads=None, seq_len=64, softcap=15.0),
     "gqa": dict(depth=3, aspect_ratio=16, head_dim=16, n_kv_heads=1, seq_len=64, softcap=0.0, rope_base=500.0),
+    # NanoChat has no sliding windows: the remote-code path. seq_len 512 makes the short window 128.
+    "swa": dict(depth=4, aspect_ratio=16, head_dim=16, n_kv_heads=2, seq_len=512, window_pattern="SSSL"),
 }
+STOCK = ("gqa", "mha")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -106,18 +112,37 @@ def exported(request, tmp_path_factory: pytest.TempPathFactory, tok_dir: Path):
     write_checkpoint(model, base / "run" / "final")
     out = base / "hf"
     export_to_dir(str(base / "run"), str(tok_dir), out)
-    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    remote = "window_pattern" in SHAPES[request.param]
+    hf_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
     return model, tok, hf_model, AutoTokenizer.from_pretrained(out), out
 
 
 # --------------------------------------------------------------------------- the model
 
 
-def test_export_loads_with_stock_transformers_classes(exported) -> None:
+def test_export_loads_with_stock_transformers_classes_unless_it_needs_kilns_code(exported) -> None:
+    from transformers import AutoModelForCausalLM
+
     model, tok, hf_model, hf_tok, out = exported
-    assert type(hf_model).__name__ == "NanoChatForCausalLM"
-    assert type(hf_model).__module__.startswith("transformers.models.nanochat")  # shipped code, not remote
-    assert not list(out.glob("*.py"))
+    config = json.loads((out / "config.json").read_text())
+    if model.config.window_pattern == "L":
+        assert type(hf_model).__name__ == "NanoChatForCausalLM"
+        assert type(hf_model).__module__.startswith("transformers.models.nanochat")  # shipped code, not remote
+        assert not list(out.glob("*.py")) and "auto_map" not in config
+        assert "trust_remote_code" not in (out / "README.md").read_text().split("## Architecture")[0].replace(
+            "no `trust_remote_code` needed", "")
+    else:
+        assert type(hf_model).__name__ == "KilnForCausalLM" and config["model_type"] == "kiln"
+        assert type(hf_model).__module__.startswith("transformers_modules.")  # the directory's own code
+        assert sorted(p.name for p in out.glob("*.py")) == ["configuration_kiln.py", "kiln_gpt.py", "modeling_kiln.py"]
+        # The model code is Kiln's, byte for byte: nothing to drift from llm/model.py.
+        assert (out / "kiln_gpt.py").read_bytes() == Path(inspect.getsourcefile(GPT)).read_bytes()
+        assert config["kiln"] == model.config.to_dict()
+        card = (out / "README.md").read_text()
+        assert "needs `trust_remote_code=True`" in card and "`window_pattern='SSSL'`" in card
+        assert "trust_remote_code=True" in card.split("```python")[1]
+        with pytest.raises(ValueError, match="trust_remote_code"):  # transformers' documented refusal
+            AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= names
     assert sum(p.numel() for p in hf_model.parameters()) == model.num_params()
@@ -143,16 +168,19 @@ def test_logits_equal_kilns_on_random_and_real_prompts(exported, shared_data: Pa
     assert worst < 1e-4
 
 
-def test_greedy_generation_picks_the_same_tokens(exported) -> None:
+def test_greedy_generation_picks_the_same_tokens(exported, shared_data: Path) -> None:
     model, tok, hf_model, hf_tok, _ = exported
     stops = {tok.special_id("<|assistant_end|>"), tok.bos_id}
-    for question in ("Write a short poem about the sea.", "How many legs does a spider have?"):
-        ids = render_prompt(tok, [{"role": "user", "content": question}])
+    prompts = [render_prompt(tok, [{"role": "user", "content": q}])
+               for q in ("Write a short poem about the sea.", "How many legs does a spider have?")]
+    # A document prompt filling the context up to the last 24 tokens: past a short window, if any.
+    doc = [tok.bos_id, *tok.encode(_kit_texts(shared_data, 2, 1)[0])][: model.config.seq_len - 24]
+    for ids in [*prompts, doc]:
         ours = list(model.generate(ids, 24, temperature=0.0, stop_ids=stops))
         out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                 do_sample=False, max_new_tokens=24)
         theirs = out[0, len(ids):].tolist()
-        assert theirs == ours, question
+        assert theirs == ours, len(ids)
 
 
 # --------------------------------------------------------------------------- the tokenizer and chat template
@@ -263,17 +291,31 @@ def test_non_empty_output_is_refused_unless_forced(tmp_path: Path, checkpoint: P
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "nanochat"
 
 
-def test_architecture_option_nanochat_cannot_express_is_refused_by_name(tmp_path: Path, tok_dir: Path, capsys) -> None:
+def test_architecture_option_nanochat_cannot_express_is_refused_by_name_without_remote_code(
+        tmp_path: Path, tok_dir: Path, capsys) -> None:
     tok = load_tokenizer(str(tok_dir))
-    model = random_model(tok.vocab_size, 3, **SHAPES["mha"])
-    # A checkpoint from a Kiln with a newer architecture switch (sliding-window attention, say).
-    ckpt = save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(),
-                           meta={"step": 1, "model_config": {**model.config.to_dict(), "window_pattern": "SSSL"}})
-    code, err = _kiln(["export", "--checkpoint", str(ckpt), "--tokenizer", str(tok_dir), "--output",
-                       str(tmp_path / "hf")], capsys)
+    model = random_model(tok.vocab_size, 3, **SHAPES["swa"])
+    ckpt = write_checkpoint(model, tmp_path / "ckpt")
+    argv = ["export", "--checkpoint", str(ckpt), "--tokenizer", str(tok_dir), "--output", str(tmp_path / "hf")]
+    code, err = _kiln([*argv, "--no-remote-code"], capsys)
     assert code == 1
     assert "window_pattern='SSSL' cannot be expressed by transformers' nanochat architecture" in err
     assert not (tmp_path / "hf").exists()
+    # A pattern whose layers all come out full (one layer: the last is always full) is NanoChat's.
+    one = random_model(tok.vocab_size, 3, **{**SHAPES["mha"], "depth": 1, "window_pattern": "S"})
+    code, err = _kiln(["export", "--checkpoint", str(write_checkpoint(one, tmp_path / "one")), "--tokenizer",
+                       str(tok_dir), "--output", str(tmp_path / "hf1"), "--no-remote-code"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "hf1" / "config.json").read_text())["model_type"] == "nanochat"
+    # By default the same windowed model exports with Kiln's code; forcing a stock export over it later
+    # leaves no stale code behind.
+    code, err = _kiln(argv, capsys)
+    assert code == 0, err
+    assert (tmp_path / "hf" / "modeling_kiln.py").is_file()
+    code, err = _kiln(["export", "--checkpoint", str(tmp_path / "one"), "--tokenizer", str(tok_dir), "--output",
+                       str(tmp_path / "hf"), "--force"], capsys)
+    assert code == 0, err
+    assert not list((tmp_path / "hf").glob("*.py"))
 
 
 # --------------------------------------------------------------------------- the pipeline stage
@@ -495,7 +537,7 @@ def test_push_to_hub_with_a_rejected_token_fails_without_printing_it(tmp_path, c
 # --------------------------------------------------------------------------- lm-evaluation-harness
 
 
-@pytest.mark.parametrize("exported", ["mha"], indirect=True)
+@pytest.mark.parametrize("exported", ["mha", "swa"], indirect=True)
 def test_lm_eval_scores_the_export_on_a_kit_task_as_kiln_would(exported, shared_data: Path, monkeypatch) -> None:
     """lm_eval's Python API runs the repo's task file (ARC-Easy from the kit's CORE bundle) on the export,
     offline, and its log-likelihood of every answer is the one Kiln's own model gives the same tokens."""
@@ -506,8 +548,9 @@ def test_lm_eval_scores_the_export_on_a_kit_task_as_kiln_would(exported, shared_
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(shared_data)  # the task reads core_eval/... relative to the data kit's root
     # max_length: what Kiln's rotary table covers (4 x seq_len), so neither side crops these prompts.
+    remote = ",trust_remote_code=True" if (out / "modeling_kiln.py").exists() else ""
     res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},add_bos_token=True,dtype=float32,"
-                                  f"max_length={4 * model.config.seq_len}", tasks=["kit_arc_easy"],
+                                  f"max_length={4 * model.config.seq_len}{remote}", tasks=["kit_arc_easy"],
                                   task_manager=TaskManager(include_path=str(repo / "docs" / "lm_eval")),
                                   limit=6, device="cpu", batch_size=4, log_samples=True)
     assert res["results"]["kit_arc_easy"]["sample_len"] == 6
