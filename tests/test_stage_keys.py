@@ -78,7 +78,7 @@ def _candidates(value, annotation) -> list:
     if isinstance(value, float):
         return [value * 0.5, value + 0.1, value * 2] if value else [0.1]
     if isinstance(value, str):
-        return [*literals, value + "x", 1]
+        return [*literals, value + "x", value * 2, 1]  # value * 2: a pattern field ("L" -> "LL")
     if isinstance(value, list):
         return [value[:-1], value + value[:1]] if value else [["x"]]
     if isinstance(value, dict):
