@@ -24,11 +24,11 @@ TINY_KEYS = {
     "dedup": "8e41d0f2ea4bc72081cd",
     "tokenizer": "6e5b33f8bc89b0700124",
     "tokenize": "64d1d03873687539ccba",
-    "pretrain": "2284bd3c5107fc7b5dbd",
-    "midtrain": "ce2d5e7b238b7c865716",
-    "sft": "9ebe1d90fe7abf957f1a",
+    "pretrain": "7808ff524f4fc030981d",
+    "midtrain": "3895140473e4e83be339",
+    "sft": "9e7321281ce7e75ca915",
     "eval": "9068a0b41447e92306c7",
-    "export": "301877a41e269fd78388",
+    "export": "58783e45491981ff63bd",
     "report": "f4c3288914b2f35c2608",
 }
 
