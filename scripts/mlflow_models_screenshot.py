@@ -1,15 +1,18 @@
 """Screenshot of the MLflow 3 UI's Models tab with Kiln's logged models, from headless Chromium.
 
-    .venv/bin/python scripts/mlflow_models_screenshot.py --out docs/screenshots/mlflow_models.png
+    KILN_DATA_MIRROR=/path/to/data-kit .venv/bin/python scripts/mlflow_models_screenshot.py \
+        --out docs/screenshots/mlflow_models.png
 
-Self-contained: it fills a fresh sqlite MLflow store (``--work``, default /tmp/mlshot) through Kiln's
-own code path, as tests/test_export.py's MLflow test does: two tiny real training runs
-(``python -m llm.train.trainer``, 4 steps, named pretrain and sft) each log their final checkpoint as a
-LoggedModel; ``llm.eval.stage._log_mlflow`` logs CORE and bpb against each (the test's fixed values,
-not a measured eval: the kit's CORE bundle isn't needed); the export stage registers the sft model as
-``kiln-tiny`` with alias ``current``. Then it starts ``mlflow server`` on 127.0.0.1 (a free port), opens
-``/#/experiments/<id>/models`` in the system Chromium (``apt-get install -y chromium``) via Playwright,
-and saves the page. The server is stopped at the end.
+Self-contained and real end to end: it runs the tiny pipeline (``kiln run --preset tiny`` with the
+SMALL overrides below: download → … → pretrain → midtrain → sft → CORE eval and bpb of each model →
+export → report) into a fresh ``--work`` directory (default /tmp/mlshot), tracking to a sqlite MLflow
+store there. Every value on the page is measured by that run: each training stage's final checkpoint
+is a LoggedModel, each eval logs its measured CORE and bpb against it with the evaluation data's
+digests, and the export registers the sft model as ``kiln-tiny`` (alias ``current``). The script
+prints those values from the stage manifests, to compare with the picture. Then it starts ``mlflow
+server --backend-store-uri sqlite:///…`` on 127.0.0.1 (a free port), opens
+``/#/experiments/<id>/models`` in the system Chromium (``apt-get install -y chromium``) via
+Playwright, wide enough for the metric columns, and saves the page. The server is stopped at the end.
 """
 
 from __future__ import annotations
@@ -26,63 +29,82 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "scripts")]
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from ui_screenshots import CHROMIUM_ARGS  # noqa: E402
 
 EXPERIMENT = "kiln-tiny-models"
+# The tiny preset made smaller still (minutes on 2 shared cores), as tests/test_orchestration_e2e.py's
+# TINY does, with a longer pretrain and more CORE items per task so the scores are not all noise.
+SMALL = {
+    "download.max_rows": 300, "tokenizer.vocab_size": 512, "model.seq_len": 128, "chat_data.max_rows": 300,
+    "pretrain.steps": 60, "pretrain.device_batch_size": 4, "pretrain.total_batch_tokens": 512,
+    "pretrain.eval_every": 1000, "pretrain.eval_tokens": 1024,
+    "midtrain.steps": 6, "midtrain.device_batch_size": 4, "midtrain.total_batch_tokens": 512,
+    "midtrain.eval_every": 1000, "midtrain.eval_tokens": 1024,
+    "sft.steps": 6, "sft.device_batch_size": 4, "sft.total_batch_tokens": 512, "sft.max_conversation_tokens": 128,
+    "sft.eval_every": 1000, "sft.eval_tokens": 1024,
+    "eval.max_per_task": 8, "eval.bpb_tokens": 8192, "eval.sample_max_tokens": 4,
+}
 
 
 def populate(work: Path) -> tuple[str, str]:
-    """Real tiny training runs + eval metrics + registry entry; returns (tracking uri, experiment id)."""
+    """A real tiny ``kiln run`` tracking to a sqlite store in ``work``; returns (tracking uri, experiment id)."""
     from mlflow.tracking import MlflowClient
-    from train_fixtures import tiny_job, write_token_shards
 
-    from llm.config import load_config
-    from llm.data.tokenizer import train_tokenizer
-    from llm.eval.stage import _log_mlflow
-    from llm.stages.output import run_stage
-    from llm.stages.registry import execute
-    from llm.storage import Store
-    from llm.tokenizer import HF_TOKENIZER_FILE
-
+    if not os.environ.get("KILN_DATA_MIRROR"):
+        raise SystemExit("set KILN_DATA_MIRROR to the offline data kit (the tiny run reads it instead of the hub)")
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    artifact_root = work / "artifacts"
-    artifact_root.mkdir(parents=True)
-    os.chdir(work)  # a sqlite store keeps its artifacts in ./mlruns
-    tok, hf = train_tokenizer(["the cat sat on the mat, and the dog sat on the log."] * 40, 300)
-
-    def tokenizer_fn(out, inputs):
-        tok.save(out.workdir)
-        hf.save(str(out.path(HF_TOKENIZER_FILE)))
-        return {"counts": {"vocab_size": tok.vocab_size}}
-
-    tok_uri = run_stage(Store(str(artifact_root)), "tokenizer", {"t": 2}, {}, "shot", tokenizer_fn).uri
-    shards = write_token_shards(work / "shards", vocab=tok.vocab_size, n_docs=60, val_docs=10)
-    cfg = load_config("tiny", [f"run.artifact_root={artifact_root}", f"run.mlflow_tracking_uri={uri}",
-                               f"run.mlflow_experiment={EXPERIMENT}"])
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    sets = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in SMALL.items()]
+    sets += [f"run.mlflow_tracking_uri={uri}", f"run.mlflow_experiment={EXPERIMENT}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "5"}
     env.pop("KILN_MLFLOW_RUN_ID", None)
-    finals = {}
-    for stage, (core, bpb) in {"pretrain": (0.25, 2.5), "sft": (0.31, 2.4)}.items():
-        job = tiny_job(shards, work / stage, steps=4, eval_every=4, ckpt_every=4)
-        job["model"]["vocab_size"] = tok.vocab_size
-        job["stage"] = stage  # the LoggedModel's name
-        job["mlflow"] = {"enabled": True, "tracking_uri": uri, "experiment": EXPERIMENT, "run_name": stage}
-        (work / f"{stage}.json").write_text(json.dumps(job))
-        res = subprocess.run([sys.executable, "-m", "llm.train.trainer", "--job", str(work / f"{stage}.json")],
-                             env=env, capture_output=True, text=True, timeout=600)
-        if res.returncode:
-            raise SystemExit(res.stdout[-2000:] + res.stderr[-2000:])
-        finals[stage] = str(work / stage / "final")
-        result = {"core": core, "label": "CORE-subset-1", "missing": [], "n_tasks": 1, "bundle": "/kit/core_eval",
-                  "bundle_fingerprint": "c0" * 32, "tasks": {"arc_easy": {"centered": core, "accuracy": 0.4375}}}
-        _log_mlflow(cfg, stage, result, {"bpb": bpb}, work, {
-            "model": {"uri": finals[stage], "hash": "m0" * 10, "stage": "checkpoint", "counts": {}},
-            "tokens": {"uri": str(shards), "hash": "70" * 10, "stage": "tokenize", "counts": {}}})
-    execute("export", cfg, {"model": finals["sft"], "tokenizer": tok_uri}, progress=False)
+    cmd = [sys.executable, "-m", "llm.cli", "run", "--preset", "tiny", "--output", str(work / "artifacts"),
+           "--quiet", "--set", *sets]
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.time()
+    # cwd: a sqlite store keeps its artifacts in ./mlruns
+    res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=3600)
+    (work / "run.log").write_text(res.stdout + res.stderr)
+    if res.returncode:
+        raise SystemExit(res.stdout[-3000:] + res.stderr[-3000:])
+    print(f"kiln run: {time.time() - t0:.0f} s", flush=True)
+    print_measured(work / "artifacts")
     exp = MlflowClient(tracking_uri=uri).get_experiment_by_name(EXPERIMENT)
     return uri, exp.experiment_id
+
+
+def print_measured(root: Path) -> None:
+    """The measured CORE and bpb of each evaluated model, from the eval stage manifests, and what the
+    export registered: what the Models tab must show."""
+    for manifest in sorted(root.glob("eval/*/manifest.json")) + sorted(root.glob("export/*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        counts = m.get("counts") or {}
+        extra = f" registered {m['mlflow_registered']}" if m.get("mlflow_registered") else ""
+        model = ((m.get("inputs") or {}).get("model") or {}).get("uri", "")  # <stage>/<key>, root-relative
+        print(f"{m['stage']} {m['key']} (of {model}): {m.get('core_label', 'CORE')} {counts.get('core')}, "
+              f"bpb {counts.get('bpb')}{extra}", flush=True)
+
+
+def show_summary_columns(page) -> None:
+    """Hide the per-task CORE metrics (``core_acc/<task>``, ``core_centered/<task>``: forty columns) and
+    "Logged from" in the table's Columns menu, so that CORE and bpb fit on one screen next to the models."""
+    import re
+
+    page.get_by_role("button", name="Columns").first.click()
+    page.wait_for_timeout(1000)
+    node = page.locator("[class*=tree-treenode]", has_text="Dataset: core_eval")
+    node.locator("[class*=tree-switcher]").first.click()  # expand the CORE dataset's metrics
+    page.wait_for_timeout(1000)
+    per_task = page.locator("[class*=tree-title]", has_text=re.compile(r"^core_(acc|centered)/"))
+    for _ in range(500):
+        checked = page.locator("[class*=tree-treenode-checkbox-checked]", has=per_task)
+        if not checked.count():
+            break
+        checked.first.locator("[class*=tree-checkbox]").first.click()
+    page.locator("[class*=tree-treenode]", has_text="Logged from").locator("[class*=tree-checkbox]").first.click()
+    page.keyboard.press("Escape")
+    page.wait_for_timeout(1000)
 
 
 def free_port() -> int:
@@ -97,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/screenshots/mlflow_models.png")
     p.add_argument("--chromium", default="/usr/bin/chromium")
     p.add_argument("--wait-ms", type=int, default=8000)
+    p.add_argument("--width", type=int, default=2200)
+    p.add_argument("--height", type=int, default=520)
     p.add_argument("--reuse", action="store_true", help="screenshot an already filled --work store")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
@@ -132,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
 
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=a.chromium, args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 2000, "height": 600})
+            # Wide: the Models table puts the metric columns (CORE, bpb, the losses) after the model, run
+            # and dataset columns (the per-task CORE columns are hidden, see show_summary_columns).
+            page = browser.new_page(viewport={"width": a.width, "height": a.height})
             page.goto(f"{base}/#/experiments/{exp_id}/models", wait_until="load")
-            page.wait_for_timeout(3000)
             mode = page.get_by_text("Model training", exact=True)  # MLflow 3.x: the classic ML view of the tab
+            try:
+                mode.first.wait_for(timeout=60000)  # (a loaded machine renders the switch late)
+            except Exception:  # noqa: BLE001 - an MLflow without the switch: already the classic view
+                pass
             if mode.count():
                 mode.first.click()  # (it lands on Runs: back to the Models tab, now in this view)
                 page.wait_for_timeout(2000)
@@ -150,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 if btn.count():
                     btn.first.click()
                     page.wait_for_timeout(500)
+            show_summary_columns(page)
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out))
             browser.close()
