@@ -55,6 +55,7 @@ def _one_line_stderr(capsys: pytest.CaptureFixture[str]) -> str:
     ("sft.device_batch_size=-4", "sft.device_batch_size: must be >= 1"),
     ("midtrain.total_batch_tokens=0", "midtrain.total_batch_tokens: must be >= 1"),
     ("model.seq_len=0", "model.seq_len: must be >= 1"),
+    ("model.window_pattern=SXL", "model.window_pattern: String should match pattern '^[SL]+$' (got 'SXL')"),
     ("pretrain.warmup_steps=-1", "pretrain.warmup_steps: must be >= 0"),
     ("pretrain.warmdown_frac=1.5", "pretrain.warmdown_frac: must be <= 1 (got 1.5)"),
     ("midtrain.warmdown_frac=-0.1", "midtrain.warmdown_frac: must be >= 0"),
