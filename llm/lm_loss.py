@@ -80,9 +80,12 @@ def _chunk(xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor, softcap: float, 
     return loss
 
 
+@torch.compiler.disable
 def head_loss_sum(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float) -> torch.Tensor:
     """Sum over positions with ``targets != -1`` of the soft-capped cross-entropy of ``x @ weight.T``.
 
     ``x``: (N, D) final hidden states; ``weight``: (V, D) lm_head; ``targets``: (N,) with -1 = ignore.
+    Under ``torch.compile`` it runs as it is (a graph break): tracing would unroll the chunk loop into a
+    graph that took minutes to compile on CPU, for no faster a head.
     """
     return _HeadLossSum.apply(x, weight, targets, float(softcap or 0.0), chunk_rows(weight.shape[0]))
