@@ -36,6 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm.lm_loss import head_loss_sum
+
 # SDPA grew native GQA support (``enable_gqa``) in torch 2.5; older versions repeat K/V heads.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -118,6 +120,12 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"GPTConfig: unknown fields {sorted(unknown)}")
         return cls(**data)
+
+
+def _fused_head_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Training in full precision: the fused, chunked head loss (llm.lm_loss) applies. Under autocast
+    (bf16 on GPU) the plain head keeps its mixed-precision matmul."""
+    return torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -309,6 +317,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.pos += T
         x = rms_norm(x)
+        if targets is not None and reduction in ("mean", "sum") and _fused_head_ok(x, self.lm_head.weight):
+            loss = head_loss_sum(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.softcap)
+            return loss if reduction == "sum" else loss / (targets != -1).sum().clamp(min=1)
         logits = self.lm_head(x).float()
         cap = self.config.softcap
         if cap and cap > 0:

@@ -66,35 +66,51 @@ def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum + orthogonalised update for 2-D weight matrices. lr is in units of RMS update per step."""
+    """Momentum + orthogonalised update for 2-D weight matrices. lr is in units of RMS update per step.
+
+    Matrices of one shape are updated together: the momentum and the parameter update are ``_foreach``
+    ops over the group, and the orthogonalisation runs once on the stacked (k, m, n) batch, through
+    ``orthogonalise`` — :func:`newton_schulz`, or its ``torch.compile``-d form with ``compile=True``
+    (nanochat compiles its Muon step too). The state stays one ``momentum_buffer`` per parameter, so
+    checkpoints written before the batching load unchanged.
+    """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, compile: bool = False):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay))
+        self.orthogonalise = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
         for group in self.param_groups:
-            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.ndim != 2:
                     raise ValueError(f"Muon only handles 2-D parameters, got shape {tuple(p.shape)}")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mom)
-                g = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-                update = newton_schulz(g, group["ns_steps"])
-                # Scale so tall and wide matrices get comparable per-element update sizes.
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-lr * scale)
+            for shape in sorted({tuple(p.shape) for p in params}):
+                self._update(group, [p for p in params if tuple(p.shape) == shape])
         return None
+
+    def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """One update of same-shape matrices: momentum, orthogonalised step, decoupled weight decay."""
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        grads = [p.grad for p in params]
+        bufs = [self._buffer(p) for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - mom)
+        g = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
+        update = self.orthogonalise(torch.stack(g), group["ns_steps"])
+        # Scale so tall and wide matrices get comparable per-element update sizes.
+        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
+        if wd:
+            torch._foreach_mul_(params, 1 - lr * wd)
+        torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr * scale)
+
+    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        return state["momentum_buffer"]
 
 
 class Optimizers:
@@ -133,12 +149,16 @@ class Optimizers:
         return {g.get("name", f"g{i}"): g["lr"] for opt in self.opts for i, g in enumerate(opt.param_groups)}
 
 
-def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False) -> Optimizers:
-    """AdamW (or Muon + AdamW) over the model's parameter roles (``GPT.param_groups()``)."""
+def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False, compile: bool = False) -> Optimizers:
+    """AdamW (or Muon + AdamW) over the model's parameter roles (``GPT.param_groups()``).
+
+    ``fused``: torch's fused AdamW kernel (CUDA). ``compile`` (``train.compile``): the fused AdamW kernel
+    on any device, and Muon's orthogonalisation compiled — the optimizer-side half of compiling the step.
+    """
     groups = model.param_groups()
     emb_lr = train_cfg.embedding_lr if train_cfg.embedding_lr is not None else train_cfg.lr
     betas = (train_cfg.beta1, train_cfg.beta2)
-    kw: dict[str, Any] = {"fused": True} if fused else {}
+    kw: dict[str, Any] = {"fused": True} if (fused or compile) else {}
     if train_cfg.optimizer == "adamw":
         unemb_lr = train_cfg.unembedding_lr if train_cfg.unembedding_lr is not None else train_cfg.lr
         adam = torch.optim.AdamW([
@@ -154,6 +174,6 @@ def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False) -> Opti
             {"params": groups["lm_head"], "lr": unemb_lr, "weight_decay": 0.0, "name": "lm_head"},
         ], lr=unemb_lr, betas=betas, eps=1e-10, **kw)
         muon = Muon([{"params": groups["matrices"], "name": "matrices"}], lr=train_cfg.lr,
-                    weight_decay=train_cfg.weight_decay)
+                    weight_decay=train_cfg.weight_decay, compile=compile)
         return Optimizers([adam, muon])
     raise ValueError(f"unknown optimizer {train_cfg.optimizer!r} (adamw, muon)")

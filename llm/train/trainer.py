@@ -176,28 +176,37 @@ class Trainer:
         the held-out eval when due), samples, a checkpoint. A stop signal ends the loop at a step that
         every rank agrees on, with a checkpoint.
         """
-        tr, steps = self.train, self.plan["steps"]
+        steps = self.plan["steps"]
         self._begin(steps)
         status = "done"
         try:
             while self.step < steps:
-                mult, gnorm = self._optimizer_step(steps)
-                last, stop = self.step == steps, self._stop_agreed()
-                self._report(mult, gnorm, last=last, stop=stop)
-                self._sample(last=last)
-                if stop and not last:
+                if not self.train_step(steps):
                     status = "interrupted"
-                    self._save("signal")
                     break
-                if _every(self.step, tr.ckpt_every) or last:
-                    with self.interval.paused():  # a checkpoint's time is not training throughput
-                        self._save("final" if last else "periodic")
         except BaseException:
             self.log.failed()
             raise
         finally:
             self.log.close()
         return self._finish(status)
+
+    def train_step(self, steps: int) -> bool:
+        """One iteration of the loop: an optimizer step, then whatever it is due for (a metrics row, samples,
+        a checkpoint). Returns False when a stop signal ended the run here (after its checkpoint). Public so
+        that benchmarks time exactly what :meth:`run` does, step by step."""
+        tr = self.train
+        mult, gnorm = self._optimizer_step(steps)
+        last, stop = self.step == steps, self._stop_agreed()
+        self._report(mult, gnorm, last=last, stop=stop)
+        self._sample(last=last)
+        if stop and not last:
+            self._save("signal")
+            return False
+        if _every(self.step, tr.ckpt_every) or last:
+            with self.interval.paused():  # a checkpoint's time is not training throughput
+                self._save("final" if last else "periodic")
+        return True
 
     def _begin(self, steps: int) -> None:
         """Before step one: the MLflow run (the checkpoint's, on resume), signals, the measured plan, the bar."""
@@ -499,7 +508,7 @@ def _build_model(mcfg: Any, device: torch.device, seed: int) -> Any:
 def _build_opt(model, tr, d: Dist):
     from llm.train.optim import build_optimizers
 
-    return build_optimizers(model, tr, fused=d.device.type == "cuda")
+    return build_optimizers(model, tr, fused=d.device.type == "cuda", compile=bool(tr.compile))
 
 
 def _build_loader(loader: dict[str, Any], tr: Any, seq_len: int, d: Dist, seed: int, tokenizer: Any) -> Any:
