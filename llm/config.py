@@ -232,6 +232,13 @@ class ModelConfig(Section):
     seq_len: int = Field(2048, ge=1)
     softcap: float = Field(15.0, ge=0.0)  # 0 = no soft cap
     rope_base: float = Field(10000.0, gt=0.0)
+    # nanochat HEAD's newer architecture pieces (llm/model.py docstring; ablation in bench/results_quality.md).
+    # A second token embedding per alternate layer, added (gated) to that layer's attention values.
+    value_embeds: bool = False
+    # Mix the previous token's embedding into each position (gated, starts off): cheap bigram information.
+    smear: bool = False
+    # Subtract a learned fraction of the mid-depth residual stream before the final norm.
+    backout: bool = False
 
 
 class TrainConfig(Section):
@@ -259,6 +266,24 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    # Muon variants from nanochat HEAD's recipe (bench/results_quality.md has the ablation). Each off =
+    # the original Muon; all apply to optimizer=muon only (the block matrices).
+    # Polar Express gets closer to the orthogonal polar factor than Newton–Schulz in the same 5 rounds.
+    muon_orthogonalizer: Literal["newton_schulz", "polar_express"] = "newton_schulz"
+    # NorMuon: per-neuron second-moment normalisation of the orthogonalised update (EMA muon_beta2).
+    muon_normuon: bool = False
+    muon_beta2: float = Field(0.9, gt=0.0, lt=1.0)
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    # Ramp momentum 0.85 -> muon_momentum over muon_momentum_warmup steps, then down to 0.90 during the
+    # LR warmdown (forget the noisy early gradients fast; follow the recent ones at the end).
+    muon_momentum_schedule: bool = False
+    muon_momentum_warmup: int = Field(300, ge=1)
+    # Cautious weight decay: decay only where the update already moves the weight toward zero.
+    cautious_wd: bool = False
+    # constant, or cosine from weight_decay to 0 over the run.
+    wd_schedule: Literal["constant", "cosine"] = "constant"
+    # Adam LR of the model's scalar gates (smear, backout), which exist only when those options are on.
+    scalar_lr: float = Field(0.2, ge=0.0)
     schedule: Literal["cosine", "wsd", "linear"] = "linear"
     warmup_steps: int = Field(0, ge=0)
     warmdown_frac: Fraction = 0.2
