@@ -413,3 +413,18 @@ def test_short_training_run_with_each_switch_decreases_the_loss(name):
         opt.zero_grad()
         losses.append(loss.item())
     assert np.mean(losses[-5:]) < losses[0] - 0.5, (name, losses[0], losses[-5:])
+
+
+def test_trainer_runs_every_recipe_option_and_saves_a_loadable_model(tokens, tmp_path):
+    from llm.checkpoint import load_model
+
+    job = tiny_job(tokens, tmp_path / "run", steps=12, optimizer="muon", lr=0.02, embedding_lr=0.05,
+                   unembedding_lr=0.01, muon_orthogonalizer="polar_express", muon_normuon=True, cautious_wd=True,
+                   weight_decay=0.2, wd_schedule="cosine", muon_momentum_schedule=True, muon_momentum_warmup=4)
+    job["model"].update(value_embeds=True, smear=True, backout=True)
+    _launch(job)
+    losses = [m["loss"] for m in _metrics(tmp_path / "run") if "loss" in m]
+    assert losses[-1] < losses[0] - 0.3, losses
+    model, _ = load_model(str(tmp_path / "run"))
+    assert model.config.value_embeds and model.config.smear and model.config.backout
+    assert len(model.value_embeds) == 1 and float(model.backout_lambda.detach()) != 0.2  # trained, not the init

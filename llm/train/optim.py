@@ -3,7 +3,11 @@
 * AdamW (β 0.9/0.95, decoupled weight decay) over three groups: block matrices (with weight decay),
   the token embedding and the lm_head (never decayed — shrinking embeddings only hurts rare tokens).
 * Muon for the block matrices (momentum SGD whose update is orthogonalised by a Newton–Schulz
-  iteration), with AdamW for the embedding and lm_head, as in nanochat/modded-nanoGPT.
+  iteration), with AdamW for the embedding and lm_head, as in nanochat/modded-nanoGPT. Options from
+  nanochat HEAD's recipe, each a ``TrainConfig`` switch: Polar Express orthogonalisation, NorMuon
+  per-neuron normalisation, cautious weight decay, a cosine weight-decay schedule and a momentum schedule
+  (applied per step by ``Optimizers.set_step``). The model's optional value embeddings and scalar gates
+  get their own AdamW groups (``value_embeds``, ``scalars``).
 
 Every param group stores ``base_lr``; the trainer sets ``lr = base_lr · lr_multiplier(step)``.
 Under DDP the gradients are already all-reduced when ``step()`` runs, so every rank performs the same
