@@ -255,9 +255,12 @@ class TrainConfig(Section):
     steps: int | None = Field(None, ge=1)
     target_param_data_ratio: float = Field(20.0, gt=0.0)
     target_flops: float | None = Field(None, gt=0.0)
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = Field(3e-3, gt=0.0)
-    # 0 freezes that group; None = lr.
+    # Muon for the block matrices (+ AdamW for embeddings and lm_head) is the default: on the same batches
+    # it reaches nanochat HEAD's loss where AdamW at one LR stays ~0.9 nats behind (bench/results_quality.md).
+    # lr is then Muon's matrix LR. Midtrain and SFT keep AdamW (their own defaults below).
+    optimizer: Literal["adamw", "muon"] = "muon"
+    lr: float = Field(0.02, gt=0.0)
+    # 0 freezes that group; None = lr with adamw, 0.2 with muon.
     embedding_lr: float | None = Field(None, ge=0.0)
     # lm_head's Adam LR; None = lr with adamw, 0.004 with muon (where lr is Muon's matrix LR).
     unembedding_lr: float | None = Field(None, ge=0.0)
@@ -304,6 +307,8 @@ class TrainConfig(Section):
 
 
 class MidtrainConfig(TrainConfig):
+    # Fine-tuning from a checkpoint keeps the original default: AdamW at one small LR.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     # Fraction of tokens from chat data; the rest comes from the pretraining shards.
     chat_ratio: float = Field(0.3, ge=0.0, le=1.0)
     # Defaults repeated here (not only in KilnConfig) because a preset section rebuilds the class.
@@ -318,6 +323,7 @@ class MidtrainConfig(TrainConfig):
 
 
 class SFTConfig(TrainConfig):
+    optimizer: Literal["adamw", "muon"] = "adamw"  # as midtrain: AdamW at one small LR
     # Passes over the chat set; used to size the run when `steps` is null (steps wins when set).
     epochs: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0.0)

@@ -428,3 +428,17 @@ def test_trainer_runs_every_recipe_option_and_saves_a_loadable_model(tokens, tmp
     model, _ = load_model(str(tmp_path / "run"))
     assert model.config.value_embeds and model.config.smear and model.config.backout
     assert len(model.value_embeds) == 1 and float(model.backout_lambda.detach()) != 0.2  # trained, not the init
+
+
+def test_pretraining_defaults_to_muon_and_fine_tuning_keeps_adamw():
+    from llm.config import KilnConfig, MidtrainConfig, SFTConfig
+    from llm.model import GPT, GPTConfig
+    from llm.train.optim import Muon, build_optimizers
+
+    m = GPT(GPTConfig(vocab_size=32, depth=1, aspect_ratio=32, head_dim=16, seq_len=8))
+    opt = build_optimizers(m, KilnConfig().pretrain)
+    lrs = {g["name"]: g["lr"] for o in opt.opts for g in o.param_groups}
+    assert any(isinstance(o, Muon) for o in opt.opts)
+    assert lrs == {"matrices": 0.02, "embedding": 0.2, "lm_head": 0.004}
+    for cfg in (MidtrainConfig(), SFTConfig(), KilnConfig().midtrain, KilnConfig().sft):
+        assert not any(isinstance(o, Muon) for o in build_optimizers(m, cfg).opts)

@@ -282,7 +282,8 @@ def _muon_per_step(train_cfg: Any) -> Callable[[int, int], dict[str, float]] | N
 def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False) -> Optimizers:
     """AdamW (or Muon + AdamW) over the model's parameter roles (``GPT.param_groups()``)."""
     groups = model.param_groups()
-    emb_lr = train_cfg.embedding_lr if train_cfg.embedding_lr is not None else train_cfg.lr
+    default_emb_lr = 0.2 if train_cfg.optimizer == "muon" else train_cfg.lr  # Muon's lr is the matrix LR
+    emb_lr = train_cfg.embedding_lr if train_cfg.embedding_lr is not None else default_emb_lr
     betas = (train_cfg.beta1, train_cfg.beta2)
     kw: dict[str, Any] = {"fused": True} if fused else {}
     if train_cfg.optimizer == "adamw":
