@@ -164,7 +164,10 @@ def kiln_config(args) -> KilnConfig:
     shape = [f"model.depth={args.depth}", f"model.seq_len={args.seq_len}", f"model.head_dim={args.head_dim}",
              f"model.aspect_ratio={args.aspect_ratio}", "pretrain.device=cpu", "pretrain.nproc=1",
              f"pretrain.device_batch_size={args.batch}", f"pretrain.total_batch_tokens={args.batch * args.seq_len}",
-             f"pretrain.steps={args.steps}"]
+             f"pretrain.steps={args.steps}",
+             # the shared LR schedule, so Kiln's own per-step schedules (momentum) see the same warmdown
+             "pretrain.schedule=linear", f"pretrain.warmup_steps={args.warmup_steps}",
+             f"pretrain.warmdown_frac={args.warmdown_frac}", f"pretrain.min_lr_frac={args.final_lr_frac}"]
     if args.kiln_preset == "none":  # the config defaults: an empty preset file
         import tempfile
 
