@@ -52,6 +52,9 @@ import torch.nn.functional as F
 VE_GATE_CHANNELS = 12
 SMEAR_CHANNELS = 24
 
+# Architecture options added after the original shape; to_dict leaves them out while they are off.
+OPTIONAL_FIELDS = ("value_embeds", "smear", "backout")
+
 # SDPA grew native GQA support (``enable_gqa``) in torch 2.5; older versions repeat K/V heads.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 
@@ -114,7 +117,14 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, **{k: v for k, v in data.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, minus the recipe options that are off: a model without them writes exactly the
+        ``model_config`` it wrote before they existed, so its checkpoints compare equal to older ones (resume,
+        midtrain from an old base model) and tools that know only the original fields (export) accept it."""
+        data = asdict(self)
+        for name in OPTIONAL_FIELDS:
+            if not data[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":

@@ -241,9 +241,14 @@ def test_checkpoint_without_the_options_loads_and_unknown_options_are_refused(tm
     m = _save_tiny(tmp_path / "ck")
     meta_path = tmp_path / "ck" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    for k in ALL_OPTIONS:  # a checkpoint written before the options existed
-        meta["model_config"].pop(k)
+    for k in ALL_OPTIONS:  # a checkpoint written before the options existed has none of them
+        meta["model_config"].pop(k, None)
     meta_path.write_text(json.dumps(meta))
+    from llm.checkpoint import check_model_config
+
+    check_model_config(meta, m.config.to_dict(), "old")  # resume / midtrain from it: the configs agree
+    with pytest.raises(CheckpointError, match="smear: checkpoint None vs config True"):
+        check_model_config(meta, GPTConfig(**{**m.config.to_dict(), "smear": True}).to_dict(), "old")
     loaded, _ = load_model(str(tmp_path / "ck"))
     assert not (loaded.config.value_embeds or loaded.config.smear or loaded.config.backout)
     x = torch.randint(0, 30, (1, 8))
@@ -252,3 +257,12 @@ def test_checkpoint_without_the_options_loads_and_unknown_options_are_refused(tm
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"unknown fields \['sliding_windows'\]"):
         load_model(str(tmp_path / "ck"))
+
+
+def test_options_that_are_off_leave_the_saved_model_config_as_it_was():
+    base = dict(vocab_size=30, depth=1, aspect_ratio=32, head_dim=16, seq_len=8)
+    plain = GPTConfig(**base).to_dict()
+    assert not set(ALL_OPTIONS) & set(plain)  # the same dict a checkpoint from before the options holds
+    on = GPTConfig(**base, smear=True).to_dict()
+    assert on["smear"] is True and "value_embeds" not in on
+    assert GPTConfig.from_dict(on) == GPTConfig(**base, smear=True) and GPTConfig.from_dict(plain) == GPTConfig(**base)
