@@ -237,6 +237,13 @@ class ModelConfig(Section):
     # attention on long contexts. "L" = every layer full, the model before this option. A model with S
     # layers exports to transformers with Kiln's own code (trust_remote_code; NanoChat has no windows).
     window_pattern: str = Field("L", pattern=r"^[SL]+$")
+    # nanochat HEAD's newer architecture pieces (llm/model.py docstring; ablation in bench/results_quality.md).
+    # A second token embedding per alternate layer, added (gated) to that layer's attention values.
+    value_embeds: bool = False
+    # Mix the previous token's embedding into each position (gated, starts off): cheap bigram information.
+    smear: bool = False
+    # Subtract a learned fraction of the mid-depth residual stream before the final norm.
+    backout: bool = False
 
 
 class TrainConfig(Section):
@@ -253,9 +260,12 @@ class TrainConfig(Section):
     steps: int | None = Field(None, ge=1)
     target_param_data_ratio: float = Field(20.0, gt=0.0)
     target_flops: float | None = Field(None, gt=0.0)
-    optimizer: Literal["adamw", "muon"] = "adamw"
-    lr: float = Field(3e-3, gt=0.0)
-    # 0 freezes that group; None = lr.
+    # Muon for the block matrices (+ AdamW for embeddings and lm_head) is the default: on the same batches
+    # it reaches nanochat HEAD's loss where AdamW at one LR stays ~0.9 nats behind (bench/results_quality.md).
+    # lr is then Muon's matrix LR. Midtrain and SFT keep AdamW (their own defaults below).
+    optimizer: Literal["adamw", "muon"] = "muon"
+    lr: float = Field(0.02, gt=0.0)
+    # 0 freezes that group; None = lr with adamw, 0.2 with muon.
     embedding_lr: float | None = Field(None, ge=0.0)
     # lm_head's Adam LR; None = lr with adamw, 0.004 with muon (where lr is Muon's matrix LR).
     unembedding_lr: float | None = Field(None, ge=0.0)
@@ -264,6 +274,24 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
+    # Muon variants from nanochat HEAD's recipe (bench/results_quality.md has the ablation). Each off =
+    # the original Muon; all apply to optimizer=muon only (the block matrices).
+    # Polar Express gets closer to the orthogonal polar factor than Newton–Schulz in the same 5 rounds.
+    muon_orthogonalizer: Literal["newton_schulz", "polar_express"] = "newton_schulz"
+    # NorMuon: per-neuron second-moment normalisation of the orthogonalised update (EMA muon_beta2).
+    muon_normuon: bool = False
+    muon_beta2: float = Field(0.9, gt=0.0, lt=1.0)
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    # Ramp momentum 0.85 -> muon_momentum over muon_momentum_warmup steps, then down to 0.90 during the
+    # LR warmdown (forget the noisy early gradients fast; follow the recent ones at the end).
+    muon_momentum_schedule: bool = False
+    muon_momentum_warmup: int = Field(300, ge=1)
+    # Cautious weight decay: decay only where the update already moves the weight toward zero.
+    cautious_wd: bool = False
+    # constant, or cosine from weight_decay to 0 over the run.
+    wd_schedule: Literal["constant", "cosine"] = "constant"
+    # Adam LR of the model's scalar gates (smear, backout), which exist only when those options are on.
+    scalar_lr: float = Field(0.2, ge=0.0)
     schedule: Literal["cosine", "wsd", "linear"] = "linear"
     warmup_steps: int = Field(0, ge=0)
     warmdown_frac: Fraction = 0.2
@@ -284,6 +312,8 @@ class TrainConfig(Section):
 
 
 class MidtrainConfig(TrainConfig):
+    # Fine-tuning from a checkpoint keeps the original default: AdamW at one small LR.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     # Fraction of tokens from chat data; the rest comes from the pretraining shards.
     chat_ratio: float = Field(0.3, ge=0.0, le=1.0)
     # Defaults repeated here (not only in KilnConfig) because a preset section rebuilds the class.
@@ -298,6 +328,7 @@ class MidtrainConfig(TrainConfig):
 
 
 class SFTConfig(TrainConfig):
+    optimizer: Literal["adamw", "muon"] = "adamw"  # as midtrain: AdamW at one small LR
     # Passes over the chat set; used to size the run when `steps` is null (steps wins when set).
     epochs: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0.0)

@@ -11,19 +11,32 @@ Shape (all derived from :class:`GPTConfig`):
   an SDPA boolean mask). The MLP is ``proj(relu(fc(x))²)`` with a 4× hidden size.
 * no biases anywhere; logits are soft-capped: ``softcap · tanh(logits / softcap)`` in fp32.
 
+Optional pieces of nanochat HEAD's newer recipe, each off by default so older checkpoints load unchanged
+(ablation: bench/results_quality.md):
+
+* ``value_embeds``: a second token embedding per layer (alternate layers, the last one always) added to
+  that layer's attention values through a per-head gate ``3·σ(W·x[:12])`` (ResFormer-style value
+  residual): token identity reaches deep layers' values without passing through the residual stream.
+* ``smear``: each position adds ``λ·σ(w·x[:24])`` times the previous token's normalised embedding
+  (``λ`` starts at 0): cheap bigram information before the first layer.
+* ``backout``: before the final norm, subtract ``λ`` (starts at 0.2) times the residual stream after
+  layer ``depth // 2``, removing low-level features the logits do not need.
+
 Why these choices: they are the nanochat/modded-nanoGPT recipe that trains stably at high learning rates
 (QK-norm, soft-cap), keeps the parameter count exact and simple (no norm weights, no biases), and makes
 MFU accounting honest (every parameter is a matmul weight except the embedding).
 
 Accounting (exact, checked by tests against a hand calculation):
 
-* ``num_params() = 2·V·D + depth·(D·H·hd + 2·D·K·hd + H·hd·D + 8·D²)`` with V vocab, D model_dim,
-  H query heads, K kv heads, hd head_dim (wte + lm_head, then q,k,v,o and the 4× MLP).
-* ``flops_per_token() = 6·(N − V·D) + 12·depth·H·hd·T``: 6 FLOPs per matmul weight per token (forward 2 +
-  backward 4), the embedding lookup excluded because it is a gather, plus the attention score/value matmuls
+* ``num_params() = 2·V·D + depth·(D·H·hd + 2·D·K·hd + H·hd·D + 8·D²) + E·(V·K·hd + 12·K) + 25·smear
+  + backout`` with V vocab, D model_dim, H query heads, K kv heads, hd head_dim, E the layers with value
+  embeddings (wte + lm_head, then q,k,v,o and the 4× MLP, then each value embedding table and its gate, the
+  smear gate (24) and λ, the backout λ).
+* ``flops_per_token() = 6·M + 12·depth·H·hd·T`` with ``M = N − V·D − E·V·K·hd − smear − backout`` the matmul
+  weights: 6 FLOPs per matmul weight per token (forward 2 + backward 4); embedding lookups (wte and the
+  value embeddings) are gathers and the λ scalars are elementwise, so they are excluded; plus the attention score/value matmuls
   (QKᵀ and AV: 2·2·H·hd·T forward per layer per token, ×3 for forward+backward). T is ``seq_len``, or a
-  sliding-window layer's window when shorter; causal masking is NOT halved, following the PaLM/nanochat
-  convention so MFU numbers are comparable.
+  sliding-window layer's window when shorter; causal masking is NOT halved, following the PaLM/nanochat convention so MFU numbers are comparable.
 """
 
 from __future__ import annotations
@@ -36,7 +49,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llm.lm_loss import head_loss_sum
+# The gates read only the first few channels of their input: a cheap, input-dependent scalar per head/token.
+VE_GATE_CHANNELS = 12
+SMEAR_CHANNELS = 24
+
+# Architecture options added after the original shape, with the value that means "off" (the original
+# architecture); to_dict leaves them out at that value.
+OPTIONAL_FIELDS = {"window_pattern": "L", "value_embeds": False, "smear": False, "backout": False}
 
 # SDPA grew native GQA support (``enable_gqa``) in torch 2.5; older versions repeat K/V heads.
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
@@ -58,6 +77,10 @@ class GPTConfig:
     # layers, the last layer always L. Short windows cut attention cost on long contexts while the L layers
     # keep long-range reach. "L" (every layer full) is the architecture before this option existed.
     window_pattern: str = "L"
+    # nanochat HEAD's newer recipe pieces (see the module docstring); False = the original architecture.
+    value_embeds: bool = False
+    smear: bool = False
+    backout: bool = False
 
     def __post_init__(self) -> None:
         if not self.window_pattern or set(self.window_pattern) - set("SL"):
@@ -74,6 +97,14 @@ class GPTConfig:
             raise ValueError(f"GPTConfig: head_dim {self.head_dim} must be even for rotary embeddings")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"GPTConfig: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if self.smear and self.model_dim < SMEAR_CHANNELS:
+            raise ValueError(f"GPTConfig: smear needs model_dim >= {SMEAR_CHANNELS}, got {self.model_dim}")
+        if self.value_embeds and self.model_dim < VE_GATE_CHANNELS:
+            raise ValueError(f"GPTConfig: value_embeds needs model_dim >= {VE_GATE_CHANNELS}, got {self.model_dim}")
+
+    def has_value_embed(self, layer: int) -> bool:
+        """Value embeddings sit on alternate layers, always including the last (nanochat's placement)."""
+        return self.value_embeds and layer % 2 == (self.depth - 1) % 2
 
     @property
     def model_dim(self) -> int:
@@ -111,7 +142,14 @@ class GPTConfig:
         return cls(vocab_size=vocab_size, **{k: v for k, v in data.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, minus the recipe options that are off: a model without them writes exactly the
+        ``model_config`` it wrote before they existed, so its checkpoints compare equal to older ones (resume,
+        midtrain from an old base model) and tools that know only the original fields (export) accept it."""
+        data = asdict(self)
+        for name, off in OPTIONAL_FIELDS.items():
+            if data[name] == off:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GPTConfig":
@@ -168,6 +206,8 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.pos = 0  # tokens already stored (same for every layer)
         self.max_len = max_len
+        # The last position's normalised token embedding (B, 1, D), for models with ``smear``.
+        self.prev_embedding: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
@@ -189,12 +229,18 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.c_v = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
         self.c_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.kv_heads, bias=False) if cfg.has_value_embed(layer) else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
+        if ve is not None:  # value residual: this layer's value embedding, gated per kv head
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, K) in (0, 3)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.kv_heads, self.head_dim)
+        v = v.transpose(1, 2)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         past = 0
         if cache is not None:
@@ -235,8 +281,9 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(rms_norm(x), cos, sin, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                ve: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin, cache, ve)
         return x + self.mlp(rms_norm(x))
 
 
@@ -249,12 +296,38 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.model_dim)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.depth)])
         self.lm_head = nn.Linear(config.model_dim, config.vocab_size, bias=False)
+        self._add_options(config)
         # Rotary tables cover 4× the training context so generation can run a little past it; they are
         # derived data, not parameters, so they are neither saved nor counted.
         cos, sin = rotary_tables(4 * config.seq_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
+
+    def _add_options(self, c: GPTConfig) -> None:
+        """The optional recipe pieces' parameters; none exist when the options are off (old state dicts)."""
+        kv_dim = c.kv_heads * c.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(c.vocab_size, kv_dim)
+                                           for i in range(c.depth) if c.has_value_embed(i)})
+        if c.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if c.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
+
+    @torch.no_grad()
+    def _init_options(self) -> None:
+        bound = math.sqrt(3.0) / math.sqrt(self.config.model_dim)  # like c_v, whose output they add to
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -bound, bound)
+        for block in self.blocks:
+            if block.attn.ve_gate is not None:  # small positive: gates start just above 3·σ(0) = 1.5
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        if self.config.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear_lambda)  # starts as the plain model
+        if self.config.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -270,6 +343,7 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        self._init_options()
         cos, sin = rotary_tables(self.rope_cos.shape[0], self.config.head_dim, self.config.rope_base, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
@@ -280,21 +354,31 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def num_embedding_params(self) -> int:
-        return self.wte.weight.numel()
+        """Lookup tables: the token embedding and the value embeddings."""
+        return self.wte.weight.numel() + sum(e.weight.numel() for e in self.value_embeds.values())
+
+    def _scalars(self) -> list[nn.Parameter]:
+        return [p for name in ("smear_lambda", "backout_lambda") if (p := getattr(self, name, None)) is not None]
 
     def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6·(N − embedding) + 12·H·hd·Σ_layers min(window, seq_len) (see module
+        """Training FLOPs per token: 6·(matmul weights) + 12·H·hd·Σ_layers min(window, seq_len) (see module
         docstring; a full layer's window is seq_len, so without windows that is 12·depth·H·hd·seq_len)."""
         c = self.config
+        matmul = self.num_params() - self.num_embedding_params() - sum(p.numel() for p in self._scalars())
         spans = sum(c.seq_len if w is None else min(w, c.seq_len) for w in c.layer_windows())
-        return 6 * (self.num_params() - self.num_embedding_params()) + 12 * c.n_heads * c.head_dim * spans
+        return 6 * matmul + 12 * c.n_heads * c.head_dim * spans
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by role, for optimizers: 'embedding', 'lm_head', 'matrices' (every block weight)."""
+        """Parameters by role, for optimizers: 'embedding', 'lm_head', 'matrices' (every block weight, the
+        value-embedding gates included), 'value_embeds' and 'scalars' (smear gate and λ, backout λ); the
+        last two are empty when their options are off."""
+        smear = [self.smear_gate.weight] if self.config.smear else []
         return {
             "embedding": [self.wte.weight],
             "lm_head": [self.lm_head.weight],
             "matrices": [p for p in self.blocks.parameters()],
+            "value_embeds": [e.weight for e in self.value_embeds.values()],
+            "scalars": smear + self._scalars(),
         }
 
     # ------------------------------------------------------------------ forward
@@ -312,12 +396,24 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the rotary table ({self.rope_cos.shape[0]})")
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = rms_norm(self.wte(idx))
-        for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+        if self.config.smear:
+            x = self._smear(x, kv_cache)
+        mid = None
+        for i, block in enumerate(self.blocks):
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, cos, sin, kv_cache, ve)
+            if i == self.config.depth // 2:
+                mid = x
+        if self.config.backout:
+            x = x - self.backout_lambda * mid
         if kv_cache is not None:
             kv_cache.pos += T
         x = rms_norm(x)
         if targets is not None and reduction in ("mean", "sum") and _fused_head_ok(x, self.lm_head.weight):
+            # Imported here, not at the top: this module must import nothing but torch, because the HF
+            # remote-code export ships it as-is (kiln_gpt.py), where only inference (no targets) runs.
+            from llm.lm_loss import head_loss_sum
+
             loss = head_loss_sum(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), self.config.softcap)
             return loss if reduction == "sum" else loss / (targets != -1).sum().clamp(min=1)
         logits = self.lm_head(x).float()
@@ -334,6 +430,17 @@ class GPT(nn.Module):
         if reduction == "mean":
             return loss.sum() / (targets != -1).sum().clamp(min=1)
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+    def _smear(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Add the gated previous token's embedding; across KV-cached chunks the previous token of a chunk's
+        first position is the cache's ``prev_embedding`` (the first token of a sequence has none)."""
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
+        before = cache.prev_embedding if (cache is not None and cache.pos > 0) else None
+        if cache is not None:
+            cache.prev_embedding = x[:, -1:]
+        if before is not None:
+            return x + gate * torch.cat([before.to(x.dtype), x[:, :-1]], dim=1)
+        return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

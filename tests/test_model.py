@@ -236,3 +236,116 @@ def test_windowed_kv_cache_equals_full_forward(kv_heads):
         for _ in range(12):
             seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
     assert got == seq[len(prompt):]
+
+# ---------------------------------------------------------------- nanochat HEAD recipe options
+ALL_OPTIONS = dict(value_embeds=True, smear=True, backout=True)
+
+
+def test_option_param_and_flop_counts_match_hand_calculation():
+    # the same shape as above; value embeddings on layers 0 and 2 (alternate, always the last of 3)
+    cfg = GPTConfig(vocab_size=100, depth=3, aspect_ratio=32, head_dim=16, n_kv_heads=2, seq_len=64, **ALL_OPTIONS)
+    m = GPT(cfg)
+    V, D, L, H, K, hd, T = 100, 96, 3, 6, 2, 16, 64
+    assert [i for i in range(L) if cfg.has_value_embed(i)] == [0, 2]
+    ve = 2 * (V * K * hd + 12 * K)  # two tables + their (K × 12) gates
+    hand = 314112 + ve + (24 + 1) + 1  # + smear gate and λ + backout λ
+    assert m.num_params() == hand == 320586
+    matmul = hand - V * D - 2 * V * K * hd - 2  # lookups (wte, value embeddings) and the two λ excluded
+    assert m.flops_per_token() == 6 * matmul + 12 * L * H * hd * T
+    assert GPT(GPTConfig(vocab_size=100, depth=3, aspect_ratio=32, head_dim=16, value_embeds=True)).num_params() \
+        == 2 * V * D + L * (4 * D * D + 8 * D * D) + 2 * (V * D + 12 * H)  # MHA: kv_dim = D, 6 kv heads
+
+
+def test_param_groups_cover_every_parameter_once_in_its_role():
+    m = GPT(GPTConfig(vocab_size=50, depth=2, aspect_ratio=32, head_dim=16, **ALL_OPTIONS))
+    groups = m.param_groups()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())  # every one, exactly once
+    assert {id(e.weight) for e in m.value_embeds.values()} == {id(p) for p in groups["value_embeds"]}
+    assert {id(p) for p in groups["scalars"]} == {id(m.smear_gate.weight), id(m.smear_lambda), id(m.backout_lambda)}
+    assert id(m.blocks[1].attn.ve_gate.weight) in {id(p) for p in groups["matrices"]}  # 2-D: Muon's
+    assert all(p.ndim == 2 for p in groups["matrices"])
+    plain = GPT(GPTConfig(vocab_size=50, depth=2, aspect_ratio=32, head_dim=16)).param_groups()
+    assert plain["value_embeds"] == [] and plain["scalars"] == []
+
+
+def _randomised(cfg: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    m = GPT(cfg)
+    with torch.no_grad():  # non-zero residual projections and λs, so every path carries signal
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m.eval()
+
+
+def test_each_option_changes_the_model_as_intended():
+    base = dict(vocab_size=40, depth=2, aspect_ratio=32, head_dim=16, seq_len=16)
+    x = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:12].unsqueeze(0)  # distinct tokens
+    x2 = x.clone()
+    x2[0, 5] = (x[0, 5] + 1) % 40
+    # smear: with every block muted, position 6 sees token 5 only through the smear
+    for smear in (False, True):
+        m = _randomised(GPTConfig(**base, smear=smear))
+        with torch.no_grad():
+            for b in m.blocks:
+                b.attn.c_proj.weight.zero_()
+                b.mlp.c_proj.weight.zero_()
+        changed = not torch.allclose(m(x)[0, 6], m(x2)[0, 6])
+        assert changed == smear
+    # backout with λ = 0 is the plain model; with λ ≠ 0 it is not
+    m = _randomised(GPTConfig(**base, backout=True))
+    plain = GPT(GPTConfig(**base)).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if k != "backout_lambda"})
+    assert not torch.allclose(m(x), plain(x))
+    with torch.no_grad():
+        m.backout_lambda.zero_()
+    assert torch.allclose(m(x), plain(x), atol=1e-6)
+    # value embeddings: the logits depend on the value-embedding table of the tokens read
+    m = _randomised(GPTConfig(**base, value_embeds=True))
+    before = m(x)
+    with torch.no_grad():
+        m.value_embeds["1"].weight[x[0, 3]] += 1.0
+    assert not torch.allclose(before[0, 3:], m(x)[0, 3:]) and torch.allclose(before[0, :3], m(x)[0, :3])
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_kv_cache_generation_matches_full_forward_with_options(kv_heads):
+    m = _randomised(GPTConfig(vocab_size=50, depth=3, aspect_ratio=32, head_dim=16, n_kv_heads=kv_heads,
+                              seq_len=32, **ALL_OPTIONS))
+    prompt = [1, 7, 3, 9, 4]
+    got = list(m.generate(prompt, 10, temperature=0.0))
+    seq = list(prompt)
+    for _ in range(10):
+        seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    assert got == seq[len(prompt):]
+
+
+def test_checkpoint_without_the_options_loads_and_unknown_options_are_refused(tmp_path):
+    m = _save_tiny(tmp_path / "ck")
+    meta_path = tmp_path / "ck" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for k in ALL_OPTIONS:  # a checkpoint written before the options existed has none of them
+        meta["model_config"].pop(k, None)
+    meta_path.write_text(json.dumps(meta))
+    from llm.checkpoint import check_model_config
+
+    check_model_config(meta, m.config.to_dict(), "old")  # resume / midtrain from it: the configs agree
+    with pytest.raises(CheckpointError, match="smear: checkpoint None vs config True"):
+        check_model_config(meta, GPTConfig(**{**m.config.to_dict(), "smear": True}).to_dict(), "old")
+    loaded, _ = load_model(str(tmp_path / "ck"))
+    assert not (loaded.config.value_embeds or loaded.config.smear or loaded.config.backout)
+    x = torch.randint(0, 30, (1, 8))
+    assert torch.equal(m.eval()(x), loaded(x))
+    meta["model_config"]["sliding_windows"] = "SSSL"  # an option this code does not know
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"unknown fields \['sliding_windows'\]"):
+        load_model(str(tmp_path / "ck"))
+
+
+def test_options_that_are_off_leave_the_saved_model_config_as_it_was():
+    base = dict(vocab_size=30, depth=1, aspect_ratio=32, head_dim=16, seq_len=8)
+    plain = GPTConfig(**base).to_dict()
+    assert not set(ALL_OPTIONS) & set(plain)  # the same dict a checkpoint from before the options holds
+    on = GPTConfig(**base, smear=True).to_dict()
+    assert on["smear"] is True and "value_embeds" not in on
+    assert GPTConfig.from_dict(on) == GPTConfig(**base, smear=True) and GPTConfig.from_dict(plain) == GPTConfig(**base)

@@ -298,3 +298,147 @@ def test_bfloat16_autocast_path_trains(tokens, tmp_path):
     assert bf16["final_train_loss"] != fp32["final_train_loss"]
     # master weights stay fp32 under autocast
     assert all(t.dtype == torch.float32 for t in _weights(tmp_path / "bf16").values())
+
+
+# ---------------------------------------------------------------- optimizer options (llm.train.optim)
+def test_polar_express_is_closer_to_orthogonal_than_newton_schulz():
+    from llm.train.optim import newton_schulz, polar_express
+
+    torch.manual_seed(0)
+    for shape in [(64, 256), (256, 64)]:
+        G = torch.randn(*shape)
+        pe, ns = torch.linalg.svdvals(polar_express(G)), torch.linalg.svdvals(newton_schulz(G))
+        assert 0.8 < pe.min() and pe.max() < 1.2, pe
+        assert (pe - 1).abs().max() < (ns - 1).abs().max()  # NS leaves singular values down near 0.7
+        X = polar_express(G)
+        small = X @ X.mT if shape[0] < shape[1] else X.mT @ X
+        assert torch.allclose(small, torch.eye(64), atol=0.3)
+
+
+def test_cautious_weight_decay_only_decays_where_update_and_weight_agree():
+    from llm.train.optim import apply_weight_decay
+
+    p = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    update = torch.tensor([0.5, -0.5, -0.5, 0.5])  # the step is p -= lr·update
+    q = p.clone()
+    apply_weight_decay(q, update, lr=0.1, wd=0.5, cautious=True)
+    assert q.tolist() == pytest.approx([0.95, 1.0, -0.95, -1.0])
+    q = p.clone()
+    apply_weight_decay(q, update, lr=0.1, wd=0.5, cautious=False)
+    assert q.tolist() == pytest.approx([0.95, 0.95, -0.95, -0.95])
+
+
+def test_normuon_evens_out_row_scales_and_keeps_the_step_size():
+    from llm.train.optim import normuon_rescale
+
+    torch.manual_seed(0)
+    u = torch.randn(32, 8) * torch.linspace(0.1, 3.0, 32)[:, None]  # tall: rows of very different scale
+    sm = torch.zeros(32, 1)
+    out = normuon_rescale(u, sm, beta2=0.0)  # beta2 0: the state is this update's row mean square
+    rows = out.norm(dim=1)
+    assert torch.allclose(rows, rows.mean().expand(32), rtol=1e-4)
+    assert out.norm() == pytest.approx(u.norm().item(), rel=1e-5)
+    assert torch.allclose(sm, u.square().mean(dim=1, keepdim=True))
+    wide = normuon_rescale(u.mT.contiguous(), torch.zeros(1, 32), beta2=0.0)  # wide: per column (smaller side)
+    assert torch.allclose(wide.norm(dim=0), rows.mean().expand(32), rtol=1e-4)
+
+
+def test_momentum_and_weight_decay_schedules():
+    from llm.train.optim import muon_momentum_at, weight_decay_at
+
+    kw = dict(peak=0.97, warmup_steps=100, warmdown_frac=0.5)
+    assert muon_momentum_at(0, 400, **kw) == pytest.approx(0.85)
+    assert muon_momentum_at(50, 400, **kw) == pytest.approx(0.91)
+    assert muon_momentum_at(150, 400, **kw) == pytest.approx(0.97)
+    assert muon_momentum_at(300, 400, **kw) == pytest.approx(0.935)  # halfway down the warmdown
+    assert muon_momentum_at(400, 400, **kw) == pytest.approx(0.90)
+    assert weight_decay_at(7, 100, base=0.2, schedule="constant") == 0.2
+    assert weight_decay_at(0, 100, base=0.2, schedule="cosine") == pytest.approx(0.2)
+    assert weight_decay_at(50, 100, base=0.2, schedule="cosine") == pytest.approx(0.1)
+    assert weight_decay_at(100, 100, base=0.2, schedule="cosine") == pytest.approx(0.0)
+
+
+def test_set_step_moves_muon_momentum_and_weight_decay():
+    from llm.model import GPT, GPTConfig
+    from llm.train.optim import Muon, build_optimizers
+
+    m = GPT(GPTConfig(vocab_size=32, depth=1, aspect_ratio=32, head_dim=16, seq_len=8))
+    tc = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1, muon_momentum_schedule=True,
+                     muon_momentum_warmup=10, wd_schedule="cosine", warmdown_frac=0.5)
+    opt = build_optimizers(m, tc)
+    muon = next(o for o in opt.opts if isinstance(o, Muon))
+    opt.set_step(0, 20)
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.85)
+    assert muon.param_groups[0]["weight_decay"] == pytest.approx(0.1)
+    opt.set_step(10, 20)
+    assert muon.param_groups[0]["momentum"] == pytest.approx(0.97)  # warmed up; the warmdown starts here
+    assert muon.param_groups[0]["weight_decay"] == pytest.approx(0.05)
+    plain = build_optimizers(m, TrainConfig(optimizer="muon", lr=0.02))
+    plain.set_step(0, 20)  # no schedules: the configured momentum stays
+    assert next(o for o in plain.opts if isinstance(o, Muon)).param_groups[0]["momentum"] == 0.95
+
+
+SWITCHES = {
+    "value_embeds": ({"value_embeds": True}, {}),
+    "smear": ({"smear": True}, {}),
+    "backout": ({"backout": True}, {}),
+    "polar_express": ({}, {"muon_orthogonalizer": "polar_express"}),
+    "normuon": ({}, {"muon_normuon": True}),
+    "cautious_wd": ({}, {"cautious_wd": True, "weight_decay": 0.2, "wd_schedule": "cosine"}),
+    "momentum_schedule": ({}, {"muon_momentum_schedule": True, "muon_momentum_warmup": 10}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWITCHES))
+def test_short_training_run_with_each_switch_decreases_the_loss(name):
+    from llm.model import GPT, GPTConfig
+    from llm.train.optim import build_optimizers
+
+    model_kw, train_kw = SWITCHES[name]
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=64, depth=2, aspect_ratio=32, head_dim=16, seq_len=32, **model_kw))
+    rng = np.random.default_rng(0)
+    succ = rng.integers(1, 64, size=64)  # a deterministic next-token rule the model can learn
+    opt = build_optimizers(m, TrainConfig(optimizer="muon", lr=0.02, embedding_lr=0.05, unembedding_lr=0.01, **train_kw))
+    losses = []
+    for step in range(40):
+        x = torch.from_numpy(rng.integers(1, 64, size=(4, 32)))
+        x[:, 1::2] = torch.from_numpy(succ)[x[:, 0::2]]
+        y = torch.roll(x, -1, dims=1)
+        y[:, -1] = -1
+        opt.set_step(step, 40)
+        loss = m(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < losses[0] - 0.5, (name, losses[0], losses[-5:])
+
+
+def test_trainer_runs_every_recipe_option_and_saves_a_loadable_model(tokens, tmp_path):
+    from llm.checkpoint import load_model
+
+    job = tiny_job(tokens, tmp_path / "run", steps=12, optimizer="muon", lr=0.02, embedding_lr=0.05,
+                   unembedding_lr=0.01, muon_orthogonalizer="polar_express", muon_normuon=True, cautious_wd=True,
+                   weight_decay=0.2, wd_schedule="cosine", muon_momentum_schedule=True, muon_momentum_warmup=4)
+    job["model"].update(value_embeds=True, smear=True, backout=True)
+    _launch(job)
+    losses = [m["loss"] for m in _metrics(tmp_path / "run") if "loss" in m]
+    assert losses[-1] < losses[0] - 0.3, losses
+    model, _ = load_model(str(tmp_path / "run"))
+    assert model.config.value_embeds and model.config.smear and model.config.backout
+    assert len(model.value_embeds) == 1 and float(model.backout_lambda.detach()) != 0.2  # trained, not the init
+
+
+def test_pretraining_defaults_to_muon_and_fine_tuning_keeps_adamw():
+    from llm.config import KilnConfig, MidtrainConfig, SFTConfig
+    from llm.model import GPT, GPTConfig
+    from llm.train.optim import Muon, build_optimizers
+
+    m = GPT(GPTConfig(vocab_size=32, depth=1, aspect_ratio=32, head_dim=16, seq_len=8))
+    opt = build_optimizers(m, KilnConfig().pretrain)
+    lrs = {g["name"]: g["lr"] for o in opt.opts for g in o.param_groups}
+    assert any(isinstance(o, Muon) for o in opt.opts)
+    assert lrs == {"matrices": 0.02, "embedding": 0.2, "lm_head": 0.004}
+    for cfg in (MidtrainConfig(), SFTConfig(), KilnConfig().midtrain, KilnConfig().sft):
+        assert not any(isinstance(o, Muon) for o in build_optimizers(m, cfg).opts)

@@ -51,7 +51,7 @@ def write_token_shards(root: Path, *, n_docs: int = 400, val_docs: int = 40, sha
 
 def tiny_job(tokens: Path, out: Path, **train: Any) -> dict[str, Any]:
     """A trainer job for a ~100K-parameter model on the fixture data, CPU, no MLflow."""
-    t = {"device": "cpu", "device_batch_size": 4, "total_batch_tokens": 4 * 32 * 2, "steps": 12, "lr": 3e-3,
+    t = {"device": "cpu", "device_batch_size": 4, "total_batch_tokens": 4 * 32 * 2, "steps": 12, "optimizer": "adamw", "lr": 3e-3,
          "warmup_steps": 0, "schedule": "linear", "warmdown_frac": 0.3, "eval_every": 6, "eval_tokens": 512,
          "log_every": 2, "ckpt_every": 4, "keep_last": 2, "sample_prompts": []}
     t.update(train)

@@ -3,7 +3,11 @@
 * AdamW (β 0.9/0.95, decoupled weight decay) over three groups: block matrices (with weight decay),
   the token embedding and the lm_head (never decayed — shrinking embeddings only hurts rare tokens).
 * Muon for the block matrices (momentum SGD whose update is orthogonalised by a Newton–Schulz
-  iteration), with AdamW for the embedding and lm_head, as in nanochat/modded-nanoGPT.
+  iteration), with AdamW for the embedding and lm_head, as in nanochat/modded-nanoGPT. Options from
+  nanochat HEAD's recipe, each a ``TrainConfig`` switch: Polar Express orthogonalisation, NorMuon
+  per-neuron normalisation, cautious weight decay, a cosine weight-decay schedule and a momentum schedule
+  (applied per step by ``Optimizers.set_step``). The model's optional value embeddings and scalar gates
+  get their own AdamW groups (``value_embeds``, ``scalars``).
 
 Every param group stores ``base_lr``; the trainer sets ``lr = base_lr · lr_multiplier(step)``.
 Under DDP the gradients are already all-reduced when ``step()`` runs, so every rank performs the same
@@ -13,7 +17,7 @@ Under DDP the gradients are already all-reduced when ``step()`` runs, so every r
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -65,21 +69,95 @@ def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return X.to(G.dtype)
 
 
+# Polar Express (Amsel, Persson, Musco & Gower 2025, arXiv:2505.16932, Algorithm 1 with 5 iterations,
+# safety factor 2e-2, cushion 2): a different odd quintic per iteration, each chosen to be minimax-optimal
+# for the interval of singular values the previous ones leave. It gets closer to the polar factor UVᵀ than
+# the fixed-coefficient iteration in the same 5 matmul rounds (which leaves singular values in ~[0.7, 1.2]).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Orthogonalise G with the Polar Express iteration (same dtype policy as :func:`newton_schulz`).
+
+    The start is scaled a little below unit spectral norm (Frobenius × 1.01) because the first, very
+    aggressive polynomial is only safe on [0, 1]."""
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = G.size(-2) > G.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    if tall:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+ORTHOGONALIZERS = {"newton_schulz": newton_schulz, "polar_express": polar_express}
+
+
+def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (arXiv:2510.05491): even out the per-neuron scale of an orthogonalised update.
+
+    An orthogonalised update has equal singular values but not equal row (neuron) norms. Keep an EMA of
+    each row's mean square (each column's, for wide matrices, so the state is the smaller side), divide the
+    update by its square root, then rescale to the update's original Frobenius norm, so the step SIZE is
+    still Muon's and only its distribution across neurons changes. ``second_moment`` is updated in place.
+    Works on one matrix or a stacked batch of same-shape matrices (with stacked moments)."""
+    dim = -1 if update.size(-2) >= update.size(-1) else -2
+    ms = update.float().square().mean(dim=dim, keepdim=True)
+    second_moment.lerp_(ms, 1 - beta2)
+    scaled = update.float() * second_moment.clamp_min(1e-10).rsqrt()
+    # Per matrix (a stacked (k, m, n) batch keeps each matrix's own norm).
+    norms = (-2, -1)
+    scaled = scaled * (update.float().norm(dim=norms, keepdim=True) / scaled.norm(dim=norms, keepdim=True).clamp_min(1e-10))
+    return scaled.to(update.dtype)
+
+
+def apply_weight_decay(p: torch.Tensor, update: torch.Tensor, lr: float, wd: float, cautious: bool) -> None:
+    """Decoupled weight decay ``p -= lr·wd·p`` before the step ``p -= lr·update``.
+
+    ``cautious`` (Chen et al. 2025, "Cautious Weight Decay") decays only the entries where the update
+    already pushes the weight toward zero (update and weight agree in sign), so decay never fights the
+    gradient's direction."""
+    if not wd:
+        return
+    if cautious:
+        p.sub_(p * (update * p >= 0), alpha=lr * wd)
+    else:
+        p.mul_(1 - lr * wd)
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum + orthogonalised update for 2-D weight matrices. lr is in units of RMS update per step.
 
+    Options (each off = the original Muon): ``orthogonalizer`` (``newton_schulz`` | ``polar_express``),
+    ``normuon`` (per-neuron variance normalisation with EMA ``beta2``), ``cautious_wd``. ``momentum`` and
+    ``weight_decay`` are per group so a schedule can move them every step (``Optimizers.set_step``).
+
     Matrices of one shape are updated together: the momentum and the parameter update are ``_foreach``
-    ops over the group, and the orthogonalisation runs once on the stacked (k, m, n) batch, through
-    ``orthogonalise`` — :func:`newton_schulz`, or its ``torch.compile``-d form with ``compile=True``
-    (nanochat compiles its Muon step too). The state stays one ``momentum_buffer`` per parameter, so
-    checkpoints written before the batching load unchanged.
+    ops over the group, and the orthogonalisation runs once on the stacked (k, m, n) batch, ``torch.compile``-d
+    with ``compile=True`` (nanochat compiles its Muon step too). The state stays one ``momentum_buffer`` (and
+    ``second_moment``) per parameter, so checkpoints written before the batching load unchanged.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, compile: bool = False):
+                 weight_decay: float = 0.0, orthogonalizer: str = "newton_schulz", normuon: bool = False,
+                 beta2: float = 0.95, cautious_wd: bool = False, compile: bool = False):
+        if orthogonalizer not in ORTHOGONALIZERS:
+            raise ValueError(f"unknown Muon orthogonalizer {orthogonalizer!r} ({', '.join(ORTHOGONALIZERS)})")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
-        self.orthogonalise = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
+                                      weight_decay=weight_decay, orthogonalizer=orthogonalizer, normuon=normuon,
+                                      beta2=beta2, cautious_wd=cautious_wd))
+        self.orthogonalisers = {name: torch.compile(fn, dynamic=False) if compile else fn
+                                for name, fn in ORTHOGONALIZERS.items()}
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102
@@ -93,34 +171,84 @@ class Muon(torch.optim.Optimizer):
         return None
 
     def _update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """One update of same-shape matrices: momentum, orthogonalised step, decoupled weight decay."""
-        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        """One update of same-shape matrices: momentum → orthogonalise → optional NorMuon → shape scale,
+        then decoupled (optionally cautious) weight decay and the step."""
+        lr, mom = group["lr"], group["momentum"]
         grads = [p.grad for p in params]
-        bufs = [self._buffer(p) for p in params]
+        bufs = [self._state(p, "momentum_buffer", p.shape, p.grad.dtype) for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - mom)
         g = torch._foreach_lerp(grads, bufs, mom) if group["nesterov"] else bufs
-        update = self.orthogonalise(torch.stack(g), group["ns_steps"])
+        update = self.orthogonalisers[group.get("orthogonalizer", "newton_schulz")](torch.stack(g), group["ns_steps"])
+        if group.get("normuon"):
+            m, n = params[0].shape
+            small = (m, 1) if m >= n else (1, n)
+            moments = torch.stack([self._state(p, "second_moment", small, torch.float32) for p in params])
+            update = normuon_rescale(update, moments, group["beta2"])
+            for p, sm in zip(params, moments.unbind(0)):
+                self.state[p]["second_moment"].copy_(sm)
         # Scale so tall and wide matrices get comparable per-element update sizes.
-        scale = max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
-        if wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr * scale)
+        update = update * max(1.0, params[0].size(0) / params[0].size(1)) ** 0.5
+        updates = list(update.unbind(0))
+        if group.get("cautious_wd"):
+            for p, u in zip(params, updates):
+                apply_weight_decay(p, u, lr, group["weight_decay"], True)
+        elif group["weight_decay"]:
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(params, updates, alpha=-lr)
 
-    def _buffer(self, p: torch.Tensor) -> torch.Tensor:
+    def _state(self, p: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         state = self.state[p]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
-        return state["momentum_buffer"]
+        if name not in state:
+            state[name] = torch.zeros(shape, dtype=dtype, device=p.device)
+        return state[name]
+
+
+def muon_momentum_at(step: int, total_steps: int, *, peak: float, warmup_steps: int, warmdown_frac: float,
+                     start: float = 0.85, end: float = 0.90) -> float:
+    """Muon momentum for ``step`` under the momentum schedule (nanochat HEAD's shape).
+
+    Low momentum early (``start``) lets the first, noisy steps be forgotten quickly; it ramps linearly to
+    ``peak`` over ``warmup_steps`` and, during the LR warmdown (the last ``warmdown_frac`` of the run), falls
+    linearly to ``end`` so the final small steps follow the recent gradients rather than stale momentum."""
+    mom = start + (peak - start) * min(1.0, step / max(1, warmup_steps))
+    decay = int(round(warmdown_frac * total_steps))
+    begin = total_steps - decay
+    if decay > 0 and step >= begin:
+        mom += (end - mom) * min(1.0, (step - begin) / decay)
+    return mom
+
+
+def weight_decay_at(step: int, total_steps: int, *, base: float, schedule: str) -> float:
+    """Weight decay for ``step``: ``constant``, or ``cosine`` from ``base`` to 0 over the run (decay matters
+    most early, when weights grow fastest, and least at the end, where it would pull against the fit)."""
+    if schedule == "constant":
+        return base
+    if schedule == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+    raise ValueError(f"unknown weight decay schedule {schedule!r} (constant, cosine)")
 
 
 class Optimizers:
     """Several torch optimizers driven as one (step, zero_grad, set lr, state_dict)."""
 
-    def __init__(self, opts: list[torch.optim.Optimizer]):
+    def __init__(self, opts: list[torch.optim.Optimizer],
+                 per_step: Callable[[int, int], dict[str, float]] | None = None):
         self.opts = opts
+        # Muon's per-step hyper-parameters (momentum, weight decay) as a function of (step, total steps).
+        self.per_step = per_step
         for opt in opts:
             for g in opt.param_groups:
                 g.setdefault("base_lr", g["lr"])
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Apply the per-step schedules (Muon momentum / weight decay) for optimizer step ``step``."""
+        if self.per_step is None:
+            return
+        values = self.per_step(step, total_steps)
+        for opt in self.opts:
+            if isinstance(opt, Muon):
+                for g in opt.param_groups:
+                    g.update(values)
 
     def set_lr_multiplier(self, mult: float) -> None:
         for opt in self.opts:
@@ -149,6 +277,31 @@ class Optimizers:
         return {g.get("name", f"g{i}"): g["lr"] for opt in self.opts for i, g in enumerate(opt.param_groups)}
 
 
+def _adam_groups(groups: dict[str, list], emb_lr: float, unemb_lr: float, train_cfg: Any) -> list[dict[str, Any]]:
+    """The AdamW groups for the non-matrix roles; roles the model does not have (empty) are left out so
+    an optimizer state saved before a role existed still lines up group for group."""
+    specs = [("embedding", emb_lr), ("lm_head", unemb_lr),
+             # value embeddings are embeddings read once per layer: half the embedding LR (nanochat's choice)
+             ("value_embeds", emb_lr * 0.5), ("scalars", train_cfg.scalar_lr)]
+    return [{"params": groups[name], "lr": lr, "weight_decay": 0.0, "name": name}
+            for name, lr in specs if groups.get(name)]
+
+
+def _muon_per_step(train_cfg: Any) -> Callable[[int, int], dict[str, float]] | None:
+    tc = train_cfg
+    if not tc.muon_momentum_schedule and tc.wd_schedule == "constant":
+        return None
+
+    def per_step(step: int, total: int) -> dict[str, float]:
+        out = {"weight_decay": weight_decay_at(step, total, base=tc.weight_decay, schedule=tc.wd_schedule)}
+        if tc.muon_momentum_schedule:
+            out["momentum"] = muon_momentum_at(step, total, peak=tc.muon_momentum, warmup_steps=tc.muon_momentum_warmup,
+                                               warmdown_frac=tc.warmdown_frac)
+        return out
+
+    return per_step
+
+
 def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False, compile: bool = False) -> Optimizers:
     """AdamW (or Muon + AdamW) over the model's parameter roles (``GPT.param_groups()``).
 
@@ -156,24 +309,24 @@ def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False, compile
     on any device, and Muon's orthogonalisation compiled — the optimizer-side half of compiling the step.
     """
     groups = model.param_groups()
-    emb_lr = train_cfg.embedding_lr if train_cfg.embedding_lr is not None else train_cfg.lr
+    default_emb_lr = 0.2 if train_cfg.optimizer == "muon" else train_cfg.lr  # Muon's lr is the matrix LR
+    emb_lr = train_cfg.embedding_lr if train_cfg.embedding_lr is not None else default_emb_lr
     betas = (train_cfg.beta1, train_cfg.beta2)
     kw: dict[str, Any] = {"fused": True} if (fused or compile) else {}
     if train_cfg.optimizer == "adamw":
         unemb_lr = train_cfg.unembedding_lr if train_cfg.unembedding_lr is not None else train_cfg.lr
         adam = torch.optim.AdamW([
             {"params": groups["matrices"], "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "name": "matrices"},
-            {"params": groups["embedding"], "lr": emb_lr, "weight_decay": 0.0, "name": "embedding"},
-            {"params": groups["lm_head"], "lr": unemb_lr, "weight_decay": 0.0, "name": "lm_head"},
+            *_adam_groups(groups, emb_lr, unemb_lr, train_cfg),
         ], lr=train_cfg.lr, betas=betas, eps=1e-8, **kw)
         return Optimizers([adam])
     if train_cfg.optimizer == "muon":
         unemb_lr = train_cfg.unembedding_lr if train_cfg.unembedding_lr is not None else 0.004
-        adam = torch.optim.AdamW([
-            {"params": groups["embedding"], "lr": emb_lr, "weight_decay": 0.0, "name": "embedding"},
-            {"params": groups["lm_head"], "lr": unemb_lr, "weight_decay": 0.0, "name": "lm_head"},
-        ], lr=unemb_lr, betas=betas, eps=1e-10, **kw)
+        adam = torch.optim.AdamW(_adam_groups(groups, emb_lr, unemb_lr, train_cfg),
+                                 lr=unemb_lr, betas=betas, eps=1e-10, **kw)
         muon = Muon([{"params": groups["matrices"], "name": "matrices"}], lr=train_cfg.lr,
-                    weight_decay=train_cfg.weight_decay, compile=compile)
-        return Optimizers([adam, muon])
+                    momentum=train_cfg.muon_momentum, weight_decay=train_cfg.weight_decay,
+                    orthogonalizer=train_cfg.muon_orthogonalizer, normuon=train_cfg.muon_normuon,
+                    beta2=train_cfg.muon_beta2, cautious_wd=train_cfg.cautious_wd, compile=compile)
+        return Optimizers([adam, muon], per_step=_muon_per_step(train_cfg))
     raise ValueError(f"unknown optimizer {train_cfg.optimizer!r} (adamw, muon)")

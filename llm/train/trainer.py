@@ -229,6 +229,7 @@ class Trainer:
         tr, d = self.train, self.d
         mult = _lr_mult(tr, self.step, steps)
         self.opt.set_lr_multiplier(mult)
+        self.opt.set_step(self.step, steps)  # per-step Muon momentum / weight decay schedules (llm.train.optim)
         for micro in range(self.grad_accum):
             x, y = self.loader.next_batch()
             self.supervised_local += int((y != -1).sum())
