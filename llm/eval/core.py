@@ -56,17 +56,50 @@ class TokenizerLike(Protocol):
 # --------------------------------------------------------------------------- scorers
 
 
-def model_scorer(model: torch.nn.Module, device: str | torch.device = "cpu") -> Scorer:
-    """Score with a GPT whose ``forward(idx)`` returns logits; bf16 autocast on CUDA, fp32 loss."""
-    device = torch.device(device)
+@contextlib.contextmanager
+def _lm_head_at(model: torch.nn.Module, index: tuple[torch.Tensor, torch.Tensor] | None):
+    """Run ``model.lm_head`` only on the final hidden states at ``index`` = (rows, cols); none when None.
 
-    @torch.no_grad()
-    def score(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = ids.to(device, non_blocking=True)
-        ctx = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
-               else contextlib.nullcontext())
-        with ctx:
-            logits = model(ids)
+    Why: CORE reads the logits of a few continuation tokens per sequence, while the vocabulary
+    projection (and the fp32 logits behind it) costs about as much as the whole d4 block stack
+    per token. Selecting the hidden states before the projection keeps the model's own forward
+    (every block, the final norm, the soft-cap) and drops the unread rows; the tests compare the
+    result with full-sequence scoring.
+    """
+
+    def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (x[:, :0] if index is None else x[index],) + tuple(args[1:])
+
+    handle = model.lm_head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class ModelScorer:
+    """A GPT (``forward(idx, kv_cache=...)`` returning logits) as a scorer; bf16 autocast on CUDA, fp32 loss.
+
+    Called on ``ids`` it is the plain full-sequence scorer (every position's loss and argmax).
+    :meth:`score_shared` is the fast path :func:`score_requests` takes: an example's shared prompt
+    runs once through the model into a KV cache, then all its continuations run together on top of
+    it, with logits only where tokens are scored.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.model, self.device = model, torch.device(device)
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.model(ids)
         logits = logits.float()
         b, t, v = logits.shape
         targets = torch.roll(ids, shifts=-1, dims=1)
@@ -74,7 +107,43 @@ def model_scorer(model: torch.nn.Module, device: str | torch.device = "cpu") -> 
         losses[:, -1] = float("nan")  # no next token to predict at the last position
         return losses, logits.argmax(dim=-1)
 
-    return score
+    @torch.inference_mode()
+    def score_shared(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], pad_id: int,
+                     spans: Sequence[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(losses, argmax, targets) at suffix positions [lo, hi) of each ``prefix + suffix``.
+
+        Position t predicts suffix token t + 1, so every span must end before its suffix does.
+        """
+        from llm.model import KVCache
+
+        model, cfg = self.model, self.model.config
+        width = max(len(x) for x in suffixes)
+        ids = np.full((len(suffixes), width), pad_id, dtype=np.int64)
+        for row, x in enumerate(suffixes):
+            ids[row, : len(x)] = x
+        rows = np.concatenate([np.full(hi - lo, r) for r, (lo, hi) in enumerate(spans)]).astype(np.int64)
+        cols = np.concatenate([np.arange(lo, hi) for lo, hi in spans]).astype(np.int64)
+        targets = ids[rows, cols + 1]
+        with self._autocast():
+            cache = None
+            if prefix:
+                dtype = torch.get_autocast_dtype("cuda") if self.device.type == "cuda" else model.lm_head.weight.dtype
+                cache = KVCache(cfg.depth, 1, cfg.kv_heads, len(prefix), cfg.head_dim, self.device, dtype)
+                with _lm_head_at(model, None):
+                    model(torch.tensor([list(prefix)], device=self.device), kv_cache=cache)
+                cache = cache.repeat(len(suffixes), width)
+            index = (torch.from_numpy(rows).to(self.device), torch.from_numpy(cols).to(self.device))
+            with _lm_head_at(model, index):
+                logits = model(torch.from_numpy(ids).to(self.device), kv_cache=cache).float()
+        losses = F.cross_entropy(logits, torch.from_numpy(targets).to(self.device), reduction="none")
+        losses, preds = losses.cpu().numpy(), logits.argmax(dim=-1).cpu().numpy()
+        bounds = np.cumsum([0] + [hi - lo for lo, hi in spans])
+        return [(losses[a:b], preds[a:b], targets[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def model_scorer(model: torch.nn.Module, device: str | torch.device = "cpu") -> ModelScorer:
+    """The scorer CORE uses for a GPT (see :class:`ModelScorer`)."""
+    return ModelScorer(model, device)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -195,11 +264,13 @@ def _pack(requests: list[Request], batch_tokens: int, per_example: bool) -> list
     return batches
 
 
-def score_requests(scorer: Scorer, requests: list[Request], task_type: str, pad_id: int, *,
-                   batch_tokens: int = 16384, per_example: bool = False) -> list[bool]:
-    """Whether each request's prediction is correct."""
-    mean_loss = [[math.nan] * len(r.seqs) for r in requests]
-    lm_ok = [True] * len(requests)
+Scored = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per sequence: (losses, argmax, targets)
+
+
+def _score_packed(scorer: Scorer, requests: list[Request], pad_id: int, batch_tokens: int,
+                  per_example: bool) -> list[Scored]:
+    """Full-sequence scoring of every sequence, in packed (or per-example) right-padded batches."""
+    out: list[Scored] = [[None] * len(r.seqs) for r in requests]  # type: ignore[list-item]
     for batch in _pack(requests, batch_tokens, per_example):
         width = max(len(requests[r].seqs[j]) for r, j in batch)
         ids = np.full((len(batch), width), pad_id, dtype=np.int64)
@@ -211,17 +282,49 @@ def score_requests(scorer: Scorer, requests: list[Request], task_type: str, pad_
         for row, (r, j) in enumerate(batch):
             s, e = requests[r].starts[j], requests[r].ends[j]
             # position t predicts token t + 1, so tokens [s, e) are scored at positions [s - 1, e - 1)
-            if task_type == "language_modeling":
-                lm_ok[r] = bool(np.array_equal(preds[row, s - 1 : e - 1], ids[row, s:e]))
-            else:
-                mean_loss[r][j] = float(losses[row, s - 1 : e - 1].mean())
-    if task_type == "language_modeling":
-        return lm_ok
-    out = []
-    for req, ml in zip(requests, mean_loss):
-        pred = min(range(len(ml)), key=lambda i: (math.isnan(ml[i]), ml[i]))  # first lowest, like list.index(min)
-        out.append(pred == req.gold)
+            out[r][j] = (losses[row, s - 1 : e - 1], preds[row, s - 1 : e - 1], ids[row, s:e])
     return out
+
+
+def shared_prefix_length(req: Request) -> int:
+    """Tokens every sequence of ``req`` starts with that no scored position needs logits for.
+
+    Capped one short of the earliest scored token, since the position before a token predicts it.
+    """
+    return max(0, min(common_length(req.seqs), min(req.starts) - 1))
+
+
+def _score_shared(scorer: ModelScorer, req: Request, pad_id: int) -> Scored:
+    """One example: its shared prompt once into the KV cache, then its continuations together."""
+    p = shared_prefix_length(req)
+    suffixes = [s[p:] for s in req.seqs]
+    spans = [(st - 1 - p, max(st, e) - 1 - p) for st, e in zip(req.starts, req.ends)]
+    return scorer.score_shared(req.seqs[0][:p], suffixes, pad_id, spans)
+
+
+def _judge(task_type: str, req: Request, scored: Scored) -> bool:
+    """Correctness from the scored tokens: greedy match (LM) or lowest mean loss (MC, schema)."""
+    if task_type == "language_modeling":
+        _, preds, targets = scored[0]
+        return bool(np.array_equal(preds, targets))
+    mean_loss = [float(losses.mean()) if len(losses) else math.nan for losses, _, _ in scored]
+    pred = min(range(len(mean_loss)), key=lambda i: (math.isnan(mean_loss[i]), mean_loss[i]))  # first lowest
+    return pred == req.gold
+
+
+def score_requests(scorer: Scorer, requests: list[Request], task_type: str, pad_id: int, *,
+                   batch_tokens: int = 16384, per_example: bool = False) -> list[bool]:
+    """Whether each request's prediction is correct.
+
+    A :class:`ModelScorer` takes the shared-prompt path (one KV-cached prompt per example, logits
+    only at scored tokens); any other scorer, or ``per_example``, scores full sequences.
+    """
+    fast = isinstance(scorer, ModelScorer) and not per_example
+    if fast and all(min(r.starts) >= 1 for r in requests):
+        scored = [_score_shared(scorer, r, pad_id) for r in requests]
+    else:
+        scored = _score_packed(scorer, requests, pad_id, batch_tokens, per_example)
+    return [_judge(task_type, r, sc) for r, sc in zip(requests, scored)]
 
 
 # --------------------------------------------------------------------------- tasks and CORE
