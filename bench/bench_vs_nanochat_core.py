@@ -180,6 +180,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch-tokens", type=int, default=16384)
     p.add_argument("--tasks", default="", help="comma-separated task labels (default: all with data)")
     p.add_argument("--nproc", type=int, default=1, help=">1: also time Kiln on 1 vs N gloo ranks (1 thread each)")
+    p.add_argument("--ranks-only", action="store_true", help="with --nproc: only the 1 vs N ranks timing")
     p.add_argument("--_rank-child", default="", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -191,6 +192,8 @@ def main() -> int:
 
         mp.spawn(_rank_main, args=(args, args.nproc), nprocs=args.nproc, join=True)
         return 0
+    if args.ranks_only:
+        return ranks_report(args)
     root = find_nanochat(args.nanochat)
     if root is None:
         print(f"nanochat checkout not found (--nanochat DIR, $NANOCHAT_DIR or ../nanochat). Get it with:\n  {GET_NANOCHAT}")
@@ -224,11 +227,25 @@ def report(nano: dict, kiln: dict, args: argparse.Namespace) -> int:
     print(f"ratio kiln/nanochat              : {tn / tk:.2f}x")
     print(f"identical per-task accuracies    : {same}")
     if args.nproc > 1:
-        one, many = kiln_ranks(args, 1), kiln_ranks(args, args.nproc)
-        print(f"kiln evaluate_core, 1 rank x 1 thread  : {n_ex / one:8.2f} ex/s ({one:.2f}s)")
-        print(f"kiln evaluate_core, {args.nproc} ranks x 1 thread : {n_ex / many:8.2f} ex/s ({many:.2f}s), "
-              f"{one / many:.2f}x")
+        ranks_report(args, n_ex)
     return 0 if same else 1
+
+
+def ranks_report(args: argparse.Namespace, n_ex: int | None = None) -> int:
+    """Kiln's evaluate_core on 1 rank, then on --nproc gloo ranks, then 1 again (A B A), 1 thread each."""
+    from llm.eval.bundle import load_bundle
+
+    if n_ex is None:
+        bundle = load_bundle(str(Path(args.mirror) / "core_eval"))
+        n_ex = args.max_per_task * len([t for t in bundle.tasks if not args.tasks or t.label in args.tasks.split(",")])
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    one_a, many, one_b = kiln_ranks(args, 1), kiln_ranks(args, args.nproc), kiln_ranks(args, 1)
+    one = (one_a + one_b) / 2
+    print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
+    print(f"kiln evaluate_core, 1 rank x 1 thread  : {n_ex / one:8.2f} ex/s ({one_a:.2f}s, {one_b:.2f}s)")
+    print(f"kiln evaluate_core, {args.nproc} ranks x 1 thread : {n_ex / many:8.2f} ex/s ({many:.2f}s), "
+          f"{one / many:.2f}x")
+    return 0
 
 
 if __name__ == "__main__":

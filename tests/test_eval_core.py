@@ -267,15 +267,18 @@ def test_shared_prompt_path_scores_like_full_sequences(shared_data, label, max_l
     requests = [build_request(task, data, i, TOK, max_seq_len=max_len) for i in range(6)]
     scorer = model_scorer(_tiny_gpt(seq_len=1024))
     full = _score_packed(scorer, requests, TOK.bos_id, 1 << 30, per_example=True)
+    # the two fast paths: one cached prompt per example, and packed batches with logits only where read
+    packed = _score_packed(scorer, requests, TOK.bos_id, 3000, per_example=False)
     shared = 0
-    for req, ref in zip(requests, full):
+    for req, ref, pk in zip(requests, full, packed):
         fast = _score_shared(scorer, req, TOK.bos_id)
         shared += shared_prefix_length(req)
-        for (fl, fp, ft), (rl, rp, rt) in zip(fast, ref):
-            assert ft.tolist() == rt.tolist() and len(ft) > 0
-            assert fl == pytest.approx(rl, rel=1e-4, abs=1e-4)
-            assert fp.tolist() == rp.tolist()
-        assert _judge(task.task_type, req, fast) == _judge(task.task_type, req, ref)
+        for got in (fast, pk):
+            for (fl, fp, ft), (rl, rp, rt) in zip(got, ref, strict=True):
+                assert ft.tolist() == rt.tolist() and len(ft) > 0
+                assert fl == pytest.approx(rl, rel=1e-4, abs=1e-4)
+                assert fp.tolist() == rp.tolist()
+            assert _judge(task.task_type, req, got) == _judge(task.task_type, req, ref)
     if max_len == 4096:
         assert shared > len(requests)  # the prompts really are shared beyond BOS
 
