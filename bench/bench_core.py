@@ -1,11 +1,15 @@
-"""CORE eval throughput: packed batches vs the plain one-example-at-a-time loop.
+"""CORE eval throughput: Kiln's default path vs the plain one-example-at-a-time loop.
 
-Both runs score the same (randomly initialised) GPT on the same tasks and examples with the
-same code path; the only difference is how sequences are grouped into forward passes:
+Both runs score the same (randomly initialised) GPT on the same tasks and examples with Kiln's
+evaluator; the only difference is how the sequences reach the model:
 
-- reference: one forward per example (its 2–4 choice sequences), as nanochat's loop does;
-- kiln: sequences of many examples sorted by length and packed into right-padded batches of at
-  most ``--batch-tokens`` tokens.
+- reference (``per_example=True``): one full-sequence forward per example (its 2–4 choice
+  sequences), as nanochat's loop does;
+- kiln (default): each example's shared prompt once into a KV cache, its continuations together
+  on top, logits only at scored tokens (see llm/eval/core.py). ``--batch-tokens`` applies only
+  to the packed full-sequence path of non-model scorers.
+
+For the comparison against nanochat's own evaluator see bench_vs_nanochat_core.py.
 
 Prints examples/s for both, the speed-up, and checks the per-task accuracies are identical.
 
@@ -86,7 +90,7 @@ def main() -> int:
     same = {k: t.accuracy for k, t in ref.tasks.items()} == {k: t.accuracy for k, t in new.tasks.items()}
     print(f"tasks: {ref.n_tasks} ({ref.label}), examples: {ref.examples}")
     print(f"one example at a time : {ref.examples / ref.seconds:8.1f} examples/s  ({ref.seconds:.2f}s)")
-    print(f"packed batches        : {new.examples / new.seconds:8.1f} examples/s  ({new.seconds:.2f}s, "
+    print(f"shared-prompt path    : {new.examples / new.seconds:8.1f} examples/s  ({new.seconds:.2f}s, "
           f"batch_tokens={args.batch_tokens})")
     print(f"speed-up              : {ref.seconds / new.seconds:.2f}x")
     print(f"identical accuracies  : {same}  (CORE {ref.core:.4f} vs {new.core:.4f})")

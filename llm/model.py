@@ -217,6 +217,21 @@ class KVCache:
         self.v[layer][:, :, self.pos:self.pos + t] = v
         return self.k[layer][:, :, : self.pos + t], self.v[layer][:, :, : self.pos + t]
 
+    def repeat(self, batch: int, extra: int) -> "KVCache":
+        """A ``batch``-row cache whose every row starts with this one-row cache's tokens, room for ``extra`` more.
+
+        Why: scoring several continuations of one shared prompt (CORE's choices) runs the prompt once
+        at batch 1 and then all continuations at once on top of copies of its keys/values.
+        """
+        k0 = self.k[0]
+        if k0.shape[0] != 1:
+            raise ValueError(f"KVCache.repeat: expects a one-row cache, this one has {k0.shape[0]} rows")
+        out = KVCache(len(self.k), batch, k0.shape[1], self.pos + extra, k0.shape[3], k0.device, k0.dtype)
+        for src, dst in zip(self.k + self.v, out.k + out.v):
+            dst[:, :, : self.pos] = src[:, :, : self.pos]
+        out.pos = self.pos
+        return out
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int):

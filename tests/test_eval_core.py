@@ -171,11 +171,18 @@ def test_core_csv_lists_every_task_and_the_core_row(hand_bundle):
 # --------------------------------------------------------------------------- a real (tiny, random) GPT
 
 
-def _tiny_gpt(seed: int = 0):
+def _tiny_gpt(seed: int = 0, seq_len: int = 256):
+    """A random GPT whose every weight is non-zero (the training init zeroes the residual projections,
+    which would make attention, and so the prompt cache, irrelevant to the scores)."""
     from llm.model import GPT, GPTConfig
 
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=TOK.vocab_size, depth=2, aspect_ratio=32, head_dim=16, seq_len=256)).eval()
+    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, depth=2, aspect_ratio=32, head_dim=16, seq_len=seq_len)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2 and p is not model.wte.weight:
+                p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+    return model
 
 
 REAL_TASKS = ["copa", "winograd", "lambada_openai", "arc_easy"]
@@ -238,3 +245,56 @@ def test_identical_across_runs_batching_and_one_vs_two_ranks(shared_data, tmp_pa
     mp.spawn(_rank_worker, args=(2, str(tmp_path / "rendezvous"), str(shared_data), str(state_path), str(out_path)),
              nprocs=2, join=True)
     assert torch.load(out_path) == summary(a)
+
+
+# --------------------------------------------------------------------------- the shared-prompt fast path
+
+
+# One task of each type and shot count; at 384 tokens the 10-shot byte-level prompts are cropped, each
+# choice by a different amount, so those share nothing (and must still score right). 4096 crops none.
+FAST_TASKS = ["arc_easy", "copa", "hellaswag_zeroshot", "winograd", "winogrande", "lambada_openai", "jeopardy"]
+FAST_CASES = [(label, 4096) for label in FAST_TASKS] + [("arc_easy", 384), ("jeopardy", 384)]
+
+
+@pytest.mark.parametrize("label,max_len", FAST_CASES)
+def test_shared_prompt_path_scores_like_full_sequences(shared_data, label, max_len, one_thread):
+    """Per sequence: the same scored tokens, the same losses (fp tolerance) and argmax, the same verdicts."""
+    from llm.eval.core import _judge, _score_packed, _score_shared, model_scorer, shared_prefix_length
+
+    bundle = load_bundle(str(shared_data / "core_eval"))
+    task = bundle.task(label)
+    data = prepare_data(load_task_data(bundle, task), 12)
+    requests = [build_request(task, data, i, TOK, max_seq_len=max_len) for i in range(6)]
+    scorer = model_scorer(_tiny_gpt(seq_len=1024))
+    full = _score_packed(scorer, requests, TOK.bos_id, 1 << 30, per_example=True)
+    # the two fast paths: one cached prompt per example, and packed batches with logits only where read
+    packed = _score_packed(scorer, requests, TOK.bos_id, 3000, per_example=False)
+    shared = 0
+    for req, ref, pk in zip(requests, full, packed):
+        fast = _score_shared(scorer, req, TOK.bos_id)
+        shared += shared_prefix_length(req)
+        for got in (fast, pk):
+            for (fl, fp, ft), (rl, rp, rt) in zip(got, ref, strict=True):
+                assert ft.tolist() == rt.tolist() and len(ft) > 0
+                assert fl == pytest.approx(rl, rel=1e-4, abs=1e-4)
+                assert fp.tolist() == rp.tolist()
+            assert _judge(task.task_type, req, got) == _judge(task.task_type, req, ref)
+    if max_len == 4096:
+        assert shared > len(requests)  # the prompts really are shared beyond BOS
+
+
+def test_schema_options_of_different_lengths_share_only_the_common_prompt():
+    """Contexts of different lengths before a common continuation: suffixes are right-padded, prompt shared."""
+    from llm.eval.bundle import TaskSpec
+    from llm.eval.core import _score_packed, _score_shared, model_scorer
+
+    task = TaskSpec("s", "s.jsonl", "schema", 2, " ", 0.5)
+    data = [{"context_options": [f"Row {i} the cat", f"Row {i} a much longer dog story"], "continuation": "sat.",
+             "gold": i % 2} for i in range(5)]
+    req = build_request(task, data, 0, TOK)
+    assert req.starts[0] != req.starts[1] and req.ends[0] != req.ends[1]
+    scorer = model_scorer(_tiny_gpt(1))
+    fast, ref = _score_shared(scorer, req, TOK.bos_id), _score_packed(scorer, [req], TOK.bos_id, 1 << 30, True)[0]
+    for (fl, fp, ft), (rl, rp, rt) in zip(fast, ref):
+        assert ft.tolist() == rt.tolist() == TOK.encode(" sat.")
+        assert fl == pytest.approx(rl, rel=1e-4, abs=1e-4) and fp.tolist() == rp.tolist()

@@ -17,10 +17,21 @@ rows of the (shuffled, capped) task data, joined by a blank line, each as
 ``max_per_task`` cap. Accuracy is centered against the random baseline,
 ``(acc - b) / (1 - b)``, and CORE is the mean centered accuracy over the tasks evaluated.
 
-What differs from a one-example-at-a-time loop is only speed: the sequences of many
-examples are sorted by length and packed into right-padded batches of at most
-``batch_tokens`` tokens, and examples are strided across ranks and all-reduced. Right padding
-never changes the scores of a causal model at the positions that are read.
+What differs from nanochat's one-example-at-a-time loop is only speed, never which tokens are
+scored or how:
+
+- with a GPT (:class:`ModelScorer`), each example's *shared prompt* (the tokens all its sequences
+  start with, up to the first scored position: BOS, the few-shot examples and the query) runs
+  through the model once into a KV cache; all its continuations then run together on top of a
+  copy of that cache, and the vocabulary projection runs only where tokens are scored. An MC
+  example with four choices costs about one prompt instead of four, and no logits are
+  computed for the few-shot tokens, which nothing reads;
+- any other scorer (``ids -> (losses, argmax)``) gets full sequences, sorted by length and
+  packed into right-padded batches of at most ``batch_tokens`` tokens (``per_example`` gives
+  one batch per example, the plain baseline). Right padding never changes the scores of a
+  causal model at the positions that are read.
+
+Examples are strided across ranks and all-reduced.
 
 The model is reached through a *scorer*: ``ids (B, T) -> (losses (B, T), argmax (B, T))``
 with ``losses[:, t]`` the loss of predicting ``ids[:, t + 1]``. :func:`model_scorer` wraps a GPT;
@@ -56,17 +67,50 @@ class TokenizerLike(Protocol):
 # --------------------------------------------------------------------------- scorers
 
 
-def model_scorer(model: torch.nn.Module, device: str | torch.device = "cpu") -> Scorer:
-    """Score with a GPT whose ``forward(idx)`` returns logits; bf16 autocast on CUDA, fp32 loss."""
-    device = torch.device(device)
+@contextlib.contextmanager
+def _lm_head_at(model: torch.nn.Module, index: tuple[torch.Tensor, torch.Tensor] | None):
+    """Run ``model.lm_head`` only on the final hidden states at ``index`` = (rows, cols); none when None.
 
-    @torch.no_grad()
-    def score(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = ids.to(device, non_blocking=True)
-        ctx = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
-               else contextlib.nullcontext())
-        with ctx:
-            logits = model(ids)
+    Why: CORE reads the logits of a few continuation tokens per sequence, while the vocabulary
+    projection (and the fp32 logits behind it) costs about as much as the whole d4 block stack
+    per token. Selecting the hidden states before the projection keeps the model's own forward
+    (every block, the final norm, the soft-cap) and drops the unread rows; the tests compare the
+    result with full-sequence scoring.
+    """
+
+    def select(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        return (x[:, :0] if index is None else x[index],) + tuple(args[1:])
+
+    handle = model.lm_head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class ModelScorer:
+    """A GPT (``forward(idx, kv_cache=...)`` returning logits) as a scorer; bf16 autocast on CUDA, fp32 loss.
+
+    Called on ``ids`` it is the plain full-sequence scorer (every position's loss and argmax).
+    :meth:`score_shared` is the fast path :func:`score_requests` takes: an example's shared prompt
+    runs once through the model into a KV cache, then all its continuations run together on top of
+    it, with logits only where tokens are scored.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu"):
+        self.model, self.device = model, torch.device(device)
+
+    def _autocast(self) -> Any:
+        if self.device.type == "cuda":
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = ids.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.model(ids)
         logits = logits.float()
         b, t, v = logits.shape
         targets = torch.roll(ids, shifts=-1, dims=1)
@@ -74,7 +118,55 @@ def model_scorer(model: torch.nn.Module, device: str | torch.device = "cpu") -> 
         losses[:, -1] = float("nan")  # no next token to predict at the last position
         return losses, logits.argmax(dim=-1)
 
-    return score
+    @torch.inference_mode()
+    def score_rows(self, ids: np.ndarray, spans: Sequence[tuple[int, int, int]], cache: Any = None) -> "Scored":
+        """(losses, argmax, targets) at positions [lo, hi) of row ``row`` for each (row, lo, hi) of ``spans``.
+
+        Position t predicts ``ids[row, t + 1]``; the vocabulary projection runs at those positions only.
+        """
+        rows = np.concatenate([np.full(hi - lo, r) for r, lo, hi in spans]).astype(np.int64)
+        cols = np.concatenate([np.arange(lo, hi) for _, lo, hi in spans]).astype(np.int64)
+        targets = ids[rows, cols + 1]
+        index = (torch.from_numpy(rows).to(self.device), torch.from_numpy(cols).to(self.device))
+        with self._autocast(), _lm_head_at(self.model, index):
+            logits = self.model(torch.from_numpy(ids).to(self.device), kv_cache=cache).float()
+        losses = F.cross_entropy(logits, torch.from_numpy(targets).to(self.device), reduction="none")
+        losses, preds = losses.cpu().numpy(), logits.argmax(dim=-1).cpu().numpy()
+        bounds = np.cumsum([0] + [hi - lo for _, lo, hi in spans])
+        return [(losses[a:b], preds[a:b], targets[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @torch.inference_mode()
+    def score_shared(self, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], pad_id: int,
+                     spans: Sequence[tuple[int, int]]) -> "Scored":
+        """(losses, argmax, targets) at suffix positions [lo, hi) of each ``prefix + suffix``.
+
+        The prefix runs once at batch 1 (no logits) into a KV cache that every suffix row then
+        continues from. Position t predicts suffix token t + 1, so spans end before their suffix does.
+        """
+        from llm.model import KVCache
+
+        model, cfg = self.model, self.model.config
+        ids = _right_padded(suffixes, pad_id)
+        cache = None
+        if prefix:
+            dtype = torch.get_autocast_dtype("cuda") if self.device.type == "cuda" else model.lm_head.weight.dtype
+            cache = KVCache(cfg.depth, 1, cfg.kv_heads, len(prefix), cfg.head_dim, self.device, dtype)
+            with self._autocast(), _lm_head_at(model, None):
+                model(torch.tensor([list(prefix)], device=self.device), kv_cache=cache)
+            cache = cache.repeat(len(suffixes), ids.shape[1])
+        return self.score_rows(ids, [(r, lo, hi) for r, (lo, hi) in enumerate(spans)], cache)
+
+
+def _right_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> np.ndarray:
+    ids = np.full((len(seqs), max(len(x) for x in seqs)), pad_id, dtype=np.int64)
+    for row, x in enumerate(seqs):
+        ids[row, : len(x)] = x
+    return ids
+
+
+def model_scorer(model: torch.nn.Module, device: str | torch.device = "cpu") -> ModelScorer:
+    """The scorer CORE uses for a GPT (see :class:`ModelScorer`)."""
+    return ModelScorer(model, device)
 
 
 # --------------------------------------------------------------------------- prompts
@@ -195,33 +287,90 @@ def _pack(requests: list[Request], batch_tokens: int, per_example: bool) -> list
     return batches
 
 
+Scored = list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per sequence: (losses, argmax, targets)
+# Run an example's shared prompt once only when that saves this many tokens of recomputation: below
+# it, one more forward pass per example costs more than it saves, and the example is packed instead.
+MIN_SHARED_SAVING = 16
+
+
+def _read_full(scorer: Scorer, ids: np.ndarray, spans: list[tuple[int, int, int]]) -> Scored:
+    """Score whole rows with a plain scorer and cut out the (row, lo, hi) position spans."""
+    losses, preds = scorer(torch.from_numpy(ids))
+    losses, preds = losses.float().cpu().numpy(), preds.cpu().numpy()
+    return [(losses[r, lo:hi], preds[r, lo:hi], ids[r, lo + 1 : hi + 1]) for r, lo, hi in spans]
+
+
+def _score_packed(scorer: Scorer, requests: list[Request], pad_id: int, batch_tokens: int,
+                  per_example: bool) -> list[Scored]:
+    """Every sequence in packed (or per-example) right-padded batches.
+
+    ``per_example`` (or a plain scorer) scores full sequences; a :class:`ModelScorer` otherwise
+    computes logits only at the scored positions.
+    """
+    out: list[Scored] = [[None] * len(r.seqs) for r in requests]  # type: ignore[list-item]
+    selective = isinstance(scorer, ModelScorer) and not per_example
+    for batch in _pack(requests, batch_tokens, per_example):
+        ids = _right_padded([requests[r].seqs[j] for r, j in batch], pad_id)
+        # position t predicts token t + 1, so tokens [s, e) are scored at positions [s - 1, e - 1)
+        spans = [(row, requests[r].starts[j] - 1, max(requests[r].starts[j], requests[r].ends[j]) - 1)
+                 for row, (r, j) in enumerate(batch)]
+        scored = scorer.score_rows(ids, spans) if selective else _read_full(scorer, ids, spans)  # type: ignore[union-attr]
+        for (r, j), sc in zip(batch, scored):
+            out[r][j] = sc
+    return out
+
+
+def shared_prefix_length(req: Request) -> int:
+    """Tokens every sequence of ``req`` starts with that no scored position needs logits for.
+
+    Capped one short of the earliest scored token, since the position before a token predicts it.
+    """
+    return max(0, min(common_length(req.seqs), min(req.starts) - 1))
+
+
+def worth_sharing(req: Request) -> bool:
+    """Whether running the shared prompt once saves enough recomputation (see MIN_SHARED_SAVING)."""
+    return (len(req.seqs) - 1) * shared_prefix_length(req) >= MIN_SHARED_SAVING
+
+
+def _score_shared(scorer: ModelScorer, req: Request, pad_id: int) -> Scored:
+    """One example: its shared prompt once into the KV cache, then its continuations together."""
+    p = shared_prefix_length(req)
+    suffixes = [s[p:] for s in req.seqs]
+    spans = [(st - 1 - p, max(st, e) - 1 - p) for st, e in zip(req.starts, req.ends)]
+    return scorer.score_shared(req.seqs[0][:p], suffixes, pad_id, spans)
+
+
+def _judge(task_type: str, req: Request, scored: Scored) -> bool:
+    """Correctness from the scored tokens: greedy match (LM) or lowest mean loss (MC, schema)."""
+    if task_type == "language_modeling":
+        _, preds, targets = scored[0]
+        return bool(np.array_equal(preds, targets))
+    mean_loss = [float(losses.mean()) if len(losses) else math.nan for losses, _, _ in scored]
+    pred = min(range(len(mean_loss)), key=lambda i: (math.isnan(mean_loss[i]), mean_loss[i]))  # first lowest
+    return pred == req.gold
+
+
 def score_requests(scorer: Scorer, requests: list[Request], task_type: str, pad_id: int, *,
                    batch_tokens: int = 16384, per_example: bool = False) -> list[bool]:
-    """Whether each request's prediction is correct."""
-    mean_loss = [[math.nan] * len(r.seqs) for r in requests]
-    lm_ok = [True] * len(requests)
-    for batch in _pack(requests, batch_tokens, per_example):
-        width = max(len(requests[r].seqs[j]) for r, j in batch)
-        ids = np.full((len(batch), width), pad_id, dtype=np.int64)
-        for row, (r, j) in enumerate(batch):
-            s = requests[r].seqs[j]
-            ids[row, : len(s)] = s
-        losses, preds = scorer(torch.from_numpy(ids))
-        losses, preds = losses.float().cpu().numpy(), preds.cpu().numpy()
-        for row, (r, j) in enumerate(batch):
-            s, e = requests[r].starts[j], requests[r].ends[j]
-            # position t predicts token t + 1, so tokens [s, e) are scored at positions [s - 1, e - 1)
-            if task_type == "language_modeling":
-                lm_ok[r] = bool(np.array_equal(preds[row, s - 1 : e - 1], ids[row, s:e]))
-            else:
-                mean_loss[r][j] = float(losses[row, s - 1 : e - 1].mean())
-    if task_type == "language_modeling":
-        return lm_ok
-    out = []
-    for req, ml in zip(requests, mean_loss):
-        pred = min(range(len(ml)), key=lambda i: (math.isnan(ml[i]), ml[i]))  # first lowest, like list.index(min)
-        out.append(pred == req.gold)
-    return out
+    """Whether each request's prediction is correct.
+
+    With a :class:`ModelScorer`, examples whose choices share a long enough prompt take the
+    shared-prompt path (one KV-cached prompt per example); the rest are packed, logits only at
+    scored tokens. Any other scorer, or ``per_example``, scores full sequences.
+    """
+    if any(min(r.starts) < 1 for r in requests):  # a span reaching before BOS: keep the plain path's slicing
+        per_example = True
+    shared = [isinstance(scorer, ModelScorer) and not per_example and worth_sharing(r) for r in requests]
+    scored: list[Scored | None] = [None] * len(requests)
+    for i, req in enumerate(requests):
+        if shared[i]:
+            scored[i] = _score_shared(scorer, req, pad_id)  # type: ignore[arg-type]
+    rest = [i for i, s in enumerate(shared) if not s]
+    packed = _score_packed(scorer, [requests[i] for i in rest], pad_id, batch_tokens, per_example)
+    for i, sc in zip(rest, packed):
+        scored[i] = sc
+    return [_judge(task_type, r, sc) for r, sc in zip(requests, scored)]  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- tasks and CORE
