@@ -230,6 +230,8 @@ class KVCache:
         for src, dst in zip(self.k + self.v, out.k + out.v):
             dst[:, :, : self.pos] = src[:, :, : self.pos]
         out.pos = self.pos
+        if self.prev_embedding is not None:  # smear reads the last cached token's embedding
+            out.prev_embedding = self.prev_embedding.expand(batch, -1, -1).contiguous()
         return out
 
 

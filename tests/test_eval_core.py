@@ -171,17 +171,22 @@ def test_core_csv_lists_every_task_and_the_core_row(hand_bundle):
 # --------------------------------------------------------------------------- a real (tiny, random) GPT
 
 
-def _tiny_gpt(seed: int = 0, seq_len: int = 256):
+def _tiny_gpt(seed: int = 0, seq_len: int = 256, **options):
     """A random GPT whose every weight is non-zero (the training init zeroes the residual projections,
-    which would make attention, and so the prompt cache, irrelevant to the scores)."""
+    which would make attention, and so the prompt cache, irrelevant to the scores). ``options`` are
+    architecture options (value embeddings, smear, backout, sliding windows); their scalar gates are set
+    non-zero too, so each one carries signal through the cache."""
     from llm.model import GPT, GPTConfig
 
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, depth=2, aspect_ratio=32, head_dim=16, seq_len=seq_len)).eval()
+    model = GPT(GPTConfig(vocab_size=TOK.vocab_size, depth=2, aspect_ratio=32, head_dim=16, seq_len=seq_len,
+                          **options)).eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2 and p is not model.wte.weight:
                 p.normal_(0.0, 1.0 / p.shape[1] ** 0.5)
+            elif p.dim() < 2:
+                p.fill_(0.5)
     return model
 
 
@@ -256,8 +261,14 @@ FAST_TASKS = ["arc_easy", "copa", "hellaswag_zeroshot", "winograd", "winogrande"
 FAST_CASES = [(label, 4096) for label in FAST_TASKS] + [("arc_easy", 384), ("jeopardy", 384)]
 
 
-@pytest.mark.parametrize("label,max_len", FAST_CASES)
-def test_shared_prompt_path_scores_like_full_sequences(shared_data, label, max_len, one_thread):
+# Every architecture option on (window 128 at seq_len 512: the 10-shot prompts run past it).
+ALL_OPTIONS = dict(value_embeds=True, smear=True, backout=True, window_pattern="SL")
+FAST_CASES = [(label, max_len, {}) for label, max_len in FAST_CASES] + [
+    ("arc_easy", 4096, ALL_OPTIONS), ("hellaswag_zeroshot", 4096, ALL_OPTIONS), ("lambada_openai", 4096, ALL_OPTIONS)]
+
+
+@pytest.mark.parametrize("label,max_len,options", FAST_CASES)
+def test_shared_prompt_path_scores_like_full_sequences(shared_data, label, max_len, options, one_thread):
     """Per sequence: the same scored tokens, the same losses (fp tolerance) and argmax, the same verdicts."""
     from llm.eval.core import _judge, _score_packed, _score_shared, model_scorer, shared_prefix_length
 
@@ -265,7 +276,7 @@ def test_shared_prompt_path_scores_like_full_sequences(shared_data, label, max_l
     task = bundle.task(label)
     data = prepare_data(load_task_data(bundle, task), 12)
     requests = [build_request(task, data, i, TOK, max_seq_len=max_len) for i in range(6)]
-    scorer = model_scorer(_tiny_gpt(seq_len=1024))
+    scorer = model_scorer(_tiny_gpt(seq_len=512 if options else 1024, **options))
     full = _score_packed(scorer, requests, TOK.bos_id, 1 << 30, per_example=True)
     # the two fast paths: one cached prompt per example, and packed batches with logits only where read
     packed = _score_packed(scorer, requests, TOK.bos_id, 3000, per_example=False)
