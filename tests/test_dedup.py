@@ -346,3 +346,96 @@ def test_missing_data_files(tmp_path):
     uri = run_stage(Store(str(tmp_path)), "filter", {"t": 1}, {}, "test", body).uri
     with pytest.raises(StageError, match="no parquet files"):
         run_dedup(tmp_path, uri)
+
+
+# --------------------------------------------------------------------------- candidate verification
+
+
+def colliding_low_pair(texts: list[str], frac: float = 0.11) -> tuple[str, str, float]:
+    """A (source, copy) pair with true Jaccard 0.3-0.5 that still shares an LSH band (tiny preset's
+    14x8, seed 1): the chance collision that verification exists to reject. Found by a seeded
+    search (about 1% of such pairs collide), so the same pair every run."""
+    signer = Signer(112, seed=1)
+    for attempt in range(4000):
+        src = texts[attempt % len(texts)]
+        copy = perturb(src, frac, random.Random(attempt))
+        j = jaccard(sh(src), sh(copy))
+        if not 0.3 <= j <= 0.5:
+            continue
+        keys = band_keys(signer.sign([sh(src), sh(copy)]), 14, 8)
+        if (keys[0] == keys[1]).any():
+            return src, copy, j
+    raise AssertionError("no colliding low-Jaccard pair in 4000 seeded tries")
+
+
+@pytest.fixture(scope="module")
+def verify_corpus(tmp_path_factory, shared_data):
+    """Real docs + one J~0.4 pair that collides in a band + 20 planted pairs with J >= 0.9."""
+    base = real_table(shared_data, 2, 0, 200)
+    texts = base.column("text").to_pylist()
+    long = [t for t in texts if len(t.split()) >= 300]
+    low_src, low_copy, low_j = colliding_low_pair(long[:30])
+    rng = random.Random(5)
+    rows = [{"text": t, "id": "low-src" if t == low_src else f"doc-{i}"} for i, t in enumerate(texts)]
+    high = []
+    for k, t in enumerate(long[30:50]):
+        copy = perturb(t, rng.uniform(0.002, 0.008), rng)
+        high.append(jaccard(sh(t), sh(copy)))
+        rows.append({"text": copy, "id": f"high-{k}"})
+    rows.append({"text": low_copy, "id": "low-copy"})
+    root = tmp_path_factory.mktemp("verify")
+    uri = publish_docs(root, [pa.Table.from_pylist(rows)])
+    return {"root": root, "uri": uri, "low_j": low_j, "high_j": high}
+
+
+def test_verification_rejects_a_colliding_low_jaccard_pair(verify_corpus):
+    """The J~0.4 pair shares a band: plain LSH removes its copy, verification keeps both."""
+    v = verify_corpus
+    assert 0.3 <= v["low_j"] <= 0.5 and min(v["high_j"]) >= 0.9
+    on = run_dedup(v["root"], v["uri"])
+    kept_on = set(read_output(on.uri).column("id").to_pylist())
+    assert {"low-src", "low-copy"} <= kept_on
+    assert not any(f"high-{k}" in kept_on for k in range(20))  # J >= 0.9: all removed
+    off = run_dedup(v["root"], v["uri"], "dedup.verify=false")
+    kept_off = set(read_output(off.uri).column("id").to_pylist())
+    assert "low-copy" not in kept_off and "low-src" in kept_off
+    assert not any(f"high-{k}" in kept_off for k in range(20))
+
+
+def test_manifest_counts_candidate_pairs_and_rejections(verify_corpus):
+    v = verify_corpus
+    on = run_dedup(v["root"], v["uri"]).manifest
+    off = run_dedup(v["root"], v["uri"], "dedup.verify=false").manifest
+    c_on, c_off = on["counts"], off["counts"]
+    # the same candidates are seen (verification adds neighbour pairs only in buckets of 3+)
+    assert c_on["candidate_pairs"] >= c_off["candidate_pairs"] >= 21
+    assert c_on["candidate_pairs_rejected"] >= 1 and c_off["candidate_pairs_rejected"] == 0
+    assert c_off["near_dups"] - c_on["near_dups"] >= 1
+    assert c_on["band_collisions"] == c_off["band_collisions"]
+    assert on["dedup"]["verification"]["on"] and on["dedup"]["verification"]["threshold"] == 0.8
+    assert not off["dedup"]["verification"]["on"]
+
+
+def test_verification_is_part_of_the_key(verify_corpus):
+    """Turning verification off, or moving its threshold, is a different output (recomputed)."""
+    v = verify_corpus
+    on = run_dedup(v["root"], v["uri"])
+    off = run_dedup(v["root"], v["uri"], "dedup.verify=false")
+    strict = run_dedup(v["root"], v["uri"], "dedup.threshold=0.99")
+    keys = {on.manifest["key"], off.manifest["key"], strict.manifest["key"]}
+    assert len(keys) == 3 and len({on.uri, off.uri, strict.uri}) == 3
+    # a stricter threshold rejects more of the same candidates, computed, not read from the cache
+    assert strict.manifest["counts"]["candidate_pairs_rejected"] > on.manifest["counts"]["candidate_pairs_rejected"]
+    assert run_dedup(v["root"], v["uri"]).manifest["key"] == on.manifest["key"]
+
+
+def test_verification_pairs_neighbours_in_a_bucket():
+    """A chance member that is the bucket's smallest id must not keep the true pair apart."""
+    from llm.data.dedup import _same_key_pairs
+
+    keys = np.array([7, 7, 7, 9, 9], dtype=np.uint64)
+    ids = np.array([1, 2, 3, 4, 5], dtype=np.uint64)
+    a, b, n = _same_key_pairs(keys, ids)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(1, 2), (1, 3), (4, 5)] and n == 3
+    a, b, n = _same_key_pairs(keys, ids, chain=True)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(1, 2), (1, 3), (2, 3), (4, 5)] and n == 3

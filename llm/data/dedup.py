@@ -16,10 +16,14 @@ The work is shaped to scale out, in four phases:
    are exact duplicates. They are left out of the near-dup step (their signatures are
    identical to their keeper's, so this changes no cluster, only the work and the counts).
 3. **Clusters**: one band (and one bucket-hash partition of it) at a time, read the bucket
-   table of every shard, sort by bucket, and union every document in a bucket with the
-   bucket's smallest id. This is the only global step: it holds one (band, partition) table,
-   ``16 bytes x docs / band_partitions``, and a union-find over the documents that are in
-   some candidate pair (all duplicates, not the corpus).
+   table of every shard, sort by bucket, and pair every document in a bucket with the
+   bucket's smallest id (and, when verifying, with its previous member). With
+   ``dedup.verify`` (the default) each distinct pair is then checked: it joins a cluster
+   (union-find) only when the fraction of equal MinHash values, an estimate of its shingle
+   Jaccard, reaches ``dedup.threshold``; one chance band collision no longer merges two
+   documents with Jaccard 0.4. This is the only global step: it holds one (band, partition)
+   table, ``16 bytes x docs / band_partitions``, the candidate pairs and their signatures,
+   and a union-find over the documents in some accepted pair (duplicates, not the corpus).
 4. **Filtering** (parallel, one task per shard): stream each shard by row group and drop the
    rows that are not their cluster's keeper.
 
@@ -176,10 +180,16 @@ def _read_columns(paths: Sequence[Path], columns: list[str]) -> dict[str, np.nda
     return out
 
 
-def _same_key_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For every group of equal keys: (group's smallest id, other member) pairs."""
+def _same_key_pairs(keys: np.ndarray, ids: np.ndarray, chain: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """For every group of equal keys: (group's smallest id, other member) pairs, and their count.
+
+    With ``chain``, the pairs also hold (previous member, member) in id order. Without
+    verification the star alone connects a group; with it, a chance member that fails against
+    the smallest id must not cut the others apart, so each is also compared with its neighbour
+    (at most two pairs per member, so a large bucket stays linear).
+    """
     if len(keys) < 2:
-        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+        return np.empty(0, np.uint64), np.empty(0, np.uint64), 0
     order = np.lexsort((ids, keys))
     k, d = keys[order], ids[order]
     same = np.empty(len(k), dtype=bool)
@@ -187,20 +197,26 @@ def _same_key_pairs(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.n
     same[1:] = k[1:] == k[:-1]
     starts = np.where(same, 0, np.arange(len(k)))
     first = np.maximum.accumulate(starts)  # index of each row's group start
-    return d[first[same]], d[same]
+    idx = np.flatnonzero(same)
+    if not chain:
+        return d[first[idx]], d[idx], len(idx)
+    prev = idx - 1
+    extra = first[idx] != prev  # the neighbour pair differs from the star pair
+    return (np.concatenate([d[first[idx]], d[prev[extra]]]), np.concatenate([d[idx], d[idx[extra]]]), len(idx))
 
 
 def exact_groups(sig_paths: Sequence[Path], uf: UnionFind) -> np.ndarray:
     """Union exact duplicates with their keeper; return the sorted ids of the removed ones."""
     cols = _read_columns(sig_paths, ["doc_id", "exact"])
-    keepers, dups = _same_key_pairs(cols["exact"], cols["doc_id"])
+    keepers, dups, _ = _same_key_pairs(cols["exact"], cols["doc_id"])
     for a, b in zip(keepers.tolist(), dups.tolist()):
         uf.union(a, b)
     return np.unique(dups)
 
 
-def band_pairs(band_dir: Path, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Candidate pairs of one (band, partition) table, leaving out the ids in sorted ``skip``."""
+def band_pairs(band_dir: Path, skip: np.ndarray, chain: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+    """Candidate pairs of one (band, partition) table, leaving out the ids in sorted ``skip``, and
+    the band's collisions (members that share a bucket with a smaller id)."""
     cols = _read_columns(sorted(band_dir.glob("*.parquet")), ["bucket", "doc_id"])
     buckets, ids = cols["bucket"], cols["doc_id"]
     if len(skip) and len(ids):
@@ -208,7 +224,55 @@ def band_pairs(band_dir: Path, skip: np.ndarray) -> tuple[np.ndarray, np.ndarray
         pos[pos == len(skip)] = 0
         keep = skip[pos] != ids
         buckets, ids = buckets[keep], ids[keep]
-    return _same_key_pairs(buckets, ids)
+    return _same_key_pairs(buckets, ids, chain)
+
+
+def unique_pairs(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (smaller id, larger id) pairs, sorted: a pair found in several bands is verified once."""
+    if not parts:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    a = np.concatenate([p[0] for p in parts]).astype(np.uint64)
+    b = np.concatenate([p[1] for p in parts]).astype(np.uint64)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    if not len(lo):
+        return lo, hi
+    order = np.lexsort((hi, lo))
+    lo, hi = lo[order], hi[order]
+    new = np.ones(len(lo), dtype=bool)
+    new[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return lo[new], hi[new]
+
+
+def candidate_signatures(sig_paths: Sequence[Path], wanted: np.ndarray) -> np.ndarray:
+    """(len(wanted), num_perm) signatures of the sorted ids ``wanted``, streamed one batch at a
+    time, so memory holds the candidates' signatures only, not the corpus's."""
+    out: np.ndarray | None = None
+    for path in sig_paths:
+        pf = pq.ParquetFile(path)
+        width = pf.schema_arrow.field("sig").type.list_size
+        if out is None:
+            out = np.zeros((len(wanted), width), dtype=np.uint32)
+        for batch in pf.iter_batches(batch_size=8192, columns=["doc_id", "sig"]):
+            ids = batch.column(0).to_numpy()
+            pos = np.searchsorted(wanted, ids)
+            pos[pos == len(wanted)] = 0
+            hit = wanted[pos] == ids if len(wanted) else np.zeros(len(ids), dtype=bool)
+            if hit.any():
+                sigs = batch.column(1).flatten().to_numpy().reshape(-1, width)
+                out[pos[hit]] = sigs[hit]
+    return out if out is not None else np.zeros((0, 0), dtype=np.uint32)
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray, sig_paths: Sequence[Path], chunk: int = 1 << 16) -> np.ndarray:
+    """Per pair, the fraction of equal MinHash values: an unbiased estimate of the shingle Jaccard
+    (binomial, std sqrt(J(1-J)/num_perm): 0.028 at J=0.9 with 112 permutations)."""
+    wanted = np.unique(np.concatenate([a, b]))
+    sigs = candidate_signatures(sig_paths, wanted)
+    pa_, pb_ = np.searchsorted(wanted, a), np.searchsorted(wanted, b)
+    out = np.empty(len(a), dtype=np.float64)
+    for s in range(0, len(a), chunk):  # bounded temporary: chunk x num_perm booleans
+        out[s:s + chunk] = (sigs[pa_[s:s + chunk]] == sigs[pb_[s:s + chunk]]).mean(axis=1)
+    return out
 
 
 # --------------------------------------------------------------------------- phase 4: filter
@@ -347,7 +411,7 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
 
     # 3. near duplicates: one (band, partition) bucket table at a time
     t = time.time()
-    collisions, peak_table_rows = _cluster_bands(d, scratch, exact_removed, uf, progress)
+    collisions, peak_table_rows, verified = _cluster_bands(d, scratch, sig_paths, exact_removed, uf, progress)
     clusters = uf.clusters()
     timings["clusters"] = time.time() - t
     exact_set = set(exact_removed.tolist())
@@ -388,6 +452,8 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
             "exact_groups": exact_group_count,
             "removal_rate": round((docs_in - docs_out) / docs_in, 6),
             "band_collisions": collisions,
+            "candidate_pairs": verified["pairs"],
+            "candidate_pairs_rejected": verified["rejected"],
             "shards_in": len(files),
             "shards_out": sum(1 for r in filtered if r["kept"]),
         },
@@ -397,22 +463,33 @@ def _run_phases(cfg: KilnConfig, out: StageOutput, files: list[tuple[str, Path]]
     }
 
 
-def _cluster_bands(d: Any, scratch: Path, exact_removed: np.ndarray, uf: UnionFind, progress: bool) -> tuple[int, int]:
-    """Union every candidate pair, one (band, partition) bucket table at a time, so memory holds one table.
+def _cluster_bands(d: Any, scratch: Path, sig_paths: Sequence[Path], exact_removed: np.ndarray, uf: UnionFind,
+                   progress: bool) -> tuple[int, int, dict[str, int]]:
+    """Collect the candidate pairs one (band, partition) bucket table at a time (memory holds one
+    table plus the pairs, which are duplicates, not the corpus), verify them, union the survivors.
 
-    Returns (band collisions, rows of the largest table)."""
+    Returns (band collisions, rows of the largest table, {"pairs", "rejected"})."""
     from tqdm import tqdm
 
     collisions = peak_table_rows = 0
+    parts: list[tuple[np.ndarray, np.ndarray]] = []
     band_dirs = [scratch / "bands" / f"band_{b:02d}" / f"part_{p:03d}"
                  for b in range(d.num_bands) for p in range(d.band_partitions)]
     for band_dir in tqdm(band_dirs, desc="dedup bands", unit="table", disable=not progress):
-        keepers, others = band_pairs(band_dir, exact_removed)
-        collisions += len(others)
-        for a, b in zip(keepers.tolist(), others.tolist()):
-            uf.union(a, b)
+        keepers, others, n = band_pairs(band_dir, exact_removed, chain=d.verify)
+        collisions += n
+        parts.append((keepers, others))
         peak_table_rows = max(peak_table_rows, sum(pq.ParquetFile(p).metadata.num_rows for p in band_dir.glob("*.parquet")))
-    return collisions, peak_table_rows
+    a, b = unique_pairs(parts)
+    del parts
+    stats = {"pairs": int(len(a)), "rejected": 0}
+    if d.verify and len(a):
+        ok = estimated_jaccard(a, b, sig_paths) >= d.threshold
+        stats["rejected"] = int(len(a) - ok.sum())
+        a, b = a[ok], b[ok]
+    for x, y in zip(a.tolist(), b.tolist()):
+        uf.union(x, y)
+    return collisions, peak_table_rows, stats
 
 
 def _removals(clusters: dict[int, list[int]], exact_set: set[int]) -> tuple[dict[int, list[int]], int]:
@@ -467,7 +544,21 @@ def _method(d: Any) -> dict[str, Any]:
             "p_candidate_at_jaccard": {str(j): round(collision_probability(j, d.num_bands, d.rows_per_band), 4)
                                        for j in (0.5, 0.7, 0.8, 0.85, 0.9)},
         },
+        "verification": _verification(d),
         "keep_rule": KEEP_RULE,
+    }
+
+
+def _verification(d: Any) -> dict[str, Any]:
+    """How candidate pairs were checked before they joined a cluster (stated, as the key hashes it)."""
+    if not d.verify:
+        return {"on": False, "rule": "every LSH candidate pair (shared band bucket) joins a cluster"}
+    return {
+        "on": True, "threshold": d.threshold,
+        "estimate": f"fraction of the {d.num_perm} MinHash values that are equal (signature-estimated Jaccard)",
+        "pairs": "each bucket member with the bucket's smallest id and with its previous member; each distinct pair once",
+        "rule": f"a candidate pair joins a cluster only when its estimate >= {d.threshold}",
+        "exact_shingle_jaccard": "not computed (the estimate is used for every pair)",
     }
 
 
