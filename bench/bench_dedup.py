@@ -31,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -65,7 +66,10 @@ def build_corpus(out_dir: Path, n_docs: int, near_frac: float, exact_frac: float
     base = pa.concat_tables([pq.read_table(data_dir / f"shard_{i:05d}.parquet", columns=["text", "id"]).slice(0, per)
                              for i in range(4)]).slice(0, n_docs)
     rows = base.to_pylist()
-    eligible = [i for i, r in enumerate(rows) if len(r["text"].split()) >= 100]
+    # A source must be unique in the kit (by normalised text): a few kit documents are exact copies of
+    # one another, and a dedup rightly removes those, which would read as a false removal of the pair.
+    seen = Counter(normalize(r["text"]) for r in rows)
+    eligible = [i for i, r in enumerate(rows) if len(r["text"].split()) >= 100 and seen[normalize(r["text"])] == 1]
     n_near, n_exact, n_low = int(n_docs * near_frac), int(n_docs * exact_frac), int(n_docs * low_frac)
     picks = rng.sample(eligible, min(len(eligible), n_near + n_exact + n_low))
     plants, copies = [], []
