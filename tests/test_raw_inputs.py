@@ -144,6 +144,20 @@ def test_file_without_text_column_is_named_before_any_work(raw: Path, capsys) ->
     assert not Path("art").exists()  # not even the tokenizer upstream ran
 
 
+def test_tokenize_needs_ids_and_says_so_naming_the_file(raw: Path) -> None:
+    """tokenizer and tokenize split documents by id hash: a raw file without ids is refused up front
+    (filter and dedup need only text)."""
+    t = pq.read_table(raw / NAMES[1], columns=["text"])
+    pq.write_table(t, raw / NAMES[1])
+    cfg = cfg_for("art")
+    for stage in ("tokenizer", "tokenize"):
+        inputs = {"docs": "raw"} | ({"tokenizer": "nope"} if stage == "tokenize" else {})
+        with pytest.raises(StageError, match=rf"raw/{NAMES[1]}: no 'id' column"):
+            execute(stage, cfg, inputs, progress=False)
+    assert not Path("art").exists()
+    assert stage_key("dedup", cfg, {"docs": "raw"})[0]  # dedup takes it
+
+
 def test_unfinished_stage_output_is_not_read_as_raw(raw: Path) -> None:
     # a stage output whose manifest lists a file that is not there (damaged, or a copy in progress)
     (raw / "manifest.json").write_text(json.dumps({"stage": "filter", "hash": "x", "files": {

@@ -13,7 +13,8 @@ with the one fetcher (llm/fetch.py: listing, verified and resumable transfers) i
 ``$KILN_CACHE/raw/fetched/<source hash>/``; the view links to those copies.
 
 Checked before any stage work, each a one-line :class:`StageError` naming the source or file: a
-folder/glob with no parquet files, a file that is not readable parquet, a file without ``text``.
+folder/glob with no parquet files, a file that is not readable parquet, a file without ``text`` (or
+without ``id``, for the stages that split documents by id).
 """
 
 from __future__ import annotations
@@ -90,9 +91,12 @@ def _link(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def raw_docs_input(uri: str, *, s3_endpoint: str = "") -> dict[str, Any] | None:
+def raw_docs_input(uri: str, *, s3_endpoint: str = "", columns: tuple[str, ...] = ("text",)) -> dict[str, Any] | None:
     """A stand-in manifest for raw parquet at ``uri`` (see the module docstring), or None when ``uri``
-    cannot be raw parquet (then the caller's "not a finished stage output" error stands)."""
+    cannot be raw parquet (then the caller's "not a finished stage output" error stands).
+
+    Every file must have ``columns`` (the reading stage's needs: ``text``; also ``id`` for the
+    tokenizer and tokenize, which split by id hash)."""
     if not is_raw_candidate(uri):
         return None
     if not (uri.startswith("hf://") or is_s3(uri)) and (local_path(uri) / MANIFEST).is_file():
@@ -101,7 +105,7 @@ def raw_docs_input(uri: str, *, s3_endpoint: str = "") -> dict[str, Any] | None:
     files = _listed(uri, s3_endpoint)
     local = _local_copies(uri, files, s3_endpoint)
     for rf, path in local:  # every file, before any stage work
-        open_checked(path, rf.uri, columns=("text",))
+        open_checked(path, rf.uri, columns=columns)
     entries = [{"name": rf.rel, "uri": _where(rf.uri), "size": path.stat().st_size, "sha256": _sha256(path)}
                for rf, path in local]
     fingerprint = hashlib.sha256(canonical_json(

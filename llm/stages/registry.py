@@ -71,6 +71,8 @@ class StageDef:
     description: str = ""
     # What `kiln <stage> --help` says it reads, where its input roles do not say it (none, or any).
     reads: str = ""
+    # The columns a raw parquet docs input (llm/data/raw.py) must have, checked before any work.
+    raw_columns: tuple[str, ...] = ("text",)
 
     def function(self) -> Callable[..., dict[str, Any]]:
         return _load(self.impl)
@@ -113,9 +115,11 @@ STAGES: dict[str, StageDef] = {
         # BPE training is deterministic: the run seed does not enter it.
         StageDef("tokenizer", "llm.data.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, produces="tokenizer", data=True,
                  key_extras="llm.data.tokenizer:key_extras", headline=("vocab_size", "chars_per_token"),
+                 raw_columns=("text", "id"),  # the held-out sample is chosen by id hash
                  description="train a byte-level BPE"),
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
                  produces="tokens", data=True, headline=("tokens", "docs"),
+                 raw_columns=("text", "id"),  # the train/val split is by id hash
                  description="encode documents into token shards"),
         # 2: loader epochs read every document once; supervised_tokens; budgets round up
         StageDef("pretrain", "llm.train.stages:run_pretrain", ("model", "pretrain"),
@@ -172,7 +176,8 @@ def _external_input(cfg: KilnConfig, name: str) -> ExternalInput | None:
     if "docs" in roles:
         from llm.data.raw import raw_docs_input
 
-        readers["docs"] = lambda uri: raw_docs_input(uri, s3_endpoint=cfg.run.s3_endpoint)
+        columns = STAGES[name].raw_columns
+        readers["docs"] = lambda uri: raw_docs_input(uri, s3_endpoint=cfg.run.s3_endpoint, columns=columns)
     if not readers:
         return None
     return lambda role, uri: readers[role](uri) if role in readers else None
