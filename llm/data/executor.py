@@ -113,6 +113,7 @@ class DaskExecutor:
         self.address = address
         self._cluster = None
         if address:
+            _dial(address, shown or address)  # refused at once, instead of retrying until the timeout
             try:
                 self.client = Client(address, timeout=CONNECT_TIMEOUT_S)
             except (OSError, TimeoutError) as e:
@@ -192,13 +193,17 @@ def probe(spec: str) -> None:
     """Fail now, in one line naming it, when ``spec`` is a scheduler address that accepts no connection:
     before any stage (or any upstream stage) does work that a run on it would then waste."""
     spec = check_spec(spec)
-    if spec in ("local", "dask"):
-        return
-    host, _, port = scheduler_address(spec).split("://", 1)[1].rpartition(":")
+    if spec not in ("local", "dask"):
+        _dial(scheduler_address(spec), spec)
+
+
+def _dial(address: str, shown: str) -> None:
+    """Open (and close) a TCP connection to the scheduler at ``address``, or a one-line error naming ``shown``."""
+    host, _, port = address.split("://", 1)[1].rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as e:
-        raise ExecutorError(f"dask scheduler {spec} is unreachable ({e.strerror or type(e).__name__})") from None
+        raise ExecutorError(f"dask scheduler {shown} is unreachable ({e.strerror or type(e).__name__})") from None
 
 
 def make_executor(spec: str, workers: int) -> Executor:
