@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "pretrain"
+DATA = Path(os.environ.get("KILN_DATA_MIRROR") or REPO.parent / "shared" / "data") / "pretrain"  # the offline kit
 
 
 def build(out: Path, n_docs: int, shards: int, seed: int = 0) -> None:

@@ -75,7 +75,7 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     for n in (1, 2):
         t0 = time.perf_counter()
         clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=None)
+                                   dashboard_address=":0")
         started[n] = round(time.perf_counter() - t0, 2)
     print(f"LocalCluster start-up: 1 worker {started[1]} s, 2 workers {started[2]} s", flush=True)
     execs = [("local", 1, "local"), ("local", 2, "local"), ("dask", 1, clusters[1].scheduler_address),

@@ -121,7 +121,7 @@ class DaskExecutor:
                                     f"{str(e).splitlines()[0] if str(e) else 'no answer'})") from None
         else:
             self._cluster = LocalCluster(n_workers=max(1, int(workers)), threads_per_worker=1, processes=True,
-                                         host="127.0.0.1", dashboard_address=None)
+                                         host="127.0.0.1", dashboard_address=":0")
             self.client = Client(self._cluster)
         self.workers = len(self.client.scheduler_info().get("workers", {})) or max(1, int(workers))
 
