@@ -3,8 +3,9 @@
 Part 1 (throughput): filter, dedup and tokenize on the same corpus, each executor in turn, in
 interleaved rounds (local-1, local-2, dask-1, dask-2, then again), so machine load hits every
 executor alike. The Dask clusters (2-process and 1-process LocalClusters on 127.0.0.1) are started
-once, before the rounds, and reached by address, as a real scheduler would be; their start-up is
-reported on its own. The local pool's start-up (spawned workers) is inside its stage time, since
+once, before the rounds, each in a process of its own (so their schedulers do not share this
+process's CPU and GIL with the local runs), and reached by address, as a real scheduler would be;
+their start-up is reported on its own. The local pool's start-up (spawned workers) is inside its stage time, since
 every local run pays it. Every run must produce the same files (sha256) as local-1, or the
 benchmark stops. Reported: docs/s per stage and executor, dask/local ratios, 1 -> 2 worker scaling.
 
@@ -59,9 +60,25 @@ def run_once(stage: str, root: Path, inputs: dict[str, str], executor: str, work
     return time.perf_counter() - t0, res.manifest
 
 
-def throughput(args: argparse.Namespace, work: Path) -> dict:
-    from distributed import LocalCluster
+CLUSTER = """
+import sys
+from distributed import LocalCluster
+c = LocalCluster(n_workers=int(sys.argv[1]), threads_per_worker=1, processes=True, host="127.0.0.1",
+                 dashboard_address=":0")
+print(c.scheduler_address, flush=True)
+sys.stdin.read()  # until the benchmark closes our stdin
+c.close()
+"""
 
+
+def start_cluster(n: int) -> tuple[subprocess.Popen, str]:
+    """A LocalCluster of ``n`` workers in a process of its own; (process, scheduler address)."""
+    proc = subprocess.Popen([sys.executable, "-c", CLUSTER, str(n)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def throughput(args: argparse.Namespace, work: Path) -> dict:
     from llm.config import load_config
     from llm.stages.registry import execute
 
@@ -74,12 +91,10 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
     clusters, started = {}, {}
     for n in (1, 2):
         t0 = time.perf_counter()
-        clusters[n] = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=":0")
+        clusters[n] = start_cluster(n)
         started[n] = round(time.perf_counter() - t0, 2)
-    print(f"LocalCluster start-up: 1 worker {started[1]} s, 2 workers {started[2]} s", flush=True)
-    execs = [("local", 1, "local"), ("local", 2, "local"), ("dask", 1, clusters[1].scheduler_address),
-             ("dask", 2, clusters[2].scheduler_address)]
+    print(f"LocalCluster start-up (own process): 1 worker {started[1]} s, 2 workers {started[2]} s", flush=True)
+    execs = [("local", 1, "local"), ("local", 2, "local"), ("dask", 1, clusters[1][1]), ("dask", 2, clusters[2][1])]
     times: dict[str, dict[str, list[float]]] = {s: {f"{e}-{w}": [] for e, w, _ in execs} for s in STAGES}
     docs: dict[str, int] = {}
     try:
@@ -97,8 +112,9 @@ def throughput(args: argparse.Namespace, work: Path) -> dict:
                     times[stage][f"{name}-{w}"].append(secs)
                     print(f"round {rnd + 1} {stage:8s} {name}-{w}: {secs:6.2f} s  ({docs[stage] / secs:7.1f} docs/s)", flush=True)
     finally:
-        for c in clusters.values():
-            c.close()
+        for proc, _ in clusters.values():
+            proc.stdin.close()
+            proc.wait(timeout=60)
     return {"docs": docs, "seconds": times, "cluster_startup_s": started}
 
 
