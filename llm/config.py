@@ -86,6 +86,10 @@ class RunConfig(Section):
     # Offline mirror with the layout of ../shared/data (pretrain/, chat/, core_eval/). When set
     # (or KILN_DATA_MIRROR is), hub sources are read from it instead; see llm/sources.py.
     data_mirror: str = ""
+    # Where the data stages (filter, dedup, tokenize) run their units (llm/data/executor.py): "local"
+    # (this machine's process pool), "dask" (a LocalCluster on 127.0.0.1) or "dask://HOST:PORT" /
+    # "tcp://HOST:PORT" (an existing scheduler). Operational: outputs are identical on every executor.
+    executor: Operational[str] = Field("local", pattern=r"^(local|dask|(dask|tcp|tls)://[^\s:/]+:\d+)$")
 
 
 # --------------------------------------------------------------------------- data stages
