@@ -21,11 +21,11 @@ from llm.data.minhash import (
     collision_probability,
     jaccard,
     normalize,
-    shingles,
 )
 from llm.stages.output import StageError, run_stage
 from llm.stages.registry import execute
 from llm.storage import Store
+from tests._dedup_helpers import colliding_low_pair, perturb, sh
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 N_BASE = 160  # real documents per shard in the stage tests
@@ -38,21 +38,9 @@ def real_table(shared_data: Path, shard: int, start: int, n: int) -> pa.Table:
     return pq.read_table(shared_data / "pretrain" / f"shard_{shard:05d}.parquet").slice(start, n)
 
 
-def perturb(text: str, frac: float, rng: random.Random) -> str:
-    """Replace ``frac`` of the words of ``text`` with other words (a realistic near-duplicate)."""
-    words = text.split(" ")
-    for i in rng.sample(range(len(words)), max(1, int(len(words) * frac))):
-        words[i] = rng.choice(["lorem", "ipsum", "dolor", "amet", "quux", "zebra", "orbit", "velvet"])
-    return " ".join(words)
-
-
 def restyle(text: str) -> str:
     """Same normalised text: different case, punctuation and whitespace."""
     return "  " + text.upper().replace(" ", " \t ").replace(".", " ;") + "!!"
-
-
-def sh(text: str) -> list[bytes]:
-    return shingles(normalize(text), 5)
 
 
 def similar_pairs(texts: list[str], threshold: float) -> dict[tuple[int, int], float]:
@@ -349,23 +337,6 @@ def test_missing_data_files(tmp_path):
 
 
 # --------------------------------------------------------------------------- candidate verification
-
-
-def colliding_low_pair(texts: list[str], frac: float = 0.11) -> tuple[str, str, float]:
-    """A (source, copy) pair with true Jaccard 0.3-0.5 that still shares an LSH band (tiny preset's
-    14x8, seed 1): the chance collision that verification exists to reject. Found by a seeded
-    search (about 1% of such pairs collide), so the same pair every run."""
-    signer = Signer(112, seed=1)
-    for attempt in range(4000):
-        src = texts[attempt % len(texts)]
-        copy = perturb(src, frac, random.Random(attempt))
-        j = jaccard(sh(src), sh(copy))
-        if not 0.3 <= j <= 0.5:
-            continue
-        keys = band_keys(signer.sign([sh(src), sh(copy)]), 14, 8)
-        if (keys[0] == keys[1]).any():
-            return src, copy, j
-    raise AssertionError("no colliding low-Jaccard pair in 4000 seeded tries")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from random import Random
 
 import cloudpickle
+import pyarrow.parquet as pq
 import pytest
 
 from llm.config import load_config
 from llm.data.executor import DaskExecutor, ExecutorError, Unit, make_executor, run_units
 from llm.stages.registry import execute
 from llm.storage import atomic_path
+from tests._dedup_helpers import colliding_low_pair, perturb
 from tests._tok_helpers import publish_docs, real_docs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,13 +43,19 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, shared_data):
-    """Three small files of real documents (with planted copies across files, so dedup removes some)
-    and a tokenizer trained on them."""
+    """Three small files of real documents and a tokenizer trained on them. Planted across files, so
+    dedup removes some and its verification has work: two exact copies, a near copy (J >= 0.9) and a
+    J~0.4 copy that shares a band with its source (a candidate that verification rejects)."""
     root = tmp_path_factory.mktemp("inputs")
     docs = real_docs(shared_data, 90, shard=1)
     for d in docs:
         d["text"] = d["text"][:2500]
-    files = [docs[:30], docs[30:60] + [dict(docs[3], id="copy-a")], docs[60:] + [dict(docs[40], id="copy-b")]]
+    low_src, low_copy, _ = colliding_low_pair([d["text"] for d in docs if len(d["text"].split()) >= 300][:30])
+    assert low_src in [d["text"] for d in docs[:30]]  # the copy sits in another file than its source
+    near_src = next(d for d in docs[30:60] if len(d["text"].split()) >= 300)
+    planted = [dict(docs[40], id="copy-b"), dict(near_src, id="near-copy", text=perturb(near_src["text"], 0.005, Random(3))),
+               dict(docs[0], id="low-copy", text=low_copy)]
+    files = [docs[:30], docs[30:60] + [dict(docs[3], id="copy-a")], docs[60:] + planted]
     docs_uri = publish_docs(root, files, row_group_size=8)
     cfg = load_config("tiny", {"run.artifact_root": str(root), "tokenizer.vocab_size": 400,
                                "tokenizer.max_train_chars": 100_000})
@@ -70,8 +79,11 @@ def test_output_is_the_same_on_every_executor_and_worker_count(stage, tmp_path, 
     assert len(keys) == 1, keys  # the content key does not depend on the executor
     assert files[0] and all(f == files[0] for f in files)  # the same files, byte for byte (sha256)
     assert all(r.manifest["counts"] == runs[("local", 1)].manifest["counts"] for r in runs.values())
-    if stage == "dedup":
-        assert runs[("local", 1)].manifest["counts"]["exact_dups"] == 2
+    if stage == "dedup":  # with verification on (the default): the low copy is a rejected candidate
+        counts = runs[("local", 1)].manifest["counts"]
+        assert counts["exact_dups"] == 2 and counts["near_dups"] >= 1 and counts["candidate_pairs_rejected"] >= 1
+        kept = set(pq.read_table(Path(runs[("local", 1)].uri) / "data", columns=["id"]).column("id").to_pylist())
+        assert "low-copy" in kept and "near-copy" not in kept
     for r in runs.values():  # nothing of the units' bookkeeping is published
         assert not [p for p in Path(r.uri).rglob("*") if p.name.startswith(".")]
 
@@ -196,4 +208,4 @@ def test_a_rerun_after_a_crash_redoes_only_the_missing_units(tmp_path, corpus):
     out = next(p for p in (root / "filter").iterdir() if p.is_dir() and not p.name.endswith(".partial"))
     assert (out / "data" / "part_00000.parquet").stat().st_mtime_ns == first_mtime  # not filtered again
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"]["shards"] == 3 and manifest["counts"]["docs_in"] == 92
+    assert manifest["counts"]["shards"] == 3 and manifest["counts"]["docs_in"] == 94
