@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-DATA = REPO.parent / "shared" / "data" / "pretrain"
+DATA = Path(os.environ.get("KILN_DATA_MIRROR") or REPO.parent / "shared" / "data") / "pretrain"  # the offline kit
 
 
 def build(out: Path, n_docs: int, shards: int, seed: int = 0) -> None:
@@ -49,7 +50,7 @@ def build(out: Path, n_docs: int, shards: int, seed: int = 0) -> None:
         pq.write_table(pa.Table.from_pylist(rows[s::shards]), out / f"shard_{s:05d}.parquet", row_group_size=256)
 
 
-def one(corpus: Path, workers: int, partitions: int) -> dict:
+def one(corpus: Path, workers: int, partitions: int, executor: str = "local") -> dict:
     """Run the dedup stage on ``corpus`` in this (fresh) process; return the memory figures."""
     from llm.config import load_config
     from llm.data.dedup import peak_rss_mb
@@ -69,11 +70,12 @@ def one(corpus: Path, workers: int, partitions: int) -> dict:
         store = Store(str(tmp / "art"))
         uri = run_stage(store, "filter", {"corpus": str(corpus)}, {}, "bench", publish).uri
         cfg = load_config("tiny", [f"run.artifact_root={tmp / 'art'}", f"dedup.workers={workers}",
-                                   f"dedup.band_partitions={partitions}"])
+                                   f"dedup.band_partitions={partitions}", f"run.executor={executor}"])
         res = execute("dedup", cfg, {"docs": uri}, progress=False)
         mem = res.manifest["dedup"]["memory"]
         return {
-            "docs": res.manifest["counts"]["docs_in"], "shards": res.manifest["counts"]["shards_in"], "workers": workers, "band_partitions": partitions,
+            "docs": res.manifest["counts"]["docs_in"], "shards": res.manifest["counts"]["shards_in"], "workers": workers,
+            "band_partitions": partitions, "executor": executor,
             "signature_worker_peak_rss_mb": mem["signature_worker_peak_rss_mb"],
             "filter_worker_peak_rss_mb": mem["filter_worker_peak_rss_mb"],
             "coordinator_peak_rss_mb": round(peak_rss_mb(), 1),
@@ -93,11 +95,12 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--band-partitions", type=int, default=1)
+    ap.add_argument("--executor", default="local", help="run.executor: local, dask or dask://HOST:PORT")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # internal: run on one corpus dir, print JSON
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(Path(args.one), args.workers, args.band_partitions)), flush=True)
+        print("RESULT " + json.dumps(one(Path(args.one), args.workers, args.band_partitions, args.executor)), flush=True)
         return
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
@@ -105,7 +108,7 @@ def main() -> None:
         try:
             build(corpus, n, args.shards)
             cmd = [sys.executable, __file__, "--one", str(corpus), "--workers", str(args.workers),
-                   "--band-partitions", str(args.band_partitions)]
+                   "--band-partitions", str(args.band_partitions), "--executor", args.executor]
             proc = subprocess.run(cmd, capture_output=True, text=True)
         finally:
             shutil.rmtree(corpus, ignore_errors=True)

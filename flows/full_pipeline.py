@@ -121,13 +121,20 @@ def full_pipeline(
     preset: str = "tiny",
     overrides: dict[str, Any] | list[str] | None = None,
     force: list[str] | None = None,
+    executor: str | None = None,
 ) -> dict[str, str]:
     """Run every stage for ``preset`` + ``overrides``; returns {stage label: output URI}.
 
     ``overrides``: ``{"pretrain.steps": 10}`` or ``["pretrain.steps=10"]``.
     ``force``: stage names to recompute (``all`` for everything).
+    ``executor``: where the data stages run their units (``run.executor``: local, dask, dask://HOST:PORT).
     """
     cfg = flow_config(preset, overrides)
+    if executor:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"executor": executor})})
+        from llm.data.executor import probe
+
+        probe(executor)  # a bad name or an unreachable scheduler: one line, before any stage
     forced = set(force or []) | set(cfg.orchestration.force)
     unknown = forced - set(STAGES) - {"all"}
     if unknown:

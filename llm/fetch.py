@@ -178,6 +178,15 @@ def split_glob(path: str) -> tuple[str, str | None]:
     return "/".join(parts), None
 
 
+def parquet_glob(uri: str) -> str:
+    """A source that names a folder (no glob characters, not a ``.parquet`` file) means every parquet
+    file under it: ``<folder>/**/*.parquet``. Other sources are returned as they are."""
+    path = parse_hf(uri)[2] if uri.startswith("hf://") else split_s3(uri)[1] if is_s3(uri) else uri
+    if split_glob(path)[1] is None and not path.endswith(".parquet"):
+        return uri.rstrip("/") + "/**/*.parquet"
+    return uri
+
+
 def _select(entries: dict[str, Any], target: str) -> dict[str, tuple[str, Any]]:
     """Pick ``{rel: (full path, info)}`` from ``{full path: info}`` for a target path or glob."""
     base, pattern = split_glob(target)

@@ -21,11 +21,11 @@ from llm.data.minhash import (
     collision_probability,
     jaccard,
     normalize,
-    shingles,
 )
 from llm.stages.output import StageError, run_stage
 from llm.stages.registry import execute
 from llm.storage import Store
+from tests._dedup_helpers import colliding_low_pair, perturb, sh
 from s3_server import S3Bucket, moto_server, s3_bucket  # noqa: F401  (pytest fixtures)
 
 N_BASE = 160  # real documents per shard in the stage tests
@@ -38,21 +38,9 @@ def real_table(shared_data: Path, shard: int, start: int, n: int) -> pa.Table:
     return pq.read_table(shared_data / "pretrain" / f"shard_{shard:05d}.parquet").slice(start, n)
 
 
-def perturb(text: str, frac: float, rng: random.Random) -> str:
-    """Replace ``frac`` of the words of ``text`` with other words (a realistic near-duplicate)."""
-    words = text.split(" ")
-    for i in rng.sample(range(len(words)), max(1, int(len(words) * frac))):
-        words[i] = rng.choice(["lorem", "ipsum", "dolor", "amet", "quux", "zebra", "orbit", "velvet"])
-    return " ".join(words)
-
-
 def restyle(text: str) -> str:
     """Same normalised text: different case, punctuation and whitespace."""
     return "  " + text.upper().replace(" ", " \t ").replace(".", " ;") + "!!"
-
-
-def sh(text: str) -> list[bytes]:
-    return shingles(normalize(text), 5)
 
 
 def similar_pairs(texts: list[str], threshold: float) -> dict[tuple[int, int], float]:
@@ -346,3 +334,79 @@ def test_missing_data_files(tmp_path):
     uri = run_stage(Store(str(tmp_path)), "filter", {"t": 1}, {}, "test", body).uri
     with pytest.raises(StageError, match="no parquet files"):
         run_dedup(tmp_path, uri)
+
+
+# --------------------------------------------------------------------------- candidate verification
+
+
+@pytest.fixture(scope="module")
+def verify_corpus(tmp_path_factory, shared_data):
+    """Real docs + one J~0.4 pair that collides in a band + 20 planted pairs with J >= 0.9."""
+    base = real_table(shared_data, 2, 0, 200)
+    texts = base.column("text").to_pylist()
+    long = [t for t in texts if len(t.split()) >= 300]
+    low_src, low_copy, low_j = colliding_low_pair(long[:30])
+    rng = random.Random(5)
+    rows = [{"text": t, "id": "low-src" if t == low_src else f"doc-{i}"} for i, t in enumerate(texts)]
+    high = []
+    for k, t in enumerate(long[30:50]):
+        copy = perturb(t, rng.uniform(0.002, 0.008), rng)
+        high.append(jaccard(sh(t), sh(copy)))
+        rows.append({"text": copy, "id": f"high-{k}"})
+    rows.append({"text": low_copy, "id": "low-copy"})
+    root = tmp_path_factory.mktemp("verify")
+    uri = publish_docs(root, [pa.Table.from_pylist(rows)])
+    return {"root": root, "uri": uri, "low_j": low_j, "high_j": high}
+
+
+def test_verification_rejects_a_colliding_low_jaccard_pair(verify_corpus):
+    """The J~0.4 pair shares a band: plain LSH removes its copy, verification keeps both."""
+    v = verify_corpus
+    assert 0.3 <= v["low_j"] <= 0.5 and min(v["high_j"]) >= 0.9
+    on = run_dedup(v["root"], v["uri"])
+    kept_on = set(read_output(on.uri).column("id").to_pylist())
+    assert {"low-src", "low-copy"} <= kept_on
+    assert not any(f"high-{k}" in kept_on for k in range(20))  # J >= 0.9: all removed
+    off = run_dedup(v["root"], v["uri"], "dedup.verify=false")
+    kept_off = set(read_output(off.uri).column("id").to_pylist())
+    assert "low-copy" not in kept_off and "low-src" in kept_off
+    assert not any(f"high-{k}" in kept_off for k in range(20))
+
+
+def test_manifest_counts_candidate_pairs_and_rejections(verify_corpus):
+    v = verify_corpus
+    on = run_dedup(v["root"], v["uri"]).manifest
+    off = run_dedup(v["root"], v["uri"], "dedup.verify=false").manifest
+    c_on, c_off = on["counts"], off["counts"]
+    # the same candidates are seen (verification adds neighbour pairs only in buckets of 3+)
+    assert c_on["candidate_pairs"] >= c_off["candidate_pairs"] >= 21
+    assert c_on["candidate_pairs_rejected"] >= 1 and c_off["candidate_pairs_rejected"] == 0
+    assert c_off["near_dups"] - c_on["near_dups"] >= 1
+    assert c_on["band_collisions"] == c_off["band_collisions"]
+    assert on["dedup"]["verification"]["on"] and on["dedup"]["verification"]["threshold"] == 0.8
+    assert not off["dedup"]["verification"]["on"]
+
+
+def test_verification_is_part_of_the_key(verify_corpus):
+    """Turning verification off, or moving its threshold, is a different output (recomputed)."""
+    v = verify_corpus
+    on = run_dedup(v["root"], v["uri"])
+    off = run_dedup(v["root"], v["uri"], "dedup.verify=false")
+    strict = run_dedup(v["root"], v["uri"], "dedup.threshold=0.99")
+    keys = {on.manifest["key"], off.manifest["key"], strict.manifest["key"]}
+    assert len(keys) == 3 and len({on.uri, off.uri, strict.uri}) == 3
+    # a stricter threshold rejects more of the same candidates, computed, not read from the cache
+    assert strict.manifest["counts"]["candidate_pairs_rejected"] > on.manifest["counts"]["candidate_pairs_rejected"]
+    assert run_dedup(v["root"], v["uri"]).manifest["key"] == on.manifest["key"]
+
+
+def test_verification_pairs_neighbours_in_a_bucket():
+    """A chance member that is the bucket's smallest id must not keep the true pair apart."""
+    from llm.data.dedup import _same_key_pairs
+
+    keys = np.array([7, 7, 7, 9, 9], dtype=np.uint64)
+    ids = np.array([1, 2, 3, 4, 5], dtype=np.uint64)
+    a, b, n = _same_key_pairs(keys, ids)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(1, 2), (1, 3), (4, 5)] and n == 3
+    a, b, n = _same_key_pairs(keys, ids, chain=True)
+    assert sorted(zip(a.tolist(), b.tolist())) == [(1, 2), (1, 3), (2, 3), (4, 5)] and n == 3

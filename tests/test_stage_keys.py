@@ -21,7 +21,7 @@ from llm.stages.registry import STAGES
 TINY_KEYS = {
     "download": "161d2614ca05213d525b",
     "filter": "5020f3422757a500e031",  # version 3: spaCy-compatible word splitting
-    "dedup": "8e41d0f2ea4bc72081cd",
+    "dedup": "05fbd18065d44b08e804",  # dedup.verify + dedup.threshold (candidate verification)
     "tokenizer": "6e5b33f8bc89b0700124",
     "tokenize": "64d1d03873687539ccba",
     "pretrain": "e5c1a843359a7355ec74",

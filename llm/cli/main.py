@@ -65,6 +65,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+EXECUTOR_STAGES = ("filter", "dedup", "tokenize")  # the stages whose units run on run.executor
+
+
+def _executor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", default=None, metavar="local|dask|dask://HOST:PORT",
+                   help="where the data stages run their units: this machine's process pool (local, the "
+                        "default), a Dask LocalCluster (dask) or a Dask scheduler (dask://HOST:PORT); "
+                        "the same as --set run.executor=...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Kiln: raw web text to a scored chat model.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.set_defaults(input=[])
         p.add_argument("--force", action="store_true", help="recompute even if a verified output exists")
+        if name in EXECUTOR_STAGES:
+            _executor_option(p)
         if sd.per_model:
             p.add_argument("--checkpoint", default=None, help="the model stage output (or checkpoint dir) to evaluate")
     p = sub.add_parser("run", help="the whole pipeline in this process",
@@ -88,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until", choices=list(STAGES), default=None, metavar="STAGE",
                    help=f"stop after this stage ({', '.join(STAGES)})")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="recompute this stage (repeatable, or 'all')")
+    _executor_option(p)
     p = sub.add_parser("config", help="print the resolved config as JSON",
                        description="Print the config a run would use (preset + --set overrides) as JSON; "
                                    "an unknown key or a wrong type is an error naming it.")
@@ -110,6 +123,8 @@ def config_from_args(args: argparse.Namespace) -> KilnConfig:
     overrides = list(args.overrides)
     if getattr(args, "output", None):
         overrides.append(f"run.artifact_root={args.output}")
+    if getattr(args, "executor", None):
+        overrides.append(f"run.executor={args.executor}")
     return load_config(args.preset, overrides)
 
 
@@ -194,6 +209,10 @@ def _run_command(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     progress = not args.quiet
+    if args.command in (*EXECUTOR_STAGES, "run"):
+        from llm.data.executor import probe
+
+        probe(cfg.run.executor)  # an unreachable scheduler is one line now, not after upstream stages ran
     if args.command == "run":
         results = run_pipeline(cfg, until=args.until, force=args.force, progress=progress,
                                on_stage=lambda n, r: print(f"[kiln] {r.follower}" if r.follower else

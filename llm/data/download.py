@@ -22,19 +22,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from llm.data.docs import check_published_docs, output_names
-from llm.fetch import DownloadError, FetchedFile, fetch_files, list_files, parse_hf, pin_source, split_glob
+from llm.fetch import DownloadError, FetchedFile, fetch_files, list_files, parquet_glob, parse_hf, pin_source
 from llm.sources import resolve_source
 from llm.stages.output import StageOutput
-from llm.storage import atomic_path, is_s3, split_s3
+from llm.storage import atomic_path
 
 
 def _stage_source(cfg: Any) -> str:
     """The URI the stage reads: the mirror's copy when one is set; a bare directory means its parquet files."""
-    uri = resolve_source(cfg.download.source, "pretrain", cfg.run.data_mirror)
-    path = parse_hf(uri)[2] if uri.startswith("hf://") else split_s3(uri)[1] if is_s3(uri) else uri
-    if split_glob(path)[1] is None and not path.endswith(".parquet"):
-        uri = uri.rstrip("/") + "/**/*.parquet"
-    return uri
+    return parquet_glob(resolve_source(cfg.download.source, "pretrain", cfg.run.data_mirror))
 
 
 def key_extras(cfg: Any) -> dict[str, Any]:

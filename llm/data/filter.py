@@ -4,7 +4,8 @@ Input role ``docs``: a stage output with ``data/*.parquet`` (``text`` and ``id``
 others). Output: ``data/<same name>.parquet`` with every original column and only the kept
 rows; a kept row's ``text`` is the text after C4's line removal (see llm/data/filters/c4.py).
 
-One process per shard (``filter.workers`` at a time). Each shard is streamed one record batch
+One unit per shard (``filter.workers`` at a time, on the ``run.executor``: llm/data/executor.py;
+a rerun after a crash filters only the shards without a finished part). Each shard is streamed one record batch
 at a time and kept rows are appended with a ParquetWriter, so a worker holds one batch in
 memory whatever the shard size. The manifest counts documents in and out, removals per rule
 (the first rule that removed a document) and keeps a few removed examples per rule.
@@ -26,7 +27,8 @@ from llm.stages.output import StageError, StageOutput
 from llm.storage import Store, atomic_path, join
 from llm.data.docs import check_published_docs, column_strings, list_doc_files, open_checked, output_names
 from llm.data.filters import FilterChain
-from llm.data.parallel import advance, parallel_map
+from llm.data.executor import Unit, run_units, stage_executor
+from llm.data.parallel import advance
 
 BATCH_ROWS = 1024
 EXAMPLE_CHARS = 200
@@ -114,6 +116,23 @@ def _filter_job(job: tuple[Any, ...]) -> ShardReport:
     return filter_shard(*job)
 
 
+def report_json(r: ShardReport) -> dict[str, Any]:
+    """A shard's report as its part manifest records it."""
+    return {"name": r.name, "docs_in": r.docs_in, "docs_out": r.docs_out, "chars_in": r.chars_in,
+            "chars_out": r.chars_out, "removed": dict(r.removed), "examples": r.examples}
+
+
+def report_from_json(d: dict[str, Any]) -> ShardReport:
+    return ShardReport(**{**d, "removed": Counter(d["removed"])})
+
+
+def filter_units(cfg: KilnConfig, out: StageOutput, shards: list[tuple[str, Path]]) -> list[Unit]:
+    """One unit per shard: its arguments to ``filter_shard`` and the one file it writes."""
+    fcfg = cfg.filter
+    return [Unit(f"shard_{i:05d}", (str(path), name, str(out.path(name)), fcfg, fcfg.examples_per_rule),
+                 (str(out.path(name)),), pq.ParquetFile(path).metadata.num_rows) for i, (name, path) in enumerate(shards)]
+
+
 def input_shards(cfg: KilnConfig, inputs: dict[str, dict]) -> list[tuple[str, Path]]:
     """(name, local path) of every shard of the ``docs`` input, each validated before any is filtered.
 
@@ -171,9 +190,9 @@ def run(cfg: KilnConfig, out: StageOutput, inputs: dict[str, dict], *, progress:
     except Exception as e:  # noqa: BLE001
         raise StageError(f"filter config: {e}") from e
     shards = input_shards(cfg, inputs)
-    jobs = [(str(path), name, str(out.path(name)), fcfg, fcfg.examples_per_rule) for name, path in shards]
-    total_docs = sum(pq.ParquetFile(path).metadata.num_rows for _, path in shards)
-    # One process per shard; reports come back in shard order, so the manifest is deterministic.
-    reports = parallel_map(_filter_job, jobs, fcfg.workers, progress, "filter", unit="doc", total=total_docs)
+    with stage_executor(cfg.run.executor, fcfg.workers) as executor:
+        # Reports come back in shard order whatever the executor, so the manifest is deterministic.
+        reports = run_units(executor, _filter_job, filter_units(cfg, out, shards), out.workdir / ".units" / "filter",
+                            desc="filter", progress=progress, encode=report_json, decode=report_from_json, unit="doc")
     check_output(out, reports)
     return summarize(reports, fcfg.examples_per_rule)

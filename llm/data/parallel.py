@@ -1,9 +1,8 @@
 """The data stages' one process-pool map, over worker pools whose workers die with the stage.
 
-:func:`parallel_map` runs a task function over a list of tasks (filter's shards, dedup's two
-parallel phases) with a progress bar, results in task order and the first error raised at once
-(tasks not yet started are cancelled); :func:`ordered_map` streams results in input order with a
-bounded number in flight (tokenize, whose writer appends in order). A task reports finer progress
+:func:`parallel_map` runs a task function over a list of tasks (the ``local`` executor's units, see
+llm/data/executor.py) with a progress bar, results in task order and the first error raised at
+once (tasks not yet started are cancelled). A task reports finer progress
 than "one task done" by calling :func:`advance` (filter: documents), from a worker or in-process.
 
 A ``kill -9`` of a stage process (an OOM kill, a cancelled Prefect run, a lost node) runs no
@@ -31,11 +30,10 @@ import os
 import signal
 import sys
 import threading
-from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from multiprocessing import get_context
 from queue import Empty
-from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -181,22 +179,3 @@ def _drain(queue: Any, bar: Any) -> None:
             bar.update(queue.get_nowait())
         except Empty:
             return
-
-
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, initializer: Callable[..., None] | None = None,
-                initargs: tuple[Any, ...] = ()) -> Iterator[R]:
-    """``fn(item)`` for each item, yielded in input order, over ``workers`` processes, with at most
-    ``2 × workers`` items in flight: memory stays bounded by a few items however long ``items`` is
-    (it is read lazily). An error, or the consumer stopping early, cancels what has not started."""
-    with worker_pool(workers, initializer, initargs) as ex:  # spawned, and they die with this process
-        pending: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                pending.append(ex.submit(fn, item))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for fut in pending:
-                fut.cancel()

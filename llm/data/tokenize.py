@@ -1,20 +1,21 @@
 """The tokenize stage: documents -> BOS-prefixed token streams in binary shards (see llm/data/shards.py).
 
-The parent reads parquet row groups (checking every text and id) and hands pieces of documents to
-worker processes (spawned, ``tokenize.workers`` of them; in-process when 1). A worker assigns each
-document to train/val by its id hash, encodes the texts with tiktoken (``encode_to_numpy``, or
-``encode_ordinary_batch`` with ``encode_method="batch"``; identical ids) and sends back one flat
-token array per split. The parent consumes results strictly in input order and appends them to the
-shard writers, so the output is byte-identical whatever ``tokenize.workers`` is. At most
-``2 × workers`` pieces are in flight, so memory is bounded by a few row groups, never by the
-corpus. Empty documents are skipped (a lone BOS teaches nothing) and counted.
+The unit of work is a piece of a row group (at most ``tokenize.batch_docs`` documents), run on the
+``run.executor`` (llm/data/executor.py: ``tokenize.workers`` local processes, or a Dask cluster). A
+unit reads its row group (checking every text and id), assigns each document to train/val by its id
+hash, encodes the texts with tiktoken (``encode_to_numpy``, or ``encode_ordinary_batch`` with
+``encode_method="batch"``; identical ids) and writes one flat token array per split as its part
+(``.units/tokenize/parts/*.npz``, atomically, with a part manifest). This process then appends the
+parts strictly in input order to the shard writers, one part in memory at a time, so the output is
+byte-identical whatever the executor or worker count, and a rerun after a crash encodes only the
+pieces without a part. Empty documents are skipped (a lone BOS teaches nothing) and counted.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,10 +23,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from llm.stages.output import StageError, StageOutput, is_published
-from llm.storage import Store, write_atomic
+from llm.storage import Store, atomic_path, write_atomic
 from llm.tokenizer import Tokenizer, load_tokenizer
 from llm.data.docs import RowGroup, column_strings, open_checked, row_groups
-from llm.data.parallel import ordered_map
+from llm.data.executor import Unit, run_units, stage_executor
 from llm.data.shards import FORMAT, FORMAT_VERSION, META_FILE, SPLITS, ShardWriter, doc_bucket, index_name, token_dtype
 
 EncodedSplit = tuple[np.ndarray, np.ndarray, int]  # (tokens, doc lengths, UTF-8 bytes)
@@ -102,37 +103,66 @@ def encode_texts(tok: Tokenizer, docs: Texts, val_fraction: float, dtype: np.dty
     return out, empty
 
 
-def encode_row_group(tok: Tokenizer, rg: RowGroup, val_fraction: float, dtype: np.dtype,
-                     batch_docs: int, method: str = "numpy") -> tuple[dict[str, EncodedSplit], int]:
-    """Read and encode one row group in this process."""
-    return encode_texts(tok, read_row_group(rg), val_fraction, dtype, batch_docs, method)
+# --------------------------------------------------------------------------- units
+
+_TOKENIZERS: dict[tuple[str, str], Tokenizer] = {}
 
 
-def text_pieces(rgs: list[RowGroup], max_docs: int) -> Iterator[Texts]:
-    """Every row group's documents, read once, in order, as pieces of at most ``max_docs``.
-
-    The parent reads (cheap: one decompression per row group) and workers only encode, so a few
-    workers share even a small corpus evenly instead of waiting on whole row groups.
-    """
-    for rg in rgs:
-        texts, ids, nbytes = read_row_group(rg)
-        for a in range(0, len(texts), max_docs):
-            yield texts[a : a + max_docs], ids[a : a + max_docs], nbytes[a : a + max_docs]
+def _tokenizer(uri: str, endpoint_url: str) -> Tokenizer:
+    """The tokenizer, loaded once per worker process (local pool or Dask worker) however many units it runs."""
+    if (uri, endpoint_url) not in _TOKENIZERS:
+        _TOKENIZERS[(uri, endpoint_url)] = load_tokenizer(uri, endpoint_url)
+    return _TOKENIZERS[(uri, endpoint_url)]
 
 
-# --------------------------------------------------------------------------- worker processes
+@dataclass(frozen=True)
+class Piece:
+    """One unit: documents ``[start, stop)`` of a row group, encoded into the part file ``dest``."""
 
-_WORKER_TOK: Tokenizer | None = None
+    rg: RowGroup
+    start: int
+    stop: int
+    dest: str
+    tokenizer_uri: str
+    endpoint_url: str
+    val_fraction: float
+    dtype: str
+    batch_docs: int
+    method: str
 
 
-def _init_worker(tokenizer_uri: str, endpoint_url: str) -> None:
-    global _WORKER_TOK
-    _WORKER_TOK = load_tokenizer(tokenizer_uri, endpoint_url)
+def encode_piece(p: Piece) -> dict[str, Any]:
+    """Encode one piece into its part file; returns its counts (empty docs, per split docs and bytes)."""
+    texts, ids, nbytes = read_row_group(p.rg)
+    docs = (texts[p.start:p.stop], ids[p.start:p.stop], nbytes[p.start:p.stop])
+    parts, empty = encode_texts(_tokenizer(p.tokenizer_uri, p.endpoint_url), docs, p.val_fraction, np.dtype(p.dtype),
+                                p.batch_docs, p.method)
+    arrays = {f"{s}_{k}": a for s, (tokens, lens, _) in parts.items() for k, a in (("tokens", tokens), ("lens", lens))}
+    with atomic_path(p.dest) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    return {"empty": empty, "bytes": {s: nb for s, (_, _, nb) in parts.items()}}
 
 
-def _work(docs: Texts, val_fraction: float, dtype: str, batch_docs: int, method: str):
-    assert _WORKER_TOK is not None, "worker not initialised"
-    return encode_texts(_WORKER_TOK, docs, val_fraction, np.dtype(dtype), batch_docs, method)
+def pieces(rgs: list[RowGroup], workdir: Path, tokenizer_uri: str, endpoint_url: str, *, val_fraction: float,
+           dtype: np.dtype, batch_docs: int, method: str) -> list[Unit]:
+    """Every row group cut into pieces of at most ``batch_docs`` documents, in input order.
+
+    Pieces, not whole row groups, so that a few workers share even a small corpus evenly; the cut
+    depends only on the data and ``batch_docs``, and the parts are appended in order, so the bytes
+    never depend on it."""
+    units = []
+    for i, rg in enumerate(rgs):
+        for start in range(0, rg.rows, batch_docs):
+            uid = f"rg_{i:06d}_{start:09d}"
+            dest = str(workdir / ".units" / "tokenize" / "parts" / f"{uid}.npz")
+            units.append(Unit(uid, Piece(rg, start, min(rg.rows, start + batch_docs), dest, tokenizer_uri,
+                                         endpoint_url, val_fraction, dtype.name, batch_docs, method), (dest,)))
+    return units
+
+
+def _read_part(dest: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    with np.load(dest) as z:
+        return {s: (z[f"{s}_tokens"], z[f"{s}_lens"]) for s in SPLITS if f"{s}_tokens" in z.files}
 
 
 # --------------------------------------------------------------------------- the stage
@@ -140,13 +170,13 @@ def _work(docs: Texts, val_fraction: float, dtype: str, batch_docs: int, method:
 
 def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fraction: float, shard_tokens: int,
                   workers: int = 1, batch_docs: int = 1024, store: Store | None = None, endpoint_url: str = "",
-                  progress: bool = False, encode_method: str = "numpy") -> dict[str, Any]:
+                  progress: bool = False, encode_method: str = "numpy", executor: str = "local") -> dict[str, Any]:
     """Tokenize every document of the stage output at ``docs_uri`` into shards under ``outdir``.
 
     Returns the meta dict (also written to ``outdir/meta.json``) with exact counts.
     """
     store = store or Store(docs_uri, endpoint_url)
-    tok = load_tokenizer(tokenizer_uri, endpoint_url)
+    tok = _tokenizer(tokenizer_uri, endpoint_url)
     dtype = token_dtype(tok.vocab_size)
     root = Path(outdir)
     for split in SPLITS:  # a crashed earlier attempt may have left shards in the work dir
@@ -155,9 +185,11 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
 
     rgs = row_groups(store, docs_uri)
     writers = {s: ShardWriter(root, s, dtype, shard_tokens) for s in SPLITS}
-    results = _encoded(tok, rgs, tokenizer_uri, endpoint_url, val_fraction=val_fraction, dtype=dtype,
-                       batch_docs=batch_docs, method=encode_method, workers=workers)
-    empty, bytes_ = _append_in_order(results, writers, total_docs=sum(rg.rows for rg in rgs), progress=progress)
+    units = pieces(rgs, root, tokenizer_uri, endpoint_url, val_fraction=val_fraction, dtype=dtype,
+                   batch_docs=batch_docs, method=encode_method)
+    with stage_executor(executor, workers) as ex:
+        done = run_units(ex, encode_piece, units, root / ".units" / "tokenize", desc="tokenize", progress=progress)
+    empty, bytes_ = _append_in_order(units, done, writers)
     splits = {s: {**w.close(), "bytes": bytes_[s]} for s, w in writers.items()}
     if splits["train"]["docs"] == 0:
         raise StageError(f"{docs_uri}: no non-empty documents to tokenize")
@@ -175,38 +207,21 @@ def tokenize_docs(docs_uri: str, tokenizer_uri: str, outdir: str, *, val_fractio
         "splits": splits,
     }
     write_atomic(root / META_FILE, json.dumps(meta, indent=2))
+    shutil.rmtree(root / ".units" / "tokenize", ignore_errors=True)  # the parts are in the shards now
     return meta
 
 
-Encoded = tuple[dict[str, EncodedSplit], int]  # ({split: (tokens, lens, bytes)}, empty docs skipped)
-
-
-def _encoded(tok: Tokenizer, rgs: list[RowGroup], tokenizer_uri: str, endpoint_url: str, *, val_fraction: float,
-             dtype: np.dtype, batch_docs: int, method: str, workers: int) -> Iterator[Encoded]:
-    """Every document encoded, in input order: row group by row group in this process, or in pieces
-    over ``workers`` processes (ordered_map keeps the order, so the bytes are the same either way)."""
-    if workers <= 1:
-        return (encode_row_group(tok, rg, val_fraction, dtype, batch_docs, method) for rg in rgs)
-    # Pieces small enough that every worker gets several; output order (so the bytes) is unchanged.
-    per_piece = max(64, min(batch_docs, -(-sum(rg.rows for rg in rgs) // (8 * workers))))
-    work = partial(_work, val_fraction=val_fraction, dtype=dtype.name, batch_docs=batch_docs, method=method)
-    return ordered_map(work, text_pieces(rgs, per_piece), workers, _init_worker, (tokenizer_uri, endpoint_url))
-
-
-def _append_in_order(results: Iterator[Encoded], writers: dict[str, ShardWriter], *, total_docs: int,
-                     progress: bool) -> tuple[int, dict[str, int]]:
-    """Append each result to its split's shard writer as it arrives; returns (empty docs, UTF-8 bytes per split)."""
-    from tqdm import tqdm
-
+def _append_in_order(units: list[Unit], done: list[dict[str, Any]],
+                     writers: dict[str, ShardWriter]) -> tuple[int, dict[str, int]]:
+    """Append every part to its split's shard writer in input order, one part in memory at a time;
+    returns (empty docs, UTF-8 bytes per split)."""
     bytes_ = {s: 0 for s in SPLITS}
     empty = 0
-    with tqdm(total=total_docs, unit="doc", desc="tokenize", disable=not progress) as bar:
-        for parts, n_empty in results:
-            empty += n_empty
-            for split, (tokens, lens, nb) in parts.items():
-                writers[split].add(tokens, lens)
-                bytes_[split] += nb
-            bar.update(n_empty + sum(len(lens) for _, lens, _ in parts.values()))
+    for unit, counts in zip(units, done):
+        empty += counts["empty"]
+        for split, (tokens, lens) in _read_part(unit.arg.dest).items():
+            writers[split].add(tokens, lens)
+            bytes_[split] += counts["bytes"][split]
     return empty, bytes_
 
 
@@ -239,7 +254,7 @@ def run(cfg, out: StageOutput, inputs: dict[str, dict], *, progress: bool) -> di
     meta = tokenize_docs(
         inputs["docs"]["uri"], inputs["tokenizer"]["uri"], str(out.workdir),
         val_fraction=t.val_fraction, shard_tokens=t.shard_tokens, workers=t.workers, batch_docs=t.batch_docs,
-        store=store, endpoint_url=cfg.run.s3_endpoint, progress=progress,
+        store=store, endpoint_url=cfg.run.s3_endpoint, progress=progress, executor=cfg.run.executor,
     )
     sp = meta["splits"]
     tokens = sp["train"]["tokens"] + sp["val"]["tokens"]

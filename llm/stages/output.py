@@ -408,7 +408,9 @@ def _compute(store: Store, stage: str, key: str, uri: str, config: dict[str, Any
         "uri": uri,
         "code_version": code_version,
         "config": config,
-        "inputs": {n: {"uri": inputs[n], "hash": m["hash"]} for n, m in in_manifests.items()},
+        # A raw input (no manifest of its own) is recorded with where it came from and its files.
+        "inputs": {n: {"uri": inputs[n], "hash": m["hash"], **({"raw": m["raw"]} if "raw" in m else {})}
+                   for n, m in in_manifests.items()},
         "counts": result.pop("counts", {}),
         **result,
         "timings": {"started": started, "seconds": round(time.time() - started, 3)},

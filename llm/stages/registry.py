@@ -71,6 +71,8 @@ class StageDef:
     description: str = ""
     # What `kiln <stage> --help` says it reads, where its input roles do not say it (none, or any).
     reads: str = ""
+    # The columns a raw parquet docs input (llm/data/raw.py) must have, checked before any work.
+    raw_columns: tuple[str, ...] = ("text",)
 
     def function(self) -> Callable[..., dict[str, Any]]:
         return _load(self.impl)
@@ -113,9 +115,11 @@ STAGES: dict[str, StageDef] = {
         # BPE training is deterministic: the run seed does not enter it.
         StageDef("tokenizer", "llm.data.tokenizer:run", ("tokenizer",), {"docs": "dedup"}, produces="tokenizer", data=True,
                  key_extras="llm.data.tokenizer:key_extras", headline=("vocab_size", "chars_per_token"),
+                 raw_columns=("text", "id"),  # the held-out sample is chosen by id hash
                  description="train a byte-level BPE"),
         StageDef("tokenize", "llm.data.tokenize:run", ("tokenize",), {"docs": "dedup", "tokenizer": "tokenizer"},
                  produces="tokens", data=True, headline=("tokens", "docs"),
+                 raw_columns=("text", "id"),  # the train/val split is by id hash
                  description="encode documents into token shards"),
         # 2: loader epochs read every document once; supervised_tokens; budgets round up
         StageDef("pretrain", "llm.train.stages:run_pretrain", ("model", "pretrain"),
@@ -151,20 +155,32 @@ STAGES: dict[str, StageDef] = {
 # `kiln tokenize --input docs=<a filter output>` (skipping dedup) is fine; a tokenizer dir given as
 # docs is not, and is caught here by the producing stage's name in its manifest, before any compute,
 # instead of surfacing as "no parquet files" (or worse) inside the stage. A model may also be a bare
-# checkpoint directory, whose stand-in manifest names the stage "checkpoint".
+# checkpoint directory, whose stand-in manifest names the stage "checkpoint"; docs may be a raw parquet
+# folder or glob (llm/data/raw.py), whose stand-in manifest names the stage "raw".
+_STAND_INS = {"model": ("checkpoint",), "docs": ("raw",)}
 ROLE_PRODUCERS: dict[str, tuple[str, ...]] = {
-    role: tuple(n for n, sd in STAGES.items() if sd.produces == role) + (("checkpoint",) if role == "model" else ())
+    role: tuple(n for n, sd in STAGES.items() if sd.produces == role) + _STAND_INS.get(role, ())
     for role in dict.fromkeys(sd.produces for sd in STAGES.values() if sd.produces)
 }
 
 
 def _external_input(cfg: KilnConfig, name: str) -> ExternalInput | None:
-    if "model" not in STAGES[name].inputs:
-        return None
-    from llm.checkpoint import as_stage_input
+    """How this stage reads inputs that are not stage outputs: a model may be a bare checkpoint dir (a
+    step of a running or unpublished run), docs may be raw parquet (a folder or glob, local, s3, hf)."""
+    roles = STAGES[name].inputs
+    readers: dict[str, Callable[[str], dict[str, Any] | None]] = {}
+    if "model" in roles:
+        from llm.checkpoint import as_stage_input
 
-    # A model input may also be a bare checkpoint dir (a step of a running or unpublished run).
-    return lambda role, uri: as_stage_input(uri, endpoint_url=cfg.run.s3_endpoint) if role == "model" else None
+        readers["model"] = lambda uri: as_stage_input(uri, endpoint_url=cfg.run.s3_endpoint)
+    if "docs" in roles:
+        from llm.data.raw import raw_docs_input
+
+        columns = STAGES[name].raw_columns
+        readers["docs"] = lambda uri: raw_docs_input(uri, s3_endpoint=cfg.run.s3_endpoint, columns=columns)
+    if not readers:
+        return None
+    return lambda role, uri: readers[role](uri) if role in readers else None
 
 
 def _store(cfg: KilnConfig, store: Store | None) -> Store:
@@ -202,7 +218,7 @@ def check_inputs(name: str, cfg: KilnConfig, inputs: dict[str, str], store: Stor
         allowed = ROLE_PRODUCERS.get(role) if role in STAGES[name].inputs else None
         produced_by = m.get("stage")
         if allowed and produced_by not in allowed:
-            names = [a for a in allowed if a != "checkpoint"]
+            names = [a for a in allowed if a not in ("checkpoint", "raw")]
             want = names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" or {names[-1]}"
             raise StageError(f"{name} input {role!r}: {uri} is a {produced_by} output; {role} must come from "
                              f"a {want} output")
