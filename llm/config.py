@@ -270,36 +270,42 @@ class TrainConfig(Section):
     steps: int | None = Field(None, ge=1)
     target_param_data_ratio: float = Field(20.0, gt=0.0)
     target_flops: float | None = Field(None, gt=0.0)
-    # Muon for the block matrices (+ AdamW for embeddings and lm_head) is the default: on the same batches
-    # it reaches nanochat HEAD's loss where AdamW at one LR stays ~0.9 nats behind (bench/results_quality.md).
-    # lr is then Muon's matrix LR. Midtrain and SFT keep AdamW (their own defaults below).
+    # Muon for the block matrices (+ AdamW for embeddings and lm_head) is the default: with the Muon
+    # settings below it beats nanochat HEAD's own model + optimizer on the same batches, where AdamW at one
+    # LR stays ~1 nat behind (bench/results_quality.md). lr is then Muon's matrix LR. Every Muon-side
+    # default below changes nothing under optimizer=adamw (midtrain, SFT, the tiny preset).
     optimizer: Literal["adamw", "muon"] = "muon"
     lr: float = Field(0.02, gt=0.0)
-    # 0 freezes that group; None = lr with adamw, 0.2 with muon.
+    # 0 freezes that group; None = lr with adamw; with muon 0.2·√(768/model_dim) (0.35 at d4, 0.2 at d12).
     embedding_lr: float | None = Field(None, ge=0.0)
-    # lm_head's Adam LR; None = lr with adamw, 0.004 with muon (where lr is Muon's matrix LR).
+    # lm_head's Adam LR; None = lr with adamw; with muon 0.004·√(768/model_dim) (lr is Muon's matrix LR).
     unembedding_lr: float | None = Field(None, ge=0.0)
     min_lr_frac: Fraction = 0.0
-    weight_decay: float = Field(0.0, ge=0.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    # None = 0 with adamw; 0.28 with muon, where it decays the Muon matrices only (cautiously, on a
+    # cosine schedule by default; embeddings and lm_head are never decayed).
+    weight_decay: float | None = Field(None, ge=0.0)
+    # Adam's β₁. None = 0.9 with adamw; 0.8 with muon (its Adam holds only embeddings and lm_head,
+    # whose rare rows gain from a shorter memory; measured in bench/results_quality.md).
+    beta1: float | None = Field(None, ge=0.0, lt=1.0)
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     grad_clip: float = Field(1.0, ge=0.0)  # 0 = no clipping
-    # Muon variants from nanochat HEAD's recipe (bench/results_quality.md has the ablation). Each off =
-    # the original Muon; all apply to optimizer=muon only (the block matrices).
+    # Muon variants from nanochat HEAD's recipe (bench/results_quality.md has the ablation): on by
+    # default because together they paid 0.06 nats on the kit; newton_schulz / false / constant give the
+    # original Muon. All apply to optimizer=muon only (the block matrices).
     # Polar Express gets closer to the orthogonal polar factor than Newton–Schulz in the same 5 rounds.
-    muon_orthogonalizer: Literal["newton_schulz", "polar_express"] = "newton_schulz"
+    muon_orthogonalizer: Literal["newton_schulz", "polar_express"] = "polar_express"
     # NorMuon: per-neuron second-moment normalisation of the orthogonalised update (EMA muon_beta2).
-    muon_normuon: bool = False
+    muon_normuon: bool = True
     muon_beta2: float = Field(0.9, gt=0.0, lt=1.0)
-    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    muon_momentum: float = Field(0.97, ge=0.0, lt=1.0)
     # Ramp momentum 0.85 -> muon_momentum over muon_momentum_warmup steps, then down to 0.90 during the
     # LR warmdown (forget the noisy early gradients fast; follow the recent ones at the end).
-    muon_momentum_schedule: bool = False
+    muon_momentum_schedule: bool = True
     muon_momentum_warmup: int = Field(300, ge=1)
     # Cautious weight decay: decay only where the update already moves the weight toward zero.
-    cautious_wd: bool = False
+    cautious_wd: bool = True
     # constant, or cosine from weight_decay to 0 over the run.
-    wd_schedule: Literal["constant", "cosine"] = "constant"
+    wd_schedule: Literal["constant", "cosine"] = "cosine"
     # Adam LR of the model's scalar gates (smear, backout), which exist only when those options are on.
     scalar_lr: float = Field(0.2, ge=0.0)
     schedule: Literal["cosine", "wsd", "linear"] = "linear"

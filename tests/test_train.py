@@ -363,7 +363,7 @@ def test_set_step_moves_muon_momentum_and_weight_decay():
     from llm.train.optim import Muon, build_optimizers
 
     m = GPT(GPTConfig(vocab_size=32, depth=1, aspect_ratio=32, head_dim=16, seq_len=8))
-    tc = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1, muon_momentum_schedule=True,
+    tc = TrainConfig(optimizer="muon", lr=0.02, weight_decay=0.1, muon_momentum=0.95, muon_momentum_schedule=True,
                      muon_momentum_warmup=10, wd_schedule="cosine", warmdown_frac=0.5)
     opt = build_optimizers(m, tc)
     muon = next(o for o in opt.opts if isinstance(o, Muon))
@@ -373,7 +373,8 @@ def test_set_step_moves_muon_momentum_and_weight_decay():
     opt.set_step(10, 20)
     assert muon.param_groups[0]["momentum"] == pytest.approx(0.95)  # warmed up to muon_momentum; the warmdown starts here
     assert muon.param_groups[0]["weight_decay"] == pytest.approx(0.05)
-    plain = build_optimizers(m, TrainConfig(optimizer="muon", lr=0.02))
+    plain = build_optimizers(m, TrainConfig(optimizer="muon", lr=0.02, muon_momentum=0.95, muon_momentum_schedule=False,
+                                            wd_schedule="constant"))
     plain.set_step(0, 20)  # no schedules: the configured momentum stays
     assert next(o for o in plain.opts if isinstance(o, Muon)).param_groups[0]["momentum"] == 0.95
 
@@ -435,10 +436,20 @@ def test_pretraining_defaults_to_muon_and_fine_tuning_keeps_adamw():
     from llm.model import GPT, GPTConfig
     from llm.train.optim import Muon, build_optimizers
 
-    m = GPT(GPTConfig(vocab_size=32, depth=1, aspect_ratio=32, head_dim=16, seq_len=8))
+    m = GPT(GPTConfig(vocab_size=32, depth=1, aspect_ratio=192, head_dim=16, seq_len=8))  # model_dim 192
     opt = build_optimizers(m, KilnConfig().pretrain)
     lrs = {g["name"]: g["lr"] for o in opt.opts for g in o.param_groups}
-    assert any(isinstance(o, Muon) for o in opt.opts)
-    assert lrs == {"matrices": 0.02, "embedding": 0.2, "lm_head": 0.004}
+    muon = next(o for o in opt.opts if isinstance(o, Muon))
+    adam = next(o for o in opt.opts if not isinstance(o, Muon))
+    # The measured recipe (bench/results_quality.md): Adam LRs ×√(768/192) = ×2, β₁ 0.8, Muon variants on.
+    assert lrs == pytest.approx({"matrices": 0.02, "embedding": 0.4, "lm_head": 0.008})
+    assert adam.defaults["betas"] == (0.8, 0.95) and all(g["weight_decay"] == 0.0 for g in adam.param_groups)
+    g = muon.param_groups[0]
+    assert (g["orthogonalizer"], g["normuon"], g["cautious_wd"], g["weight_decay"]) == ("polar_express", True, True, 0.28)
     for cfg in (MidtrainConfig(), SFTConfig(), KilnConfig().midtrain, KilnConfig().sft):
-        assert not any(isinstance(o, Muon) for o in build_optimizers(m, cfg).opts)
+        opts = build_optimizers(m, cfg).opts
+        assert not any(isinstance(o, Muon) for o in opts)
+        # AdamW runs keep their recipe: one LR, β₁ 0.9, no weight decay.
+        assert opts[0].defaults["betas"] == (0.9, 0.95)
+        assert {gr["lr"] for gr in opts[0].param_groups} == {cfg.lr}
+        assert all(gr["weight_decay"] == 0.0 for gr in opts[0].param_groups)

@@ -293,13 +293,33 @@ def _muon_per_step(train_cfg: Any) -> Callable[[int, int], dict[str, float]] | N
         return None
 
     def per_step(step: int, total: int) -> dict[str, float]:
-        out = {"weight_decay": weight_decay_at(step, total, base=tc.weight_decay, schedule=tc.wd_schedule)}
+        out = {"weight_decay": weight_decay_at(step, total, base=resolved(tc, "weight_decay"), schedule=tc.wd_schedule)}
         if tc.muon_momentum_schedule:
             out["momentum"] = muon_momentum_at(step, total, peak=tc.muon_momentum, warmup_steps=tc.muon_momentum_warmup,
                                                warmdown_frac=tc.warmdown_frac)
         return out
 
     return per_step
+
+
+# What a ``None`` in TrainConfig means under each optimizer. Muon's Adam LRs are for model_dim 768 and
+# scale as 1/√(model_dim/768) (nanochat's rule: wider models take smaller Adam steps on embeddings and
+# lm_head); at d4 that gives 0.35 / 0.007, the values measured in bench/results_quality.md.
+ADAMW_DEFAULTS = {"embedding_lr": None, "unembedding_lr": None, "weight_decay": 0.0, "beta1": 0.9}  # None: lr
+MUON_DEFAULTS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "weight_decay": 0.28, "beta1": 0.8}
+MUON_SCALED = ("embedding_lr", "unembedding_lr")
+
+
+def resolved(train_cfg: Any, name: str, model_dim: int = 768) -> float:
+    """``train_cfg.<name>``, or the optimizer's default for it when unset (``None``)."""
+    value = getattr(train_cfg, name)
+    if value is not None:
+        return value
+    if train_cfg.optimizer != "muon":
+        value = ADAMW_DEFAULTS[name]
+        return train_cfg.lr if value is None else value
+    scale = (768 / model_dim) ** 0.5 if name in MUON_SCALED else 1.0
+    return MUON_DEFAULTS[name] * scale
 
 
 def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False, compile: bool = False) -> Optimizers:
@@ -309,23 +329,23 @@ def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False, compile
     on any device, and Muon's orthogonalisation compiled — the optimizer-side half of compiling the step.
     """
     groups = model.param_groups()
-    default_emb_lr = 0.2 if train_cfg.optimizer == "muon" else train_cfg.lr  # Muon's lr is the matrix LR
-    emb_lr = train_cfg.embedding_lr if train_cfg.embedding_lr is not None else default_emb_lr
-    betas = (train_cfg.beta1, train_cfg.beta2)
+    dim = model.config.model_dim
+    emb_lr, wd = resolved(train_cfg, "embedding_lr", dim), resolved(train_cfg, "weight_decay")
+    betas = (resolved(train_cfg, "beta1"), train_cfg.beta2)
     kw: dict[str, Any] = {"fused": True} if (fused or compile) else {}
     if train_cfg.optimizer == "adamw":
-        unemb_lr = train_cfg.unembedding_lr if train_cfg.unembedding_lr is not None else train_cfg.lr
+        unemb_lr = resolved(train_cfg, "unembedding_lr")
         adam = torch.optim.AdamW([
-            {"params": groups["matrices"], "lr": train_cfg.lr, "weight_decay": train_cfg.weight_decay, "name": "matrices"},
+            {"params": groups["matrices"], "lr": train_cfg.lr, "weight_decay": wd, "name": "matrices"},
             *_adam_groups(groups, emb_lr, unemb_lr, train_cfg),
         ], lr=train_cfg.lr, betas=betas, eps=1e-8, **kw)
         return Optimizers([adam])
     if train_cfg.optimizer == "muon":
-        unemb_lr = train_cfg.unembedding_lr if train_cfg.unembedding_lr is not None else 0.004
+        unemb_lr = resolved(train_cfg, "unembedding_lr", dim)
         adam = torch.optim.AdamW(_adam_groups(groups, emb_lr, unemb_lr, train_cfg),
                                  lr=unemb_lr, betas=betas, eps=1e-10, **kw)
         muon = Muon([{"params": groups["matrices"], "name": "matrices"}], lr=train_cfg.lr,
-                    momentum=train_cfg.muon_momentum, weight_decay=train_cfg.weight_decay,
+                    momentum=train_cfg.muon_momentum, weight_decay=wd,
                     orthogonalizer=train_cfg.muon_orthogonalizer, normuon=train_cfg.muon_normuon,
                     beta2=train_cfg.muon_beta2, cautious_wd=train_cfg.cautious_wd, compile=compile)
         return Optimizers([adam, muon], per_step=_muon_per_step(train_cfg))
