@@ -392,8 +392,9 @@ def _card_usage(remote: dict[str, Any]) -> list[str]:
     arg = ", trust_remote_code=True" if remote else ""
     if remote:
         opts = ", ".join(f"`{k}={v!r}`" for k, v in remote.items())
-        why = (f"It needs `trust_remote_code=True`: its architecture option {opts} (sliding-window attention "
-               "when it is `window_pattern`) is one transformers' NanoChat cannot express, so the directory ships "
+        why = (f"It needs `trust_remote_code=True`: its architecture option {opts} (`window_pattern`: "
+               "sliding-window attention; `value_embeds`, `smear`, `backout`: nanochat HEAD's newer recipe pieces) "
+               "is one transformers' NanoChat cannot express, so the directory ships "
                "Kiln's own model code: `kiln_gpt.py` is Kiln's `llm/model.py` byte for byte, wrapped for "
                "transformers by `modeling_kiln.py` and `configuration_kiln.py`. Read them before trusting them. "
                "`generate` runs with transformers' KV cache; padded batches are refused (one sequence at a time).")

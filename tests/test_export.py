@@ -25,6 +25,7 @@ from llm.chat.format import DropRow, render_conversation, render_prompt, validat
 from llm.checkpoint import save_checkpoint
 from llm.model import GPT, GPTConfig
 from llm.data.tokenizer import train_tokenizer
+from llm.export import NANOCHAT_FIELDS
 from llm.tokenizer import HF_TOKENIZER_FILE, load_tokenizer
 
 pytest.importorskip("transformers")
@@ -36,6 +37,9 @@ SHAPES = {
     "gqa": dict(depth=3, aspect_ratio=16, head_dim=16, n_kv_heads=1, seq_len=64, softcap=0.0, rope_base=500.0),
     # NanoChat has no sliding windows: the remote-code path. seq_len 512 makes the short window 128.
     "swa": dict(depth=4, aspect_ratio=16, head_dim=16, n_kv_heads=2, seq_len=512, window_pattern="SSSL"),
+    # nanochat HEAD's newer pieces (value embeddings, smear, backout): NanoChat has none, remote code again.
+    "recipe": dict(depth=3, aspect_ratio=16, head_dim=16, n_kv_heads=1, seq_len=64, value_embeds=True, smear=True,
+                   backout=True),
 }
 STOCK = ("gqa", "mha")
 
@@ -89,6 +93,8 @@ def random_model(vocab: int, seed: int, **shape) -> GPT:
                 # moves the logits by ~1e-5 and would pass unnoticed; with these rows, by ~4.
                 p.normal_(0.0, 1.0)
                 p[1::2] *= 1e-3
+            elif p.dim() < 2:  # the recipe options' scalar gates (smear, backout): non-zero, so they act
+                p.fill_(0.5)
             else:  # unit-variance outputs; lm_head larger so that the soft-cap is exercised
                 p.normal_(0.0, (4.0 if name == "lm_head.weight" else 1.0) / p.shape[1] ** 0.5)
     return model.eval()
@@ -112,7 +118,7 @@ def exported(request, tmp_path_factory: pytest.TempPathFactory, tok_dir: Path):
     write_checkpoint(model, base / "run" / "final")
     out = base / "hf"
     export_to_dir(str(base / "run"), str(tok_dir), out)
-    remote = "window_pattern" in SHAPES[request.param]
+    remote = request.param not in STOCK
     hf_model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=remote).eval()
     return model, tok, hf_model, AutoTokenizer.from_pretrained(out), out
 
@@ -125,7 +131,7 @@ def test_export_loads_with_stock_transformers_classes_unless_it_needs_kilns_code
 
     model, tok, hf_model, hf_tok, out = exported
     config = json.loads((out / "config.json").read_text())
-    if model.config.window_pattern == "L":
+    if model.config.to_dict().keys() <= NANOCHAT_FIELDS:
         assert type(hf_model).__name__ == "NanoChatForCausalLM"
         assert type(hf_model).__module__.startswith("transformers.models.nanochat")  # shipped code, not remote
         assert not list(out.glob("*.py")) and "auto_map" not in config
@@ -139,7 +145,8 @@ def test_export_loads_with_stock_transformers_classes_unless_it_needs_kilns_code
         assert (out / "kiln_gpt.py").read_bytes() == Path(inspect.getsourcefile(GPT)).read_bytes()
         assert config["kiln"] == model.config.to_dict()
         card = (out / "README.md").read_text()
-        assert "needs `trust_remote_code=True`" in card and "`window_pattern='SSSL'`" in card
+        on = {k: v for k, v in model.config.to_dict().items() if k not in NANOCHAT_FIELDS}
+        assert "needs `trust_remote_code=True`" in card and all(f"`{k}={v!r}`" in card for k, v in on.items())
         assert "trust_remote_code=True" in card.split("```python")[1]
         with pytest.raises(ValueError, match="trust_remote_code"):  # transformers' documented refusal
             AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)

@@ -34,6 +34,16 @@ class _KilnCacheView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cache.update(k, v, layer)
 
+    # The smear option reads the previous chunk's last token embedding: it lives with the transformers
+    # cache, which outlives this per-call view.
+    @property
+    def prev_embedding(self) -> torch.Tensor | None:
+        return getattr(self.cache, "kiln_prev_embedding", None)
+
+    @prev_embedding.setter
+    def prev_embedding(self, value: torch.Tensor | None) -> None:
+        self.cache.kiln_prev_embedding = value
+
 
 class KilnForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = KilnConfig
