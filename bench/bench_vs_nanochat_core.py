@@ -32,7 +32,8 @@ GET_NANOCHAT = "git clone https://github.com/karpathy/nanochat && git -C nanocha
 
 def find_nanochat(arg: str | None) -> Path | None:
     """The checkout named by --nanochat, $NANOCHAT_DIR or ../nanochat; None when there is none."""
-    for cand in (arg, os.environ.get("NANOCHAT_DIR"), str(REPO.parent / "nanochat")):
+    # An explicit --nanochat is the only candidate: a wrong path must not silently fall back to another one.
+    for cand in (arg,) if arg else (os.environ.get("NANOCHAT_DIR"), str(REPO.parent / "nanochat")):
         if cand and (Path(cand) / "nanochat" / "core_eval.py").is_file():
             return Path(cand).resolve()
     return None

@@ -56,7 +56,8 @@ HOW_TO_GET = ("nanochat checkout not found. Get it with:\n"
 
 
 def find_nanochat(arg: str | None) -> Path | None:
-    for cand in (arg, os.environ.get("NANOCHAT_DIR"), str(REPO.parent / "nanochat")):
+    # An explicit --nanochat is the only candidate: a wrong path must not silently fall back to another one.
+    for cand in (arg,) if arg else (os.environ.get("NANOCHAT_DIR"), str(REPO.parent / "nanochat")):
         if cand and (Path(cand) / "nanochat" / "gpt.py").is_file():
             return Path(cand).resolve()
     return None

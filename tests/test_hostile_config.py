@@ -414,6 +414,9 @@ def test_make_bench_installs_what_the_benches_import() -> None:
     assert {"datatrove", "spacy"} <= _requirement_names(extras["bench"])  # spaCy: datatrove's word tokenizer
 
     local = {p.stem for d in ("bench", "tests") for p in (REPO / d).glob("*.py")} | {"llm", "tasks", "flows"}
+    # The reference checkout the vs-nanochat benches import from `--nanochat DIR` (not a dependency: without
+    # it they print how to get it and exit 0, which the next test checks).
+    local |= {"nanochat"}
     dists = packages_distributions()
     for path in sorted((REPO / "bench").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -422,3 +425,13 @@ def test_make_bench_installs_what_the_benches_import() -> None:
             for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - local:
                 provided_by = {d.lower().replace("_", "-") for d in dists.get(top, [])}
                 assert provided_by & declared, f"{path.name} imports {top}, which no declared dependency provides"
+
+
+def test_vs_nanochat_benches_without_a_checkout_say_how_to_get_one_and_exit_0(tmp_path: Path) -> None:
+    """`make bench` on a machine without nanochat must not fail: each vs-nanochat bench explains and exits 0."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NANOCHAT_DIR": str(tmp_path / "absent")}
+    for path in sorted((REPO / "bench").glob("bench_vs_nanochat_*.py")):
+        r = subprocess.run([sys.executable, str(path), "--nanochat", str(tmp_path / "absent")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (path.name, r.stderr[-2000:])
+        assert "git clone https://github.com/karpathy/nanochat" in r.stdout + r.stderr, path.name
