@@ -27,16 +27,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-GET_NANOCHAT = "git clone https://github.com/karpathy/nanochat && git -C nanochat checkout 92d63d4"
+sys.path.insert(0, str(REPO / "bench"))
 
-
-def find_nanochat(arg: str | None) -> Path | None:
-    """The checkout named by --nanochat, $NANOCHAT_DIR or ../nanochat; None when there is none."""
-    # An explicit --nanochat is the only candidate: a wrong path must not silently fall back to another one.
-    for cand in (arg,) if arg else (os.environ.get("NANOCHAT_DIR"), str(REPO.parent / "nanochat")):
-        if cand and (Path(cand) / "nanochat" / "core_eval.py").is_file():
-            return Path(cand).resolve()
-    return None
+from nanochat_checkout import GET_NANOCHAT, find_nanochat  # noqa: E402
 
 
 class NanoTokenizer:

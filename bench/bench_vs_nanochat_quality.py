@@ -43,25 +43,15 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from nanochat_checkout import HOW_TO_GET, find_nanochat  # noqa: E402
 
 from llm.config import KilnConfig, load_config  # noqa: E402
 from llm.eval.loss import evaluate_loss  # noqa: E402
 from llm.model import GPT, GPTConfig  # noqa: E402
 from llm.train.loaders import PretrainLoader  # noqa: E402
 from llm.train.optim import build_optimizers, lr_multiplier  # noqa: E402
-
-HOW_TO_GET = ("nanochat checkout not found. Get it with:\n"
-              "  git clone https://github.com/karpathy/nanochat && git -C nanochat checkout 92d63d4\n"
-              "then pass --nanochat nanochat (or set NANOCHAT_DIR).")
-
-
-def find_nanochat(arg: str | None) -> Path | None:
-    # An explicit --nanochat is the only candidate: a wrong path must not silently fall back to another one.
-    for cand in (arg,) if arg else (os.environ.get("NANOCHAT_DIR"), str(REPO.parent / "nanochat")):
-        if cand and (Path(cand) / "nanochat" / "gpt.py").is_file():
-            return Path(cand).resolve()
-    return None
-
 
 # ------------------------------------------------------------------ data
 def make_batches(tokens: Path, B: int, T: int, steps: int, val_tokens: int, seed: int):

@@ -46,20 +46,9 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-HOW_TO_GET = ("nanochat checkout not found. Get it with:\n"
-              "  git clone https://github.com/karpathy/nanochat && git -C nanochat checkout 92d63d4\n"
-              "then pass --nanochat nanochat (or set NANOCHAT_DIR).")
-
-
-def find_nanochat(arg: str | None) -> Path | None:
-    """The checkout to import: --nanochat, $NANOCHAT_DIR, or ../nanochat beside the repo."""
-    # An explicit --nanochat is the only candidate: a wrong path must not silently fall back to another one.
-    for cand in (arg,) if arg else (os.environ.get("NANOCHAT_DIR"), str(REPO.parent / "nanochat")):
-        if cand and (Path(cand) / "nanochat" / "gpt.py").is_file():
-            return Path(cand).resolve()
-    return None
-
+from nanochat_checkout import HOW_TO_GET, find_nanochat  # noqa: E402
 
 def make_rows(n: int, T: int, vocab: int, seed: int = 0) -> torch.Tensor:
     """``n`` random rows of ``T + 1`` tokens, each starting with BOS (id 0), as both sides train on."""
