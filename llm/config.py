@@ -268,8 +268,15 @@ class TrainConfig(Section):
     # (steps wins, then flops, then the ratio). Each must be positive: a zero or negative
     # budget would "finish" at step 0 and publish an untrained model as done.
     steps: int | None = Field(None, ge=1)
-    target_param_data_ratio: float = Field(20.0, gt=0.0)
+    # Tokens per scaling parameter (block matrices + lm_head; embeddings excluded), nanochat's D:N of 12,
+    # the compute-optimal ratio its scaling-law runs found for this recipe (Chinchilla's 20 counted all
+    # parameters of a different recipe).
+    target_param_data_ratio: float = Field(12.0, gt=0.0)
     target_flops: float | None = Field(None, gt=0.0)
+    # nanochat base_train's depth rules (llm.train.plan.depth_scaling): total_batch_tokens from the token
+    # horizon (2^19 at d12, ∝ D^0.383, a power of two), every LR × √(B/2^19), weight decay × √(B/2^19)·D12/D.
+    # Off by default: at small batches the √ LR rule starves training (bench/results_quality.md).
+    depth_scaling: bool = False
     # Muon for the block matrices (+ AdamW for embeddings and lm_head) is the default: with the Muon
     # settings below it beats nanochat HEAD's own model + optimizer on the same batches, where AdamW at one
     # LR stays ~1 nat behind (bench/results_quality.md). lr is then Muon's matrix LR. Every Muon-side

@@ -374,6 +374,12 @@ class GPT(nn.Module):
         """Lookup tables: the token embedding and the value embeddings."""
         return self.wte.weight.numel() + sum(e.weight.numel() for e in self.value_embeds.values())
 
+    def num_scaling_params(self) -> int:
+        """The block matrices and the lm_head: the count a token budget (``tokens per parameter``) is
+        taken over. nanochat's choice (its scaling-law runs fit most cleanly on this count): lookup tables
+        cost no FLOPs per token, so counting them would hand big-vocabulary models extra data."""
+        return sum(p.numel() for p in self.blocks.parameters()) + self.lm_head.weight.numel()
+
     def _scalars(self) -> list[nn.Parameter]:
         return [p for name in ("smear_lambda", "backout_lambda") if (p := getattr(self, name, None)) is not None]
 

@@ -104,10 +104,11 @@ def test_plan_prints_the_token_plan_without_running_anything(capsys, tmp_path, m
     assert kiln(["plan", "--preset", "d20", "--nproc", "8", "--gpu", "H100", "--json"]) == 0
     plans = {p["stage"]: p for p in json.loads(capsys.readouterr().out)}
     pre = plans["pretrain"]
-    # nanochat's speedrun shape: ~561M params, 20 tokens per param, 524,288 tokens per step on 8 GPUs.
-    assert pre["params"] == 560_988_160 and pre["grad_accum"] == 1
-    assert pre["tokens"] == pre["steps"] * 524_288 >= 20 * pre["params"] > (pre["steps"] - 1) * 524_288
-    assert 2 * 3600 < pre["estimate"]["seconds"] < 6 * 3600  # 8 × H100 at the assumed 40% MFU
+    # nanochat's speedrun shape: ~561M params (477M of them block matrices + lm_head), 12 tokens per
+    # scaling param (nanochat's D:N), 524,288 tokens per step on 8 GPUs.
+    assert pre["params"] == 560_988_160 and pre["scaling_params"] == 477_102_080 and pre["grad_accum"] == 1
+    assert pre["tokens"] == pre["steps"] * 524_288 >= 12 * pre["scaling_params"] > (pre["steps"] - 1) * 524_288
+    assert 1 * 3600 < pre["estimate"]["seconds"] < 3 * 3600  # 8 × H100 at the assumed 40% MFU
     assert "steps known once it is rendered" in plans["sft"]["budget"]
     assert not list(tmp_path.iterdir())  # nothing downloaded, nothing written
 

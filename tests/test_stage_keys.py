@@ -24,9 +24,9 @@ TINY_KEYS = {
     "dedup": "05fbd18065d44b08e804",  # dedup.verify + dedup.threshold (candidate verification)
     "tokenizer": "6e5b33f8bc89b0700124",
     "tokenize": "64d1d03873687539ccba",
-    "pretrain": "43adb7ff49df8b97721b",
-    "midtrain": "a22b9a864b868f70e653",
-    "sft": "ece971bbca19a50a1d14",
+    "pretrain": "6ae2ef18282a2938f305",  # pretrain.depth_scaling, ratio 12 over scaling params
+    "midtrain": "168982fa9437b27981fd",
+    "sft": "03127fc62671f91392ec",
     "eval": "9068a0b41447e92306c7",
     "export": "58783e45491981ff63bd",
     "report": "f4c3288914b2f35c2608",

@@ -166,6 +166,22 @@ def test_ratio_budget_rounds_up_to_whole_steps(params, ratio, want_steps):
     assert p["budget_tokens"] <= p["tokens"] < p["budget_tokens"] + 1000 or p["steps"] == 1
 
 
+def test_ratio_budget_counts_the_scaling_params_when_given():
+    """nanochat's D:N counts block matrices + lm_head; the embedding (a lookup, no FLOPs) is left out."""
+    p = plan_tokens(_Budget(target_param_data_ratio=12.0), 15_000, 60_000, scaling_params=10_000)
+    assert p["budget_tokens"] == 120_000 and p["steps"] == 120 and p["tokens_per_scaling_param"] == 12.0
+    assert p["params"] == 15_000 and p["tokens_per_param"] == 8.0 and "12×scaling params" in p["budget"]
+
+
+def test_scaling_params_are_the_block_matrices_and_the_lm_head():
+    from llm.model import GPT, GPTConfig
+
+    m = GPT(GPTConfig(vocab_size=512, depth=2, aspect_ratio=32, head_dim=32, seq_len=32, value_embeds=True))
+    blocks = sum(p.numel() for p in m.blocks.parameters())
+    assert m.num_scaling_params() == blocks + 512 * 64
+    assert m.num_params() - m.num_scaling_params() == m.num_embedding_params()  # wte + value embeddings
+
+
 @pytest.mark.parametrize("target_flops, want_steps", [(6e6, 1), (6.0e7, 10), (6.3e7, 11), (6.5e7, 11)])
 def test_flops_budget_rounds_up_to_whole_steps(target_flops, want_steps):
     p = plan_tokens(_Budget(target_flops=target_flops), 1000, 6000)  # 6e6 FLOPs per 1000-token step
@@ -188,10 +204,12 @@ def test_plan_printed_and_logged_is_what_ran_and_throughput_skips_pauses(small_t
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
-    want = math.ceil(0.016 * s["params"] / 256)
+    want = math.ceil(0.016 * plan["scaling_params"] / 256)
     assert want >= 5
     assert plan["steps"] == s["steps"] == want and plan["tokens"] == s["tokens"] == want * 256
-    assert plan["budget_tokens"] == pytest.approx(0.016 * s["params"]) and plan["budget_tokens"] <= plan["tokens"]
+    # The ratio counts the scaling parameters (block matrices + lm_head), not the embedding.
+    assert plan["scaling_params"] < s["params"]
+    assert plan["budget_tokens"] == pytest.approx(0.016 * plan["scaling_params"]) and plan["budget_tokens"] <= plan["tokens"]
     text = proc.stdout
     assert f"steps      {want:,}" in text and f"tokens     {want * 256:,}" in text and "rounded up" in text
     assert f"{want} steps, {want * 256:,} tokens" in text  # the closing line
@@ -399,3 +417,44 @@ def test_sft_tokens_are_positions_and_supervised_tokens_are_reported(small_token
     assert [r["supervised_tokens"] for r in rows] == cumulative
     assert [r["tokens"] for r in rows] == [256 * k for k in range(1, 5)]
     assert json.loads((tmp_path / "sft" / "final" / "meta.json").read_text())["supervised_tokens"] == cumulative[-1]
+
+
+# --------------------------------------------------------------------------- nanochat's depth rules
+
+
+def _preset_train(preset: str, **overrides):
+    from llm.config import load_config
+    from llm.model import GPTConfig
+
+    cfg = load_config(preset, [f"pretrain.{k}={v}" for k, v in overrides.items()])
+    return cfg.pretrain, GPTConfig.from_model_config(cfg.model, cfg.tokenizer.vocab_size)
+
+
+def test_depth_scaling_is_the_identity_at_d12_and_follows_nanochats_rules_at_d20():
+    """B = 2^round(log2(2^19·(D/D12)^0.383)), LR × √(B/2^19), WD × √(B/2^19)·D12/D (scripts/base_train.py)."""
+    from llm.train.optim import resolved, scaled_for_depth, scaling_params
+
+    tr12, m12 = _preset_train("d12", depth_scaling="true")
+    s12 = scaled_for_depth(tr12, m12)
+    assert (s12.total_batch_tokens, s12.lr, s12.weight_decay) == (2 ** 19, tr12.lr, pytest.approx(0.28))
+    tr20, m20 = _preset_train("d20", depth_scaling="true")
+    s20 = scaled_for_depth(tr20, m20)
+    d20, d12 = scaling_params(m20), scaling_params(m12)
+    assert s20.total_batch_tokens == 2 ** 20  # D20/D12 = 2.94: 2^19 · 2.94^0.383 = 2^19.6 -> 2^20
+    assert s20.lr == pytest.approx(0.02 * 2 ** 0.5)
+    assert s20.embedding_lr == pytest.approx(resolved(tr20, "embedding_lr", m20.model_dim) * 2 ** 0.5)
+    assert s20.weight_decay == pytest.approx(0.28 * 2 ** 0.5 * d12 / d20)
+    assert not s20.depth_scaling and scaled_for_depth(s20, m20) == s20  # applied once, then concrete
+    off, _ = _preset_train("d20")
+    assert scaled_for_depth(off, m20) is off
+
+
+def test_plan_shows_the_depth_scaled_batch(capsys, tmp_path, monkeypatch):
+    from llm.cli.main import main as kiln
+
+    monkeypatch.chdir(tmp_path)
+    assert kiln(["plan", "--preset", "d20", "--nproc", "8", "--stage", "pretrain", "--json",
+                 "--set", "pretrain.depth_scaling=true"]) == 0
+    (pre,) = json.loads(capsys.readouterr().out)
+    assert pre["total_batch_tokens"] == 2 ** 20 and pre["grad_accum"] == 2
+    assert pre["tokens"] == pre["steps"] * 2 ** 20 >= 12 * pre["scaling_params"]

@@ -26,9 +26,11 @@ def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu:
 
     import torch
 
-    tr = getattr(cfg, stage)
+    from llm.train.optim import scaled_for_depth
+
     # The vocabulary the tokenizer stage is asked for: the trained model's embedding size.
     mcfg = GPTConfig.from_model_config(cfg.model, cfg.tokenizer.vocab_size)
+    tr = scaled_for_depth(getattr(cfg, stage), mcfg)  # what the trainer will use
     with torch.device("meta"):  # shapes only: no memory, no init
         model = GPT(mcfg)
     params, fpt = model.num_params(), model.flops_per_token()
@@ -43,7 +45,7 @@ def plan_stage(cfg: KilnConfig, stage: str, *, nproc: int, gpu: str | None, mfu:
         # SFT without explicit steps is sized by epochs over the rendered chat set, known only after it is built.
         out["budget"] = f"sft.epochs={tr.epochs} over the chat data (steps known once it is rendered)"
         return out
-    out.update(plan_tokens(tr, params, fpt))
+    out.update(plan_tokens(tr, params, fpt, model.num_scaling_params()))
     peak = peak_flops(gpu) if gpu else None
     if peak:
         seconds = out["flops"] / (peak * mfu * nproc)
@@ -57,7 +59,8 @@ def _text(p: dict[str, Any]) -> str:
     lines.append(f"  budget     {p['budget']}")
     if "steps" in p:
         lines.append(f"  steps      {p['steps']:,} × {p['tokens_per_step']:,} tokens = {p['tokens']:,} "
-                     f"({fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param)")
+                     f"({fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param, "
+                     f"{p['tokens_per_scaling_param']:.1f} per scaling param)")
         lines.append(f"  FLOPs      {p['flops']:.3e}")
     if "batch_error" in p:
         lines.append(f"  batch      ERROR on {p['nproc']} process(es): {p['batch_error']}")

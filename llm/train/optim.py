@@ -322,6 +322,38 @@ def resolved(train_cfg: Any, name: str, model_dim: int = 768) -> float:
     return MUON_DEFAULTS[name] * scale
 
 
+def scaling_params(mcfg: Any) -> int:
+    """``GPT.num_scaling_params()`` for a ``GPTConfig``, counted on the meta device (no memory, no init)."""
+    from llm.model import GPT
+
+    with torch.device("meta"):
+        return GPT(mcfg).num_scaling_params()
+
+
+def scaled_for_depth(train_cfg: Any, mcfg: Any) -> Any:
+    """``train_cfg`` with nanochat's depth rules applied when ``depth_scaling`` is on (else unchanged).
+
+    The rules (``llm.train.plan.depth_scaling``) set the total batch from the model's token horizon and
+    scale every LR and the weight decay to match. The result carries concrete values and
+    ``depth_scaling=False``, so applying it twice changes nothing and what a run logs is what it used."""
+    if not getattr(train_cfg, "depth_scaling", False):
+        return train_cfg
+    import dataclasses
+
+    from llm.train.plan import REF_DEPTH, depth_scaling
+
+    ref = dataclasses.replace(mcfg, depth=REF_DEPTH)
+    rule = depth_scaling(train_cfg.target_param_data_ratio, scaling_params(mcfg), scaling_params(ref))
+    dim, lr_s = mcfg.model_dim, rule["lr_scale"]
+    return train_cfg.model_copy(update={
+        "depth_scaling": False, "total_batch_tokens": rule["total_batch_tokens"], "lr": train_cfg.lr * lr_s,
+        "embedding_lr": resolved(train_cfg, "embedding_lr", dim) * lr_s,
+        "unembedding_lr": resolved(train_cfg, "unembedding_lr", dim) * lr_s,
+        "scalar_lr": train_cfg.scalar_lr * lr_s,
+        "weight_decay": resolved(train_cfg, "weight_decay") * rule["wd_scale"],
+    })
+
+
 def build_optimizers(model: Any, train_cfg: Any, *, fused: bool = False, compile: bool = False) -> Optimizers:
     """AdamW (or Muon + AdamW) over the model's parameter roles (``GPT.param_groups()``).
 

@@ -54,15 +54,18 @@ def _whole_steps(budget_tokens: float, tokens_per_step: int) -> int:
     return max(1, math.ceil(budget_tokens / tokens_per_step - 1e-9))
 
 
-def plan_tokens(train: Any, num_params: int, flops_per_token: int) -> dict[str, Any]:
-    """The token budget: explicit steps win, then a FLOPs target, then tokens = ratio × params.
+def plan_tokens(train: Any, num_params: int, flops_per_token: int, scaling_params: int | None = None) -> dict[str, Any]:
+    """The token budget: explicit steps win, then a FLOPs target, then tokens = ratio × scaling params.
 
+    ``scaling_params`` (``GPT.num_scaling_params()``: block matrices + lm_head) is what the ratio counts,
+    as in nanochat; it defaults to ``num_params`` for callers that have only the total.
     A ratio or FLOPs budget is rounded UP to whole optimizer steps, so the run never trains on fewer
     tokens (or FLOPs) than asked and overshoots by less than one step. (It used to be ``round()``:
     nearest with ties to even, so a budget could silently land up to half a step short.) The plan
     carries the unrounded ``budget_tokens`` next to the ``tokens`` that will actually run.
     """
     tps = train.total_batch_tokens
+    counted = num_params if scaling_params is None else scaling_params
     if train.steps is not None:
         steps, source = int(train.steps), f"steps={train.steps}"
         budget_tokens = float(steps * tps)
@@ -71,13 +74,38 @@ def plan_tokens(train: Any, num_params: int, flops_per_token: int) -> dict[str, 
         steps = _whole_steps(budget_tokens, tps)
         source = f"target_flops={train.target_flops:.3g}, rounded up to whole steps"
     else:
-        budget_tokens = train.target_param_data_ratio * num_params
+        budget_tokens = train.target_param_data_ratio * counted
         steps = _whole_steps(budget_tokens, tps)
-        source = f"tokens={train.target_param_data_ratio:g}×params={budget_tokens:,.0f}, rounded up to whole steps"
+        what = "params" if scaling_params is None else "scaling params"
+        source = (f"tokens={train.target_param_data_ratio:g}×{what}={budget_tokens:,.0f}, "
+                  "rounded up to whole steps")
     tokens = steps * tps
     return {"budget": source, "budget_tokens": budget_tokens, "steps": steps, "tokens_per_step": tps,
-            "tokens": tokens, "params": num_params, "flops_per_token": flops_per_token,
-            "flops": float(flops_per_token) * tokens, "tokens_per_param": tokens / num_params}
+            "tokens": tokens, "params": num_params, "scaling_params": counted, "flops_per_token": flops_per_token,
+            "flops": float(flops_per_token) * tokens, "tokens_per_param": tokens / num_params,
+            "tokens_per_scaling_param": tokens / counted}
+
+
+# nanochat base_train's reference point for its depth rules (scripts/base_train.py): at d12 the best total
+# batch it measured was 2^19 tokens, at the d12 horizon D_ref = ratio × d12's scaling params.
+BATCH_REF_TOKENS = 2 ** 19
+REF_DEPTH = 12
+BATCH_EXPONENT = 0.383  # B_opt ∝ D^0.383, nanochat's fit
+
+
+def depth_scaling(ratio: float, scaling_params: int, ref_scaling_params: int) -> dict[str, float]:
+    """nanochat's batch, LR and weight-decay rules for a model whose horizon is D = ratio × scaling params,
+    relative to the d12 reference (D_ref = ratio × d12's scaling params, B_ref = 2^19 tokens):
+
+    * total batch B = 2^round(log2(B_ref · (D/D_ref)^0.383)) (a power of two, so it divides evenly);
+    * every LR × √(B/B_ref) (the AdamW √-batch rule, which nanochat also uses for Muon);
+    * weight decay × √(B/B_ref) · D_ref/D, which keeps AdamW's "epoch time" τ = B/(η·λ·D) constant.
+    """
+    target, ref = ratio * scaling_params, ratio * ref_scaling_params
+    batch = 2 ** round(math.log2(BATCH_REF_TOKENS * (target / ref) ** BATCH_EXPONENT))
+    lr_scale = math.sqrt(batch / BATCH_REF_TOKENS)
+    return {"total_batch_tokens": int(batch), "lr_scale": lr_scale, "wd_scale": lr_scale * ref / target,
+            "horizon_tokens": target, "ref_horizon_tokens": ref}
 
 
 def fmt_count(n: float) -> str:
@@ -104,7 +132,8 @@ def plan_text(p: dict[str, Any], m: Any) -> str:
         f"  params     {p['params']:,} ({fmt_count(p['params'])}; non-embedding {p['params_non_embedding']:,})",
         f"  budget     {p['budget']}",
         f"  steps      {p['steps']:,} (starting at {p['start_step']})",
-        f"  tokens     {p['tokens']:,} ({fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param)",
+        f"  tokens     {p['tokens']:,} ({fmt_count(p['tokens'])}; {p['tokens_per_param']:.1f} per param, "
+        f"{p['tokens_per_scaling_param']:.1f} per scaling param)",
         f"  per step   {p['tokens_per_step']:,} tokens = {p['device_batch_size']} × {p['seq_len']} × "
         f"{p['world_size']} proc × {p['grad_accum']} accum",
         f"  FLOPs      {p['flops']:.3e} ({p['flops_per_token']:,} per token)",

@@ -61,6 +61,7 @@ def launch_training(
     """
     from llm.dist import resolve_devices
     from llm.model import GPTConfig
+    from llm.train.optim import scaled_for_depth
     from llm.train.plan import BatchPlanError, plan_batch
 
     out_dir = Path(out_dir)
@@ -73,8 +74,9 @@ def launch_training(
     child_env.update({k: str(v) for k, v in train_config.nccl_env.items()})
     child_env.update(env or {})
     nodes = multi_node(child_env)
+    scaled = scaled_for_depth(train_config, mc)  # the batch the trainer will use
     try:
-        plan_batch(train_config.total_batch_tokens, train_config.device_batch_size, mc.seq_len,
+        plan_batch(scaled.total_batch_tokens, scaled.device_batch_size, mc.seq_len,
                    n * (nodes.nnodes if nodes else 1))
     except BatchPlanError as e:
         raise StageError(f"{stage}: {e}") from None

@@ -81,9 +81,11 @@ class Trainer:
         from llm.config import TrainConfig
         from llm.model import GPTConfig
 
+        from llm.train.optim import scaled_for_depth
+
         self.job = job
-        self.train = tr = _train_config(job["train"], TrainConfig)
         self.mcfg = GPTConfig.from_dict(job["model"])
+        self.train = tr = scaled_for_depth(_train_config(job["train"], TrainConfig), self.mcfg)
         self.out = Path(job["out_dir"])
         self.stage = job.get("stage", "train")
         self.seed = int(job.get("seed", 1337))
@@ -97,7 +99,7 @@ class Trainer:
         self.opt = _build_opt(self.model, tr, d)
         self.tokenizer = _load_tokenizer(job.get("tokenizer"))
         self.loader = _build_loader(job["loader"], tr, self.mcfg.seq_len, d, self.seed, self.tokenizer)
-        self.plan = plan_tokens(tr, self.n_params, self.flops_per_token)
+        self.plan = plan_tokens(tr, self.n_params, self.flops_per_token, self.model.num_scaling_params())
         self._init_counters()
         self.log = RunLog(self.stage, main=d.main)
         self.ckpt = Checkpointer(self.out, upload_uri=job.get("upload_uri"), endpoint=job.get("s3_endpoint", ""),
