@@ -178,6 +178,10 @@ def kiln_side(args, vocab: int):
     torch.manual_seed(args.seed)
     model.init_weights()
     tr = cfg.pretrain
+    if tr.depth_scaling:
+        # Both sides train on the bench's own batches, so a rule that picks the batch cannot apply here.
+        raise SystemExit("bench_vs_nanochat_quality.py: pretrain.depth_scaling sets the batch size; this bench "
+                         "fixes it (--batch, --seq-len) for both sides. Use --nanochat-scaling to compare the rules.")
     opt = build_optimizers(model, tr)
     clip = tr.grad_clip if tr.grad_clip and tr.grad_clip > 0 else float("inf")
 
