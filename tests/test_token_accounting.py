@@ -458,3 +458,17 @@ def test_plan_shows_the_depth_scaled_batch(capsys, tmp_path, monkeypatch):
     (pre,) = json.loads(capsys.readouterr().out)
     assert pre["total_batch_tokens"] == 2 ** 20 and pre["grad_accum"] == 2
     assert pre["tokens"] == pre["steps"] * 2 ** 20 >= 12 * pre["scaling_params"]
+
+
+def test_trainer_runs_the_depth_scaled_batch(small_tokens, tmp_path):
+    """The trainer applies the rule itself: plan.json shows the rule's batch, not the job's."""
+    from llm.model import GPTConfig
+    from llm.train.optim import scaled_for_depth
+
+    job = _fast(small_tokens, tmp_path / "run", steps=1, depth_scaling=True)
+    want = scaled_for_depth(TrainConfig.model_validate(job["train"]), GPTConfig.from_dict(job["model"]))
+    assert want.total_batch_tokens != job["train"]["total_batch_tokens"]
+    s = _launch(job)
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["tokens_per_step"] == want.total_batch_tokens == s["tokens"]
+    assert plan["grad_accum"] == want.total_batch_tokens // (plan["device_batch_size"] * plan["seq_len"])
