@@ -63,7 +63,7 @@ def _chunk(xc: torch.Tensor, w: torch.Tensor, wt: torch.Tensor, tc: torch.Tensor
     z = (xc @ wt).float()
     t = None
     if softcap and softcap > 0:
-        t = torch.tanh(z.div_(softcap))
+        t = _tanh_via_exp(z, 1.0 / softcap)
         z = torch.mul(t, softcap, out=z)
         shift = None
     else:
@@ -83,6 +83,17 @@ def _chunk(xc: torch.Tensor, w: torch.Tensor, wt: torch.Tensor, tc: torch.Tensor
     torch.mm(g, w, out=gx_out)
     gw.addmm_(g.t(), xc)
     return loss
+
+
+def _tanh_via_exp(z: torch.Tensor, scale: float) -> torch.Tensor:
+    """``tanh(scale·z)`` as ``1 − 2/(1 + exp(2·scale·z))``, in a new buffer.
+
+    Why: on CPU torch's vectorised tanh costs ~3× its exp (150 vs 55 ms for one step's 4096 × 8192
+    logits here), and the head is a third of a step. The form is exact in the limits (exp overflowing to
+    inf gives 1, underflowing to 0 gives −1) and off from tanh by ~1e-7 absolute near 0, far below what
+    the soft-capped logits (×15) carry into the softmax."""
+    t = torch.mul(z, 2.0 * scale).exp_()
+    return t.add_(1.0).reciprocal_().mul_(-2.0).add_(1.0)
 
 
 @torch.compiler.disable
