@@ -472,3 +472,19 @@ def test_trainer_runs_the_depth_scaled_batch(small_tokens, tmp_path):
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["tokens_per_step"] == want.total_batch_tokens == s["tokens"]
     assert plan["grad_accum"] == want.total_batch_tokens // (plan["device_batch_size"] * plan["seq_len"])
+
+
+def test_a_depth_scaled_batch_that_does_not_divide_is_refused_before_launch_naming_the_rule(tmp_path):
+    from llm.stages.output import StageError
+    from llm.train.stages import launch_training
+
+    from llm.config import load_config
+    from llm.model import GPTConfig
+
+    cfg = load_config("d12", ["model.depth=4", "pretrain.depth_scaling=true", "pretrain.device=cpu"])
+    mcfg = GPTConfig.from_model_config(cfg.model, cfg.tokenizer.vocab_size)
+    # d4's rule batch is 2^18 tokens; 8 processes × 32 × 2048 is 2^19 per micro-step.
+    with pytest.raises(StageError, match=r"pretrain: total_batch_tokens 262144 is not a multiple .* from "
+                                         r"pretrain.depth_scaling"):
+        launch_training(stage="pretrain", model_config=mcfg.to_dict(), train_config=cfg.pretrain,
+                        loader_kind="pretrain", loader_spec={}, out_dir=tmp_path / "out", nproc=8)

@@ -53,6 +53,24 @@ def test_fused_head_loss_equals_the_plain_head(softcap):
     assert summed.item() == pytest.approx(m(x, y, reduction="none").sum().item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e3])
+def test_fused_head_soft_cap_matches_tanh_from_tiny_to_overflowing_logits(scale):
+    """The head's soft-cap goes through exp (cheaper than torch's CPU tanh): near-zero logits, ordinary ones,
+    and raw logits so large that exp(2u) overflows to inf must all give the plain head's loss and gradients."""
+    from llm.lm_loss import head_loss_sum
+
+    torch.manual_seed(0)
+    x = (torch.randn(200, 32) * scale).requires_grad_()
+    w = torch.randn(50, 32).requires_grad_()
+    y = torch.randint(0, 50, (200,))
+    fused = head_loss_sum(x, w, y, 15.0)
+    gx, gw = torch.autograd.grad(fused, (x, w))
+    plain = torch.nn.functional.cross_entropy(15.0 * torch.tanh((x @ w.t()) / 15.0), y, reduction="sum")
+    px, pw = torch.autograd.grad(plain, (x, w))
+    assert torch.isfinite(fused) and fused.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert torch.allclose(gx, px, rtol=1e-4, atol=1e-5) and torch.allclose(gw, pw, rtol=1e-4, atol=1e-4 * max(1.0, scale))
+
+
 def test_fused_head_loss_of_a_fully_ignored_batch_is_zero_with_zero_gradients():
     m = _model()
     x, y = torch.randint(0, 300, (2, 64)), torch.full((2, 64), -1)

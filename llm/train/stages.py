@@ -79,7 +79,9 @@ def launch_training(
         plan_batch(scaled.total_batch_tokens, scaled.device_batch_size, mc.seq_len,
                    n * (nodes.nnodes if nodes else 1))
     except BatchPlanError as e:
-        raise StageError(f"{stage}: {e}") from None
+        why = f" (total_batch_tokens {scaled.total_batch_tokens} comes from {stage}.depth_scaling)" \
+            if train_config.depth_scaling else ""
+        raise StageError(f"{stage}: {e}{why}") from None
     job = {
         "stage": stage, "model": mc.to_dict(), "train": train_config.model_dump(mode="json"),
         "loader": {"kind": loader_kind, "spec": loader_spec}, "tokenizer": tokenizer_uri,
