@@ -16,6 +16,7 @@ Under DDP the gradients are already all-reduced when ``step()`` runs, so every r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -338,8 +339,6 @@ def scaled_for_depth(train_cfg: Any, mcfg: Any) -> Any:
     ``depth_scaling=False``, so applying it twice changes nothing and what a run logs is what it used."""
     if not getattr(train_cfg, "depth_scaling", False):
         return train_cfg
-    import dataclasses
-
     from llm.train.plan import REF_DEPTH, depth_scaling
 
     ref = dataclasses.replace(mcfg, depth=REF_DEPTH)

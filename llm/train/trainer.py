@@ -80,7 +80,6 @@ class Trainer:
     def __init__(self, job: dict[str, Any]):
         from llm.config import TrainConfig
         from llm.model import GPTConfig
-
         from llm.train.optim import scaled_for_depth
 
         self.job = job
